@@ -1,0 +1,933 @@
+"""SimCLR contrastive pretraining: Algorithm 1 of Chen et al. 2020 (v1), with the v2 options.
+
+Each image is augmented twice (Sec. 3, Appendix A), both views go through a ResNet encoder f and
+a projection head g (Sec. 2.1, Fig. 2), and NT-Xent (Eq. 1) pulls the two views of an image
+together while pushing away the other 2(N-1) views of the batch. The encoder output h = f(x) is
+the representation the other scripts evaluate (linear_eval.py), fine-tune (finetune.py) and
+distill (distill.py); they import the model, data and helpers from this file.
+
+    python pretrain.py --dataset cifar10 --data-dir ../shared/data/cifar10      # laptop or 1 GPU
+    torchrun --nproc_per_node=8 pretrain.py --dataset imagenet --data-dir /data/imagenet
+
+--batch-size is the global batch: under torchrun each process takes batch_size / world_size
+images, BatchNorm statistics are global (Sec. 2.2, "Global BN") and every process scores its
+views against the views of all processes. Checkpoints go to --out-dir (default
+runs/<dataset>-<arch>-<time>/ckpt.pt) every epoch and on Ctrl-C; --resume continues a run.
+The CIFAR-10 preset is the authors' recipe (ResNet-18, 1000 epochs, batch 512, LARS);
+README.md lists what this code measured and what the papers report.
+"""
+import argparse
+import dataclasses
+import datetime
+import io
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from einops import rearrange
+
+from lars import LARS
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+def opt(default, help, choices=None):
+    """A configuration field: its default, and the help text that --help shows."""
+    return field(default=default, metadata=dict(help=help, choices=choices))
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = opt("cifar10", "which data", ["cifar10", "cifar100", "stl10", "imagenet", "folder"])
+    data_dir: str = opt("data", "dataset root; cifar10 may also be an image-folder export "
+                        "(train/<class>/*, val/ or test/)")
+    out_dir: str = opt("", "where checkpoints and logs go (default runs/<dataset>-<arch>-<time>)")
+    image_size: int = opt(32, "training resolution in pixels; <= 32 selects the CIFAR stem")
+    workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at most 8)")
+    # augmentation (Sec. 3, Appendix A)
+    augment: str = opt("crop,color", "augmentations on, comma-separated, from crop (random "
+                       "resized crop + flip), flip, jitter, gray, color (= jitter,gray); for "
+                       "the paper's Fig. 5 ablations")
+    color_strength: float = opt(0.5, "colour distortion strength s (Appendix A): 1.0 ImageNet, "
+                                "0.5 CIFAR-10")
+    blur: bool = opt(False, "Gaussian blur with p 0.5 (on for ImageNet, off for 32 px images)")
+    # model (Sec. 2.1; v2 Sec. 2)
+    arch: str = opt("resnet18", "encoder f", ["resnet18", "resnet34", "resnet50", "resnet101",
+                                              "resnet152"])
+    width_multiplier: float = opt(1.0, "channels of every layer x w (the paper's 1x/2x/4x); "
+                                  "fractions such as 0.25 for CPU runs")
+    sk_ratio: float = opt(0.0, "selective kernels (v2): 0 off, 0.0625 the paper's value")
+    proj_head: str = opt("nonlinear", "projection head g (Fig. 8 ablation)",
+                         ["none", "linear", "nonlinear"])
+    proj_layers: int = opt(2, "layers of the nonlinear head: 2 in v1, 3 in v2")
+    proj_dim: int = opt(128, "output dimension of g")
+    # loss (Eq. 1)
+    temperature: float = opt(0.5, "NT-Xent temperature tau: 0.5 CIFAR-10, 0.1 ImageNet")
+    # optimisation (Sec. 2.2, Appendix B)
+    batch_size: int = opt(512, "global batch size N in images (each gives 2 views)")
+    epochs: int = opt(1000, "training epochs; the schedule spans them")
+    max_steps: int = opt(0, "stop after this many optimizer steps, 0: no limit; the schedule "
+                         "then spans min(epochs, max_steps)")
+    optimizer: str = opt("lars", "LARS as in the paper; sgd and adam for comparison",
+                         ["lars", "sgd", "adam"])
+    lr: float = opt(1.0, "base learning rate, scaled by --lr-scaling")
+    lr_scaling: str = opt("linear", "linear: lr x B/256; sqrt: lr x sqrt(B) (better for small B)",
+                          ["linear", "sqrt"])
+    weight_decay: float = opt(1e-4, "L2 weight decay, not on biases and BatchNorm parameters")
+    momentum: float = opt(0.9, "momentum of LARS and SGD")
+    warmup_epochs: float = opt(10.0, "linear warmup from 0, then cosine decay to 0")
+    global_bn: bool = opt(True, "BatchNorm statistics over the global batch under torchrun "
+                          "(--no-global-bn: per-GPU statistics, the paper's ablation)")
+    # system
+    device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"])
+    precision: str = opt("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere; fp16 uses a "
+                         "gradient scaler", ["auto", "bf16", "fp16", "fp32"])
+    compile: bool = opt(False, "torch.compile the model (slower start, faster steps on GPU)")
+    seed: int = opt(0, "random seed (initialisation and data order)")
+    log_every: int = opt(50, "print a log line every this many steps")
+    eval_every: int = opt(0, "kNN top-1 on the evaluation split every this many epochs, 0: off")
+    knn_k: int = opt(200, "neighbours of the kNN monitor")
+    knn_temperature: float = opt(0.1, "temperature of the kNN monitor's weights")
+    resume: str = opt("", "checkpoint to continue from; its configuration is used, with the "
+                      "flags given here on top")
+    show_augmentations: int = opt(0, "save a PNG of N images beside their two views and exit")
+
+
+# Per-dataset presets, applied before the command-line flags.
+PRESETS = {
+    # Authors' README recipe for CIFAR-10: ResNet-18 with the CIFAR stem, 1000 epochs, B 512,
+    # LARS lr 1.0 (linear scaling), wd 1e-4, tau 0.5, colour strength 0.5, no blur.
+    "cifar10": dict(arch="resnet18", image_size=32, batch_size=512, epochs=1000, lr=1.0,
+                    lr_scaling="linear", weight_decay=1e-4, temperature=0.5, color_strength=0.5,
+                    blur=False),
+    "stl10": dict(arch="resnet18", image_size=96, batch_size=512, epochs=1000, lr=1.0,
+                  lr_scaling="linear", weight_decay=1e-4, temperature=0.5, color_strength=0.5,
+                  blur=False),
+    # Paper, Sec. 2.2 and B.1: ResNet-50, 224 px, B 4096, 100 epochs, lr 0.3 x B/256 (= 4.8),
+    # wd 1e-6, tau 0.1, colour strength 1.0, blur.
+    "imagenet": dict(arch="resnet50", image_size=224, batch_size=4096, epochs=100, lr=0.3,
+                     lr_scaling="linear", weight_decay=1e-6, temperature=0.1, color_strength=1.0,
+                     blur=True),
+}
+PRESETS["cifar100"] = PRESETS["cifar10"]
+PRESETS["folder"] = PRESETS["imagenet"]
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, with a non-zero exit."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + error
+        raise UserError(message)
+
+
+def parse_config(cls, argv, presets=None, description=None):
+    """Build cls from the command line: its defaults, then presets[dataset], then the flags.
+
+    Returns the config and the dict of flags given explicitly (a resumed run puts those on top of
+    the stored configuration). Every field of cls becomes --field-name; booleans get --no-x.
+    """
+    presets = presets or {}
+    parser = _Parser(description=description, argument_default=argparse.SUPPRESS,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        per_dataset = {d: p[f.name] for d, p in presets.items() if f.name in p}
+        help = f.metadata["help"] + (f" (default {f.default}" + "".join(
+            f", {d}: {v}" for d, v in per_dataset.items()) + ")")
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+        else:
+            parser.add_argument(flag, type=f.type, choices=f.metadata["choices"], help=help)
+    given = vars(parser.parse_args(argv))
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    dataset = given.get("dataset", defaults.get("dataset"))
+    return cls(**{**defaults, **presets.get(dataset, {}), **given}), given
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed setup: one code path, a world of one without torchrun
+# ---------------------------------------------------------------------------------------------
+
+
+def setup(device_name="auto"):
+    """Pick the device and, under torchrun (RANK, WORLD_SIZE set), join the process group.
+
+    Returns (device, rank, world_size). NCCL on CUDA, gloo on CPU.
+    """
+    if device_name == "auto":
+        device_name = ("cuda" if torch.cuda.is_available() else
+                       "mps" if torch.backends.mps.is_available() else "cpu")
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA GPU")
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return torch.device(device_name), 0, 1
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_name == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device, timeout=datetime.timedelta(minutes=30))
+    elif device_name == "cpu":
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
+    else:
+        raise UserError(f"torchrun needs --device cuda or cpu, not {device_name}")
+    return device, rank, world
+
+
+def world_info():
+    """(rank, world_size): (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def blur_kernel_size(image_size):
+    """The official rule: a kernel 10% of the image side, made odd (224 px -> 23, 32 px -> 3)."""
+    return 2 * (image_size // 10 // 2) + 1
+
+
+def simclr_augmentation(image_size, augment="crop,color", color_strength=1.0, blur=False):
+    """One random view t(x) of a PIL image, as a float tensor in [0, 1] (Appendix A).
+
+    crop: random resized crop (area 8-100%, aspect 3/4-4/3, bicubic) and horizontal flip;
+    jitter: with p 0.8 brightness, contrast, saturation 0.8s and hue 0.2s in random order
+    (torchvision's ColorJitter permutes them); gray: grayscale with p 0.2; blur: Gaussian blur
+    with p 0.5, sigma in [0.1, 2]. No mean/std normalisation: the official code feeds [0, 1].
+    """
+    names = set(augment.replace("color", "jitter,gray").split(",")) - {""}
+    unknown = names - {"crop", "flip", "jitter", "gray"}
+    if unknown:
+        raise UserError(f"--augment: unknown {', '.join(sorted(unknown))}; "
+                        "use crop, flip, jitter, gray, color")
+    s = color_strength
+    ops = []
+    if "crop" in names:
+        ops += [T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                                    interpolation=T.InterpolationMode.BICUBIC),
+                T.RandomHorizontalFlip()]
+    else:
+        ops += [T.Resize(image_size), T.CenterCrop(image_size)]
+        if "flip" in names:
+            ops.append(T.RandomHorizontalFlip())
+    if "jitter" in names:
+        ops.append(T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8))
+    if "gray" in names:
+        ops.append(T.RandomGrayscale(p=0.2))
+    if blur:
+        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(image_size), (0.1, 2.0))], p=0.5))
+    ops.append(T.ToTensor())
+    return T.Compose(ops)
+
+
+def eval_transform(image_size):
+    """Evaluation view: 32 px images as they are; larger ones a centre crop of 87.5% (ImageNet)."""
+    if image_size <= 32:
+        return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor()])
+    return T.Compose([T.Resize(round(image_size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(image_size), T.ToTensor()])
+
+
+class TwoViews:
+    """Two independent augmentations of the same image: the positive pair of Algorithm 1."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        return self.transform(image), self.transform(image)
+
+
+def build_dataset(dataset, data_dir, split, transform):
+    """split: 'pretrain' (every image usable without labels), 'train' (labelled) or 'val'.
+
+    cifar10/cifar100/stl10 come from torchvision (downloaded when missing); imagenet, folder, and a
+    cifar export with a train/ folder are read with ImageFolder from <data-dir>/train and /val.
+    """
+    root = Path(data_dir)
+    if dataset in ("imagenet", "folder") or (dataset.startswith("cifar") and (root / "train").is_dir()):
+        subdirs = ["train"] if split != "val" else ["val", "test"]
+        path = next((root / s for s in subdirs if (root / s).is_dir()), root / subdirs[0])
+        if not path.is_dir():
+            raise UserError(f"no image folder at {path}: expected {root}/train/<class>/<image> and "
+                            f"{root}/val/<class>/<image> (set --data-dir)")
+        try:
+            return torchvision.datasets.ImageFolder(str(path), transform)
+        except (FileNotFoundError, OSError) as e:
+            raise UserError(f"cannot read images under {path}: {e}")
+    if dataset in ("cifar10", "cifar100"):
+        cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+        return _torchvision_dataset(dataset, root, lambda download: cls(
+            str(root), train=split != "val", transform=transform, download=download))
+    if dataset == "stl10":
+        stl_split = {"pretrain": "train+unlabeled", "train": "train", "val": "test"}[split]
+        return _torchvision_dataset(dataset, root, lambda download: torchvision.datasets.STL10(
+            str(root), split=stl_split, transform=transform, download=download))
+    raise UserError(f"unknown dataset {dataset!r}")
+
+
+def _torchvision_dataset(name, root, make):
+    try:
+        return make(download=False)
+    except RuntimeError:  # torchvision's "Dataset not found or corrupted"
+        pass
+    try:
+        with _quiet():
+            return make(download=True)
+    except Exception as e:
+        raise UserError(f"{name} is not in {root} and could not be downloaded "
+                        f"({type(e).__name__}); download it into --data-dir on a machine with "
+                        f"network, or point --data-dir at an image-folder export "
+                        f"(train/<class>/*, val/<class>/*)")
+
+
+class _quiet:
+    """Silence torchvision's download messages (it prints before failing offline)."""
+
+    def __enter__(self):
+        self.stdout, sys.stdout = sys.stdout, io.StringIO()
+
+    def __exit__(self, *exc):
+        sys.stdout = self.stdout
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (this rank's share of a seeded per-epoch shuffle, tail dropped) that
+    can start part-way into an epoch, so a run stopped mid-epoch resumes on the next batch."""
+
+    start = 0  # samples of the current epoch this rank has already consumed
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+def default_workers(world_size):
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return max(1, min(8, (os.cpu_count() or 1) // local))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: ResNet encoder f (v1 post-activation blocks, width multiplier, selective kernels)
+# ---------------------------------------------------------------------------------------------
+
+
+def conv(c_in, c_out, kernel, stride=1):
+    return nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False)
+
+
+def conv_bn_relu(c_in, c_out, kernel, stride=1):
+    return nn.Sequential(conv(c_in, c_out, kernel, stride), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class SelectiveKernel(nn.Module):
+    """SK convolution (Li et al. 2019, as SimCLRv2's code does it), replacing a 3x3 convolution.
+
+    One 3x3 convolution makes two streams of c channels; their sum, pooled and squeezed to
+    max(c * ratio, 32) channels, gives per-channel softmax weights across the two streams.
+    """
+
+    def __init__(self, c_in, c, stride, ratio):
+        super().__init__()
+        self.streams = conv_bn_relu(c_in, 2 * c, 3, stride)
+        mid = max(int(c * ratio), 32)
+        self.attention = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(c, mid, 1),
+                                       conv(mid, 2 * c, 1))
+
+    def forward(self, x):
+        streams = rearrange(self.streams(x), "b (s c) h w -> s b c h w", s=2)
+        weights = rearrange(self.attention(streams.sum(0)), "b (s c) 1 1 -> s b c 1 1", s=2)
+        return (streams * weights.softmax(dim=0)).sum(0)  # b c h w
+
+
+def shortcut(c_in, c_out, stride, sk):
+    """Projection shortcut; with SK (ResNet-D) a strided one average-pools before a 1x1 conv."""
+    if sk and stride > 1:
+        return nn.Sequential(nn.AvgPool2d(2, 2), conv(c_in, c_out, 1), nn.BatchNorm2d(c_out))
+    return nn.Sequential(conv(c_in, c_out, 1, stride), nn.BatchNorm2d(c_out))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, c_in, c, stride, sk_ratio):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn_relu(c_in, c, 3, stride), conv(c, c, 3), nn.BatchNorm2d(c))
+        self.shortcut = (shortcut(c_in, c, stride, sk_ratio > 0)
+                         if stride != 1 or c_in != c else nn.Identity())
+
+    def forward(self, x):
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, c_in, c, stride, sk_ratio):
+        super().__init__()
+        middle = (SelectiveKernel(c, c, stride, sk_ratio) if sk_ratio > 0
+                  else conv_bn_relu(c, c, 3, stride))  # stride on the 3x3, as the official code
+        self.body = nn.Sequential(conv_bn_relu(c_in, c, 1), middle, conv(c, 4 * c, 1),
+                                  nn.BatchNorm2d(4 * c))
+        self.shortcut = (shortcut(c_in, 4 * c, stride, sk_ratio > 0)
+                         if stride != 1 or c_in != 4 * c else nn.Identity())
+
+    def forward(self, x):
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+ARCHS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
+         "resnet50": (Bottleneck, [3, 4, 6, 3]), "resnet101": (Bottleneck, [3, 4, 23, 3]),
+         "resnet152": (Bottleneck, [3, 8, 36, 3])}
+
+
+class ResNet(nn.Module):
+    """f(x): a ResNet whose output h is the global average pool (Sec. 2.1, "base encoder")."""
+
+    def __init__(self, block, layers, width_multiplier=1.0, cifar_stem=False, sk_ratio=0.0):
+        super().__init__()
+        w = lambda c: max(1, round(c * width_multiplier))  # every layer is widened, stem included
+        if cifar_stem:  # 32 px: 3x3 stride-1 stem, no max-pool (paper, Appendix B.9)
+            self.stem = conv_bn_relu(3, w(64), 3)
+        elif sk_ratio > 0:  # ResNet-D stem, as the v2 code uses with SK
+            self.stem = nn.Sequential(conv_bn_relu(3, w(64) // 2, 3, 2),
+                                      conv_bn_relu(w(64) // 2, w(64) // 2, 3),
+                                      conv_bn_relu(w(64) // 2, w(64), 3), nn.MaxPool2d(3, 2, 1))
+        else:
+            self.stem = nn.Sequential(conv_bn_relu(3, w(64), 7, 2), nn.MaxPool2d(3, 2, 1))
+        stages, c_in = [], w(64)
+        for i, n in enumerate(layers):
+            c = w(64 * 2 ** i)
+            blocks = []
+            for j in range(n):
+                blocks.append(block(c_in, c, 2 if (i > 0 and j == 0) else 1, sk_ratio))
+                c_in = c * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.out_dim = c_in
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # variance scaling, fan-in (official initialiser)
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
+        for blk in self.stages.modules():
+            if isinstance(blk, (BasicBlock, Bottleneck)):
+                nn.init.zeros_(blk.body[-1].weight)  # last BN gamma = 0: each block starts as identity
+
+    def forward(self, x):
+        x = self.stages(self.stem(x))  # B x C x H' x W'
+        return x.mean(dim=(2, 3))  # B x C: h
+
+
+def build_encoder(arch="resnet50", width_multiplier=1.0, image_size=224, sk_ratio=0.0):
+    """f: returns (module, dimension of h). Images of 32 px or less get the CIFAR stem."""
+    block, layers = ARCHS[arch]
+    encoder = ResNet(block, layers, width_multiplier, cifar_stem=image_size <= 32, sk_ratio=sk_ratio)
+    return encoder, encoder.out_dim
+
+
+class ProjectionHead(nn.Module):
+    """g(h) (Sec. 2.1 and Fig. 8; v2 Sec. 2): linear layers without bias, each with BatchNorm and
+    ReLU, except the last, which has no ReLU and no BN shift. Middle layers keep h's width.
+
+    kind 'nonlinear' has `num_layers` layers (2 in v1, 3 in v2), 'linear' one, 'none' is the
+    identity. self.layers[:k] is what v2 fine-tunes from (finetune.py --ft-proj-layer k).
+    """
+
+    def __init__(self, in_dim, kind="nonlinear", num_layers=2, out_dim=128):
+        super().__init__()
+        dims = {"none": [], "linear": [out_dim],
+                "nonlinear": [in_dim] * (num_layers - 1) + [out_dim]}[kind]
+        self.layers = nn.ModuleList()
+        for i, d in enumerate(dims):
+            last = i == len(dims) - 1
+            linear = nn.Linear(in_dim, d, bias=False)
+            nn.init.normal_(linear.weight, std=0.01)
+            bn = nn.BatchNorm1d(d)
+            if last:
+                bn.bias.requires_grad_(False)  # no learnable shift (official center=False)
+            self.layers.append(nn.Sequential(linear, bn) if last else
+                               nn.Sequential(linear, bn, nn.ReLU(inplace=True)))
+            in_dim = d
+        self.out_dim = in_dim
+
+    def forward(self, h):
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+class SimCLR(nn.Module):
+    """x -> (h, z): h = f(x) is the representation, z = g(h) goes into the loss."""
+
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, x):
+        h = self.encoder(x)
+        return h, self.head(h)
+
+
+def build_model(cfg):
+    """The SimCLR network described by a configuration (a Config or the dict in a checkpoint)."""
+    c = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+    encoder, h_dim = build_encoder(c["arch"], c["width_multiplier"], c["image_size"], c["sk_ratio"])
+    return SimCLR(encoder, ProjectionHead(h_dim, c["proj_head"], c["proj_layers"], c["proj_dim"]))
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm with statistics over the batches of all processes (paper Sec. 2.2, "Global BN").
+
+    torch.nn.SyncBatchNorm only runs on CUDA, so this one, for gloo on a CPU, all-reduces the
+    per-channel sums with autograd; the gradient then flows through every process's statistics
+    exactly as if the whole batch were on one device. Same parameters and buffers as BatchNorm.
+    """
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))  # all but the channel dimension
+        count = x.new_tensor([x.numel() / x.shape[1]])
+        stats = dist_nn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        total, total_sq, n = stats[:x.shape[1]], stats[x.shape[1]:-1], stats[-1]
+        mean = total / n
+        var = total_sq / n - mean * mean  # biased, for normalisation
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape)
+
+
+def convert_to_global_bn(module):
+    """Every BatchNorm in module becomes a global one: SyncBatchNorm on CUDA, GlobalBatchNorm else."""
+    if next(module.parameters()).is_cuda:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        bn = GlobalBatchNorm(module.num_features, module.eps, module.momentum)
+        bn.load_state_dict(module.state_dict())
+        bn.weight, bn.bias = module.weight, module.bias  # keeps requires_grad (the frozen shift)
+        return bn
+    for name, child in module.named_children():
+        module.add_module(name, convert_to_global_bn(child))
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss: NT-Xent (Eq. 1)
+# ---------------------------------------------------------------------------------------------
+
+
+def gather_with_grad(x):
+    """Concatenate x from every process (rank order), passing gradients back to their owners."""
+    rank, world = world_info()
+    if world == 1:
+        return x
+    return torch.cat(dist_nn.all_gather(x))
+
+
+def nt_xent_loss(z1, z2, temperature, negatives=None):
+    """NT-Xent, Eq. 1, averaged over all 2N anchors: L of Algorithm 1.
+
+        l(i, j) = -log exp(sim(z_i, z_j) / tau) / sum_{k != i} exp(sim(z_i, z_k) / tau)
+        L = 1/(2N) sum_k [l(2k-1, 2k) + l(2k, 2k-1)],   sim = cosine similarity
+
+    z1[k] and z2[k] (n x d each) are the two views of image k. Under torchrun each process passes
+    its own n images; its 2n anchors are scored against the 2N views of all processes (gathered
+    with gradient), so with DDP averaging the gradient equals the single-process one on the whole
+    batch. `negatives` (K x d, e.g. a MoCo memory) are extra candidates for every anchor.
+    The official code's loss is loss_a + loss_b, each a mean over N anchors: 2 x this L.
+    Returns (L over this process's anchors, contrastive accuracy: the positive ranked first).
+    """
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # 2n x d: [view 1; view 2]
+    candidates = gather_with_grad(z)  # 2N x d: [z1; z2] of rank 0, then of rank 1, ...
+    if negatives is not None:
+        candidates = torch.cat([candidates, F.normalize(negatives.float(), dim=1)])  # (2N+K) x d
+    logits = z @ candidates.T / temperature  # 2n x (2N+K)
+    rank, _ = world_info()
+    anchor = torch.arange(2 * n, device=z.device)
+    self_index = rank * 2 * n + anchor
+    positive = rank * 2 * n + (anchor + n) % (2 * n)  # view 1 <-> view 2 of the same image
+    logits = logits.masked_fill(F.one_hot(self_index, logits.shape[1]).bool(), float("-inf"))
+    loss = F.cross_entropy(logits, positive)
+    accuracy = (logits.argmax(dim=1) == positive).float().mean()
+    return loss, accuracy
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimisation: LARS / SGD / Adam, warmup + cosine
+# ---------------------------------------------------------------------------------------------
+
+
+def scaled_lr(base_lr, batch_size, scaling):
+    """Learning rate = base x B/256 (linear) or base x sqrt(B) (sqrt), Appendix B.1."""
+    return base_lr * (batch_size / 256 if scaling == "linear" else math.sqrt(batch_size))
+
+
+def learning_rate(step, total_steps, warmup_steps, peak):
+    """Linear warmup from 0 to peak over warmup_steps, then cosine decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model, name, lr, weight_decay, momentum=0.9, nesterov=False):
+    """LARS (lars.py) or, for comparison, SGD / Adam with the same rule: no weight decay on
+    biases and BatchNorm parameters (the 1-D ones)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "lars":
+        return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    groups = [dict(params=[p for p in params if p.ndim > 1], weight_decay=weight_decay),
+              dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+    if name == "adam":
+        return torch.optim.AdamW(groups, lr=lr)
+    raise UserError(f"unknown optimizer {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: kNN monitor on h (used by --eval-every here and by linear_eval.py --knn)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def extract_features(encoder, dataset, batch_size, device, workers=0):
+    """h for every image of dataset, in dataset order, and the labels (on device).
+
+    Under torchrun each process encodes every world-th image and the pieces are gathered, so
+    every process returns the whole set. The encoder must be in eval mode.
+    """
+    rank, world = world_info()
+    indices = list(range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size,
+                                         num_workers=workers, pin_memory=device.type == "cuda")
+    feats, labels = [], []
+    for x, y in loader:
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            feats.append(encoder(x.to(device, non_blocking=True)).float())
+        labels.append(y.to(device))
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if world == 1:
+        return feats, labels
+    rows = -(-len(dataset) // world)  # pad every piece to the same length for all_gather
+    pad = lambda t: torch.cat([t, t.new_zeros((rows - len(t),) + t.shape[1:])])
+    out_f = feats.new_empty((len(dataset),) + feats.shape[1:])
+    out_l = labels.new_empty(len(dataset))
+    for r, (f, l) in enumerate(zip(dist_nn.all_gather(pad(feats)), dist_nn.all_gather(pad(labels)))):
+        count = len(range(r, len(dataset), world))
+        out_f[r::world], out_l[r::world] = f[:count], l[:count]
+    return out_f, out_l
+
+
+@torch.no_grad()
+def knn_predict(train_feats, train_labels, query_feats, num_classes, k=200, temperature=0.1):
+    """Weighted kNN (Wu et al. 2018) on cosine similarity: each of the k nearest training images
+    votes for its class with weight exp(sim / temperature). Returns class scores, Q x C."""
+    train_feats = F.normalize(train_feats, dim=1)
+    k = min(k, len(train_feats))
+    scores = []
+    for q in F.normalize(query_feats, dim=1).split(1024):
+        sim, idx = (q @ train_feats.T).topk(k, dim=1)  # q x k
+        votes = F.one_hot(train_labels[idx], num_classes).float()  # q x k x C
+        scores.append((votes * (sim / temperature).exp().unsqueeze(-1)).sum(1))
+    return torch.cat(scores)
+
+
+def knn_accuracy(encoder, cfg, device, workers):
+    """kNN top-1 (%) of the evaluation split, with the training split as memory."""
+    tf = eval_transform(cfg.image_size)
+    train = build_dataset(cfg.dataset, cfg.data_dir, "train", tf)
+    val = build_dataset(cfg.dataset, cfg.data_dir, "val", tf)
+    was_training = encoder.training
+    encoder.eval()
+    train_f, train_l = extract_features(encoder, train, 512, device, workers)
+    val_f, val_l = extract_features(encoder, val, 512, device, workers)
+    encoder.train(was_training)
+    scores = knn_predict(train_f, train_l, val_f, len(train.classes), cfg.knn_k, cfg.knn_temperature)
+    return 100.0 * (scores.argmax(1) == val_l).float().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: atomic writes, plain data, loadable with weights_only=True
+# ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True; a missing or unreadable file is a one-line error."""
+    if not Path(path).is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this project (no model and config)")
+    return ckpt
+
+
+def load_model_state(model, state, path):
+    """load_state_dict(strict=True), with a mismatch reported as one line."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise UserError(f"{path} does not match the model (architecture or width differs): {first}")
+
+
+def git_revision():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def show_augmentations(cfg, dataset, out_dir):
+    """Save a grid: each row an image and its two augmented views."""
+    plain = eval_transform(cfg.image_size)
+    rows = []
+    for i in torch.randperm(len(dataset))[:cfg.show_augmentations].tolist():
+        image = dataset.samples[i][0] if hasattr(dataset, "samples") else None
+        (v1, v2), _ = dataset[i]
+        original = plain(torchvision.datasets.folder.default_loader(image)) if image else None
+        rows += [original if original is not None else torch.zeros_like(v1), v1, v2]
+    path = Path(out_dir) / "augmentations.png"
+    torchvision.utils.save_image(rows, path, nrow=3, padding=2, pad_value=1.0)
+    return path
+
+
+def train(cfg):
+    device, rank, world = setup(cfg.device)
+    torch.manual_seed(cfg.seed + rank)  # ranks differ in augmentations; DDP syncs the weights
+    main = rank == 0
+    log = print if main else (lambda *a, **k: None)
+
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
+    local_batch = cfg.batch_size // world
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
+    out_dir = Path(cfg.out_dir or f"runs/{cfg.dataset}-{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    # Data: two views per image (Algorithm 1, lines 3-9)
+    augmentation = simclr_augmentation(cfg.image_size, cfg.augment, cfg.color_strength, cfg.blur)
+    dataset = build_dataset(cfg.dataset, cfg.data_dir, "pretrain", TwoViews(augmentation))
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.show_augmentations:
+        if main:
+            log(f"saved {show_augmentations(cfg, dataset, out_dir)}")
+        return
+    steps_per_epoch = len(dataset) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(dataset)} images are fewer than one batch of {cfg.batch_size}")
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
+    peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
+    sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, local_batch, sampler=sampler, num_workers=workers, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=False)  # fresh worker seeds each epoch
+
+    # Model, optimizer
+    model = build_model(cfg).to(device)
+    optimizer = build_optimizer(model, cfg.optimizer, peak_lr, cfg.weight_decay, cfg.momentum)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    step = 0
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume)
+        load_model_state(model, ckpt["model"], cfg.resume)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    raw_model = model
+    if world > 1:
+        if cfg.global_bn:
+            model = convert_to_global_bn(model)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    n_params = sum(p.numel() for p in raw_model.encoder.parameters())
+    log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | {precision} | "
+        f"encoder {n_params / 1e6:.2f}M parameters, h {raw_model.encoder.out_dim}-d")
+    log("config " + json.dumps(dataclasses.asdict(cfg)))
+    log(f"{len(dataset)} images, {steps_per_epoch} steps/epoch of {cfg.batch_size} "
+        f"({local_batch} per process), {total_steps} steps, peak lr {peak_lr:.4g}, out {out_dir}")
+
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    def checkpoint():
+        rng = torch.get_rng_state()
+        rngs = [torch.empty_like(rng) for _ in range(world)] if world > 1 else [rng]
+        if world > 1:
+            dist.all_gather_object(rngs, rng)  # each rank resumes its own augmentation stream
+        if main:
+            save_checkpoint(out_dir / "ckpt.pt", dict(
+                model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                scaler=scaler.state_dict(), epoch=step // steps_per_epoch, step=step,
+                config=dataclasses.asdict(cfg), rng=rngs))
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                              enabled=precision in ("bf16", "fp16"))
+    model.train()
+    sums = torch.zeros(3, device=device)  # loss, accuracy, non-finite losses since the last log
+    epoch_sums = torch.zeros(3, device=device)
+    t_start, step_start, since_log = time.time(), step, 0
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
+        if step >= total_steps:
+            break
+        sampler.set_epoch(epoch)
+        sampler.start = (step % steps_per_epoch) * local_batch
+        epoch_sums.zero_()
+        t_epoch, epoch_step_start = time.time(), step
+        for (x1, x2), _ in loader:
+            lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = torch.cat([x1, x2]).to(device, non_blocking=True)  # 2n x 3 x H x W: [views 1; views 2]
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                _, z = model(x)  # BN statistics over both views, as the official code
+            z1, z2 = rearrange(z, "(v b) d -> v b d", v=2)
+            loss, acc = nt_xent_loss(z1, z2, cfg.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            since_log += 1
+            sums += torch.stack([loss.detach(), acc.detach(), (~torch.isfinite(loss.detach())).float()])
+
+            last = step >= total_steps or step % steps_per_epoch == 0
+            if step % cfg.log_every == 0 or last or stop["signal"]:
+                if world > 1:
+                    dist.all_reduce(sums)
+                    sums /= world
+                loss_avg, acc_avg, bad = (sums / since_log).tolist()
+                epoch_sums += sums
+                sums.zero_()
+                since_log = 0
+                if bad > 0:
+                    raise UserError(f"loss is not finite at step {step}; stopped, the last good "
+                                    f"checkpoint is {out_dir / 'ckpt.pt'} (try a lower --lr)")
+                now = time.time()
+                rate = (step - step_start) * cfg.batch_size / (now - t_start)
+                eta = (total_steps - step) * cfg.batch_size / max(rate, 1e-9)
+                log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} loss {loss_avg:.4f} "
+                    f"acc {100 * acc_avg:.1f}% lr {lr:.4g} {rate:.0f} img/s "
+                    f"eta {datetime.timedelta(seconds=round(eta))}")
+                if world > 1:
+                    flag = torch.tensor([float(stop["signal"] is not None)], device=device)
+                    dist.all_reduce(flag)
+                    stop["signal"] = stop["signal"] or (signal.SIGTERM if flag.item() else None)
+                if stop["signal"]:
+                    checkpoint()
+                    log(f"stopped by signal {stop['signal']} at step {step}; continue with "
+                        f"--resume {out_dir / 'ckpt.pt'}")
+                    return
+            if step >= total_steps:
+                break
+
+        # end of epoch: log line, optional kNN monitor, checkpoint
+        epoch_steps = step - epoch_step_start
+        record = dict(epoch=epoch + 1, step=step, loss=epoch_sums[0].item() / max(1, epoch_steps),
+                      contrastive_acc=epoch_sums[1].item() / max(1, epoch_steps), lr=lr,
+                      images_per_s=epoch_steps * cfg.batch_size / (time.time() - t_epoch),
+                      time=time.time() - t_start)
+        if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or step >= total_steps):
+            record["knn_top1"] = knn_accuracy(raw_model.encoder, cfg, device, workers)
+            log(f"epoch {epoch + 1}: kNN top-1 {record['knn_top1']:.2f}%")
+        checkpoint()
+        if main:
+            with open(out_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+    log(f"done: {step} steps in {datetime.timedelta(seconds=round(time.time() - t_start))}, "
+        f"checkpoint {out_dir / 'ckpt.pt'}")
+
+
+def resolve_config(argv):
+    """Flags over presets; with --resume, flags over the checkpoint's stored configuration."""
+    cfg, given = parse_config(Config, argv, PRESETS, __doc__.splitlines()[0])
+    if cfg.resume:
+        stored = load_checkpoint(cfg.resume)["config"]
+        known = {f.name for f in dataclasses.fields(Config)}
+        cfg = Config(**{**{k: v for k, v in stored.items() if k in known}, **given})
+        if not given.get("out_dir"):
+            cfg.out_dir = str(Path(cfg.resume).parent)
+    return cfg
+
+
+def main(argv=None):
+    try:
+        train(resolve_config(argv))
+    except UserError as e:
+        sys.exit(f"pretrain.py: error: {e}")
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
