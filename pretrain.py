@@ -83,8 +83,8 @@ class Config:
     # optimisation (Sec. 2.2, Appendix B)
     batch_size: int = opt(512, "global batch size N in images (each gives 2 views)")
     epochs: int = opt(1000, "training epochs; the schedule spans them")
-    max_steps: int = opt(0, "stop after this many optimizer steps, 0: no limit; the schedule "
-                         "then spans min(epochs, max_steps)")
+    max_steps: int = opt(0, "stop (with a checkpoint) after this many optimizer steps, 0: no "
+                         "limit; the schedule still spans --epochs, so the run can be resumed")
     optimizer: str = opt("lars", "LARS as in the paper; sgd and adam for comparison",
                          ["lars", "sgd", "adam"])
     lr: float = opt(1.0, "base learning rate, scaled by --lr-scaling")
@@ -770,9 +770,8 @@ def train(cfg):
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{len(dataset)} images are fewer than one batch of {cfg.batch_size}")
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = cfg.epochs * steps_per_epoch  # the schedule's length
+    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
     peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
     sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
@@ -788,7 +787,11 @@ def train(cfg):
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
         load_model_state(model, ckpt["model"], cfg.resume)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"the optimizer state in {cfg.resume} does not fit --optimizer "
+                            f"{cfg.optimizer}: {e}")
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
@@ -807,7 +810,7 @@ def train(cfg):
         f"encoder {n_params / 1e6:.2f}M parameters, h {raw_model.encoder.out_dim}-d")
     log("config " + json.dumps(dataclasses.asdict(cfg)))
     log(f"{len(dataset)} images, {steps_per_epoch} steps/epoch of {cfg.batch_size} "
-        f"({local_batch} per process), {total_steps} steps, peak lr {peak_lr:.4g}, out {out_dir}")
+        f"({local_batch} per process), {last_step} of {total_steps} steps, peak lr {peak_lr:.4g}, out {out_dir}")
 
     stop = {"signal": None}
 
@@ -835,7 +838,7 @@ def train(cfg):
     epoch_sums = torch.zeros(3, device=device)
     t_start, step_start, since_log = time.time(), step, 0
     for epoch in range(step // steps_per_epoch, cfg.epochs):
-        if step >= total_steps:
+        if step >= last_step:
             break
         sampler.set_epoch(epoch)
         sampler.start = (step % steps_per_epoch) * local_batch
@@ -860,7 +863,7 @@ def train(cfg):
             since_log += 1
             sums += torch.stack([loss.detach(), acc.detach(), (~torch.isfinite(loss.detach())).float()])
 
-            last = step >= total_steps or step % steps_per_epoch == 0
+            last = step >= last_step or step % steps_per_epoch == 0
             if step % cfg.log_every == 0 or last or stop["signal"]:
                 if world > 1:
                     dist.all_reduce(sums)
@@ -874,8 +877,8 @@ def train(cfg):
                                     f"checkpoint is {out_dir / 'ckpt.pt'} (try a lower --lr)")
                 now = time.time()
                 rate = (step - step_start) * cfg.batch_size / (now - t_start)
-                eta = (total_steps - step) * cfg.batch_size / max(rate, 1e-9)
-                log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} loss {loss_avg:.4f} "
+                eta = (last_step - step) * cfg.batch_size / max(rate, 1e-9)
+                log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{last_step} loss {loss_avg:.4f} "
                     f"acc {100 * acc_avg:.1f}% lr {lr:.4g} {rate:.0f} img/s "
                     f"eta {datetime.timedelta(seconds=round(eta))}")
                 if world > 1:
@@ -887,7 +890,7 @@ def train(cfg):
                     log(f"stopped by signal {stop['signal']} at step {step}; continue with "
                         f"--resume {out_dir / 'ckpt.pt'}")
                     return
-            if step >= total_steps:
+            if step >= last_step:
                 break
 
         # end of epoch: log line, optional kNN monitor, checkpoint
@@ -896,7 +899,7 @@ def train(cfg):
                       contrastive_acc=epoch_sums[1].item() / max(1, epoch_steps), lr=lr,
                       images_per_s=epoch_steps * cfg.batch_size / (time.time() - t_epoch),
                       time=time.time() - t_start)
-        if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or step >= total_steps):
+        if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or step >= last_step):
             record["knn_top1"] = knn_accuracy(raw_model.encoder, cfg, device, workers)
             log(f"epoch {epoch + 1}: kNN top-1 {record['knn_top1']:.2f}%")
         checkpoint()

@@ -1,0 +1,126 @@
+"""NT-Xent (Eq. 1), LARS and the learning-rate schedule against independent slow references."""
+import math
+
+import pytest
+import torch
+
+from lars import LARS
+from pretrain import learning_rate, nt_xent_loss, scaled_lr
+
+
+def naive_nt_xent(z1, z2, tau):
+    """Algorithm 1 literally, in float64: z_{2k-1}, z_{2k} are the two views of image k, and
+    L = 1/(2N) sum_k [l(2k-1, 2k) + l(2k, 2k-1)] with l from Eq. 1. Returns (L, accuracy)."""
+    z = []
+    for a, b in zip(z1.double(), z2.double()):
+        z += [a, b]
+    sim = lambda u, v: (u @ v) / (u.norm() * v.norm())
+
+    def l(i, j):
+        denominator = sum(torch.exp(sim(z[i], z[k]) / tau) for k in range(len(z)) if k != i)
+        return -torch.log(torch.exp(sim(z[i], z[j]) / tau) / denominator)
+
+    def ranked_first(i, j):
+        return all(sim(z[i], z[j]) > sim(z[i], z[k]) for k in range(len(z)) if k not in (i, j))
+
+    n = len(z1)
+    loss = sum(l(2 * k, 2 * k + 1) + l(2 * k + 1, 2 * k) for k in range(n)) / (2 * n)
+    acc = sum(ranked_first(2 * k, 2 * k + 1) + ranked_first(2 * k + 1, 2 * k) for k in range(n)) / (2 * n)
+    return loss, acc
+
+
+@pytest.mark.parametrize("n,d,tau", [(1, 3, 0.5), (4, 8, 0.1), (7, 16, 0.5), (16, 5, 1.0)])
+def test_nt_xent_equals_naive_eq1(n, d, tau):
+    g = torch.Generator().manual_seed(n * 100 + d)
+    z1, z2 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    loss, acc = nt_xent_loss(z1, z2, tau)
+    ref_loss, ref_acc = naive_nt_xent(z1, z2, tau)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-6)
+    assert acc.item() == pytest.approx(float(ref_acc))
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5])
+def test_nt_xent_gradient_equals_naive(tau):
+    g = torch.Generator().manual_seed(1)
+    z1 = torch.randn(6, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(6, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    nt_xent_loss(z1, z2, tau)[0].backward()
+    grads = z1.grad.clone(), z2.grad.clone()
+    z1.grad = z2.grad = None
+    naive_nt_xent(z1, z2, tau)[0].backward()
+    torch.testing.assert_close(grads[0], z1.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[1], z2.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 8, 64])
+def test_identical_embeddings_give_log_2n_minus_1(n):
+    z = torch.ones(n, 4)
+    loss, _ = nt_xent_loss(z, z.clone(), 0.5)
+    assert loss.item() == pytest.approx(math.log(2 * n - 1), rel=1e-5)
+
+
+def test_nt_xent_invariant_to_permuting_pairs_and_swapping_views():
+    g = torch.Generator().manual_seed(2)
+    z1, z2 = torch.randn(9, 12, generator=g), torch.randn(9, 12, generator=g)
+    perm = torch.randperm(9, generator=g)
+    loss = nt_xent_loss(z1, z2, 0.2)[0]
+    assert nt_xent_loss(z1[perm], z2[perm], 0.2)[0].item() == pytest.approx(loss.item(), rel=1e-6)
+    assert nt_xent_loss(z2, z1, 0.2)[0].item() == pytest.approx(loss.item(), rel=1e-6)
+    # but breaking the pairing changes it: the loss really depends on which views are positives
+    assert nt_xent_loss(z1, z2[perm], 0.2)[0].item() != pytest.approx(loss.item(), rel=1e-3)
+
+
+def test_nt_xent_perfect_pairs_are_ranked_first():
+    z = torch.eye(8)  # 8 orthogonal images, both views identical
+    loss, acc = nt_xent_loss(z, z.clone(), 0.1)
+    assert acc.item() == 1.0
+    assert loss.item() < 0.01
+
+
+def test_lars_matches_hand_computed_official_update():
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)  # a weight: decayed and adapted
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)  # a bias: neither
+    z = torch.zeros(2, 2, dtype=torch.float64, requires_grad=True)  # zero weight: trust ratio 1
+    lr, momentum, wd, eta = 0.7, 0.9, 0.01, 0.001
+    opt = LARS([w, b, z], lr=lr, momentum=momentum, weight_decay=wd, trust_coefficient=eta)
+    ref = {"w": w.detach().clone(), "b": b.detach().clone(), "z": z.detach().clone()}
+    vel = {k: torch.zeros_like(v) for k, v in ref.items()}
+    for step in range(4):
+        grads = {"w": torch.randn(3, 4, dtype=torch.float64), "b": torch.randn(3, dtype=torch.float64),
+                 "z": torch.randn(2, 2, dtype=torch.float64) if step else torch.zeros(2, 2, dtype=torch.float64)}
+        w.grad, b.grad, z.grad = grads["w"].clone(), grads["b"].clone(), grads["z"].clone()
+        opt.step()
+        for k in ref:  # the official rule, written out element by element
+            g = grads[k]
+            if k != "b":
+                g = g + wd * ref[k]
+                wn, gn = ref[k].norm().item(), g.norm().item()
+                trust = eta * wn / gn if wn > 0 and gn > 0 else 1.0
+            else:
+                trust = 1.0
+            vel[k] = momentum * vel[k] + lr * trust * g
+            ref[k] = ref[k] - vel[k]
+        torch.testing.assert_close(w.detach(), ref["w"])
+        torch.testing.assert_close(b.detach(), ref["b"])
+        torch.testing.assert_close(z.detach(), ref["z"])
+
+
+def test_lars_bias_step_is_plain_momentum_sgd():
+    """A bias must not be adapted: with trust 0.001 it would barely move."""
+    b = torch.ones(5, requires_grad=True)
+    opt = LARS([b], lr=0.1, weight_decay=0.5)
+    b.grad = torch.ones(5)
+    opt.step()
+    torch.testing.assert_close(b.detach(), torch.full((5,), 0.9))
+
+
+def test_learning_rate_warmup_then_cosine():
+    peak, warmup, total = 2.0, 10, 110
+    lrs = [learning_rate(s, total, warmup, peak) for s in range(total + 1)]
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(1.0) and lrs[10] == pytest.approx(peak)
+    assert lrs[60] == pytest.approx(peak / 2)  # cosine is half-way down half-way through
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay after warmup
+    assert scaled_lr(0.3, 4096, "linear") == pytest.approx(4.8)
+    assert scaled_lr(0.075, 4096, "sqrt") == pytest.approx(4.8)

@@ -1,0 +1,206 @@
+"""pretrain.py as a user sees it: augmentations, the networks, checkpoints, resume, bad input."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, TINY_PRETRAIN, run_script
+from pretrain import (ARCHS, PRESETS, Config, ProjectionHead, UserError, blur_kernel_size,
+                      build_encoder, build_model, parse_config, simclr_augmentation)
+
+# ---------------------------------------------------------------------------------- augmentation
+
+
+def test_blur_kernel_is_ten_percent_of_the_side_and_odd():
+    assert [blur_kernel_size(s) for s in (224, 96, 32)] == [23, 9, 3]
+    t = simclr_augmentation(224, "crop,color", 1.0, blur=True)
+    blur = [op for op in t.transforms[-2].transforms]  # RandomApply([GaussianBlur])
+    assert blur[0].kernel_size == (23, 23) and blur[0].sigma == (0.1, 2.0)
+
+
+def test_two_views_are_valid_and_differ():
+    image = Image.open(sorted((ROOT.parent / "shared/data/cifar10/train/cat").glob("*.jpg"))[0]) \
+        if (ROOT.parent / "shared/data/cifar10").is_dir() else \
+        Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy())
+    t = simclr_augmentation(32, "crop,color", 0.5)
+    v1, v2 = t(image), t(image)
+    assert v1.shape == v2.shape == (3, 32, 32) and v1.dtype == torch.float32
+    assert v1.min() >= 0 and v1.max() <= 1  # no mean/std normalisation, as the official code
+    assert not torch.equal(v1, v2)
+
+
+def test_colour_only_augmentation_keeps_geometry():
+    """With --augment color the view has the original's layout: grayscale it and compare ranks."""
+    torch.manual_seed(0)
+    x = torch.linspace(0, 1, 32).repeat(3, 32, 1)  # a horizontal ramp
+    image = Image.fromarray((x.permute(1, 2, 0) * 255).byte().numpy())
+    for _ in range(5):
+        v = simclr_augmentation(32, "color", 0.5)(image)
+        row = v.mean(0)[16]
+        assert (row[1:] >= row[:-1] - 0.05).all() or (row[1:] <= row[:-1] + 0.05).all()
+
+
+def test_unknown_augmentation_is_refused():
+    with pytest.raises(UserError, match="unknown cutout"):
+        simclr_augmentation(32, "crop,cutout")
+
+
+# ---------------------------------------------------------------------------------- networks
+
+R50_PARAMS_M = {1: 24, 2: 94, 4: 375}  # official table, encoder without head, millions
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+def test_resnet50_parameter_counts_match_the_official_table(width):
+    with torch.device("meta"):  # shapes only: a 375M-parameter network costs no memory
+        encoder, h_dim = build_encoder("resnet50", width, 224)
+    n = sum(p.numel() for p in encoder.parameters())
+    assert abs(n / 1e6 - R50_PARAMS_M[width]) <= 0.5
+    assert h_dim == 2048 * width  # every layer is widened, so h is 4096-d at 2x
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_every_depth_runs_at_a_fractional_width(arch):
+    encoder, h_dim = build_encoder(arch, 0.125, 32)
+    h = encoder(torch.rand(2, 3, 32, 32))
+    assert h.shape == (2, h_dim)
+
+
+def test_cifar_stem_for_small_images_only():
+    small, _ = build_encoder("resnet18", 0.25, 32)
+    large, _ = build_encoder("resnet18", 0.25, 64)
+    assert small.stem[0].kernel_size == (3, 3) and small.stem[0].stride == (1, 1)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in small.modules())
+    assert large.stem[0][0].kernel_size == (7, 7)
+    # the CIFAR stem keeps 32 px: the last stage sees 4x4, ImageNet's would see 1x1
+    assert small.stages(small.stem(torch.rand(1, 3, 32, 32))).shape[-1] == 4
+
+
+def test_blocks_start_as_identity_last_bn_gamma_zero():
+    encoder, _ = build_encoder("resnet50", 0.25, 64)
+    blocks = [m for m in encoder.modules() if hasattr(m, "body")]
+    assert len(blocks) == 16
+    assert all(torch.all(b.body[-1].weight == 0) for b in blocks)
+
+
+@pytest.mark.parametrize("kind,layers,expect", [("none", 2, []), ("linear", 2, [128]),
+                                                ("nonlinear", 2, [64, 128]),
+                                                ("nonlinear", 3, [64, 64, 128])])
+def test_projection_head_shapes(kind, layers, expect):
+    head = ProjectionHead(64, kind, layers, 128)
+    assert [layer[0].out_features for layer in head.layers] == expect
+    for i, layer in enumerate(head.layers):
+        assert layer[0].bias is None  # linear layers without bias
+        last = i == len(head.layers) - 1
+        assert layer[1].bias.requires_grad == (not last)  # last BN: no learnable shift
+        assert isinstance(layer[-1], torch.nn.ReLU) == (not last)
+    z = head(torch.randn(5, 64))
+    assert z.shape == (5, expect[-1] if expect else 64)
+
+
+def test_model_returns_h_and_z():
+    cfg = Config(arch="resnet18", width_multiplier=0.125, image_size=32)
+    h, z = build_model(cfg)(torch.rand(4, 3, 32, 32))
+    assert h.shape == (4, 64) and z.shape == (4, 128)
+
+
+# ---------------------------------------------------------------------------------- configuration
+
+
+def test_presets_then_flags():
+    cfg, given = parse_config(Config, ["--dataset", "imagenet", "--temperature", "0.2"], PRESETS)
+    assert (cfg.arch, cfg.batch_size, cfg.blur, cfg.color_strength) == ("resnet50", 4096, True, 1.0)
+    assert cfg.temperature == 0.2 and given == {"dataset": "imagenet", "temperature": 0.2}
+    cfg, _ = parse_config(Config, ["--no-global-bn"], PRESETS)
+    assert (cfg.arch, cfg.batch_size, cfg.temperature, cfg.global_bn) == ("resnet18", 512, 0.5, False)
+
+
+# ---------------------------------------------------------------------------------- end to end
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_pretraining_writes_a_checkpoint_and_a_log(pretrained_checkpoint):
+    ckpt = load(pretrained_checkpoint)  # weights_only=True: plain data only
+    assert ckpt["step"] == 6 and ckpt["epoch"] == 2  # 48 images / 16 = 3 steps per epoch
+    assert ckpt["config"]["width_multiplier"] == 0.125 and ckpt["config"]["dataset"] == "folder"
+    assert {"model", "optimizer", "scaler", "rng"} <= set(ckpt)
+    log = [json.loads(line) for line in open(pretrained_checkpoint.parent / "log.jsonl")]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert all(r["loss"] > 0 and 0 <= r["contrastive_acc"] <= 1 for r in log)
+
+
+def test_resume_continues_exactly(pretrained_checkpoint, tiny_folder, tmp_path):
+    """Stop after one epoch, resume: the same steps and bit-for-bit the same weights as the
+    uninterrupted two-epoch run of the fixture (same data order, augmentations and schedule)."""
+    run_script("pretrain.py", *TINY_PRETRAIN, "--data-dir", tiny_folder, "--out-dir", tmp_path,
+               "--max-steps", 3)
+    assert load(tmp_path / "ckpt.pt")["step"] == 3
+    out = run_script("pretrain.py", "--resume", tmp_path / "ckpt.pt", "--max-steps", 0).stdout
+    assert "step 4/6" in out
+    resumed, straight = load(tmp_path / "ckpt.pt"), load(pretrained_checkpoint)
+    assert resumed["step"] == 6
+    for k, v in straight["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+
+
+def test_ctrl_c_checkpoints_after_the_step_and_resumes(tiny_folder, tmp_path):
+    args = [*TINY_PRETRAIN, "--data-dir", tiny_folder, "--out-dir", tmp_path, "--epochs", 50]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait for the second logged step, then interrupt
+        if "step 2/" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped by signal" in out and "Traceback" not in err
+    step = load(tmp_path / "ckpt.pt")["step"]
+    assert 2 <= step < 150
+    out = run_script("pretrain.py", "--resume", tmp_path / "ckpt.pt", "--max-steps", step + 2).stdout
+    assert f"step {step + 1}/{step + 2}" in out
+    assert load(tmp_path / "ckpt.pt")["step"] == step + 2
+
+
+def test_show_augmentations_saves_a_grid(tiny_folder, tmp_path):
+    run_script("pretrain.py", *TINY_PRETRAIN, "--data-dir", tiny_folder, "--out-dir", tmp_path,
+               "--show-augmentations", 4)
+    grid = Image.open(tmp_path / "augmentations.png")
+    assert grid.size == (3 * 34 + 2, 4 * 34 + 2)  # 4 rows of image, view 1, view 2
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+    (["--dataset", "folder", "--data-dir", "/nonexistent/data"], "no image folder at /nonexistent/data/train"),
+    (["--resume", "/nonexistent/ckpt.pt"], "no checkpoint at /nonexistent/ckpt.pt"),
+    (["--batch-size", "x"], "invalid int value"),
+    (["--augment", "crop,sobel"], "unknown sobel"),
+    (["--optimizer", "sgd", "--resume", "PRETRAINED"], "does not fit --optimizer sgd"),
+])
+def test_bad_input_gives_one_clear_line(args, message, tiny_folder, pretrained_checkpoint):
+    args = [str(pretrained_checkpoint) if a == "PRETRAINED" else a for a in args]
+    if "--data-dir" not in args:
+        args = args + ["--data-dir", str(tiny_folder), "--image-size", "32"]
+    proc = run_script("pretrain.py", *args, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert message in proc.stderr
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(pretrained_checkpoint, tmp_path):
+    good = tmp_path / "ckpt.pt"
+    good.write_bytes(pretrained_checkpoint.read_bytes())
+    proc = run_script("pretrain.py", "--resume", good, "--epochs", 4, "--lr", 1e30, check=False)
+    assert proc.returncode != 0 and "loss is not finite" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    after = load(good)
+    assert after["step"] == 6 and all(torch.isfinite(v).all() for v in after["model"].values()
+                                      if v.is_floating_point())
