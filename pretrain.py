@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,10 @@ import torchvision.transforms as T
 from einops import rearrange
 
 from lars import LARS
+
+# torch.distributed.nn.functional's differentiable collectives are deprecated in favour of a
+# private module; they are still the public way to gather with gradients, so keep logs clean.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.", category=FutureWarning)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -533,13 +538,17 @@ def convert_to_global_bn(module):
     """Every BatchNorm in module becomes a global one: SyncBatchNorm on CUDA, GlobalBatchNorm else."""
     if next(module.parameters()).is_cuda:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _to_global_bn(module)
+
+
+def _to_global_bn(module):
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        bn = GlobalBatchNorm(module.num_features, module.eps, module.momentum)
+        bn = GlobalBatchNorm(module.num_features, module.eps, module.momentum).to(module.weight)
         bn.load_state_dict(module.state_dict())
         bn.weight, bn.bias = module.weight, module.bias  # keeps requires_grad (the frozen shift)
         return bn
     for name, child in module.named_children():
-        module.add_module(name, convert_to_global_bn(child))
+        module.add_module(name, _to_global_bn(child))
     return module
 
 
@@ -570,10 +579,11 @@ def nt_xent_loss(z1, z2, temperature, negatives=None):
     Returns (L over this process's anchors, contrastive accuracy: the positive ranked first).
     """
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # 2n x d: [view 1; view 2]
+    z = torch.cat([z1, z2])  # 2n x d: [view 1; view 2]
+    z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)  # bf16 -> fp32
     candidates = gather_with_grad(z)  # 2N x d: [z1; z2] of rank 0, then of rank 1, ...
     if negatives is not None:
-        candidates = torch.cat([candidates, F.normalize(negatives.float(), dim=1)])  # (2N+K) x d
+        candidates = torch.cat([candidates, F.normalize(negatives.to(z.dtype), dim=1)])  # (2N+K) x d
     logits = z @ candidates.T / temperature  # 2n x (2N+K)
     rank, _ = world_info()
     anchor = torch.arange(2 * n, device=z.device)

@@ -1,0 +1,133 @@
+"""Two processes (gloo, CPU) must train exactly as one process on the whole batch (Sec. 2.2)."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from einops import rearrange
+
+from conftest import ROOT, TINY_PRETRAIN
+from pretrain import Config, build_model, convert_to_global_bn, nt_xent_loss
+
+WORLD, N = 2, 6  # two processes, six images each
+
+
+def make_model_and_batch():
+    torch.manual_seed(0)
+    model = build_model(Config(arch="resnet18", width_multiplier=0.125, image_size=16)).double()
+    for m in model.modules():  # non-trivial BN parameters, so that their gradients are tested too
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+    x1 = torch.rand(WORLD * N, 3, 16, 16, dtype=torch.float64)
+    x2 = torch.rand(WORLD * N, 3, 16, 16, dtype=torch.float64) * 2  # the halves differ
+    return model, x1, x2
+
+
+def forward_loss(model, x1, x2):
+    _, z = model(torch.cat([x1, x2]))
+    z1, z2 = rearrange(z, "(v b) d -> v b d", v=2)
+    return nt_xent_loss(z1, z2, 0.2)
+
+
+def reference(global_bn):
+    """One process, the whole batch. Without global BN each half is normalised by its own
+    statistics (what per-GPU BN does) while the negatives still come from the whole batch."""
+    model, x1, x2 = make_model_and_batch()
+    if global_bn:
+        loss, acc = forward_loss(model, x1, x2)
+    else:
+        zs = []
+        for r in range(WORLD):
+            s = slice(r * N, (r + 1) * N)
+            zs.append(rearrange(model(torch.cat([x1[s], x2[s]]))[1], "(v b) d -> v b d", v=2))
+        z1, z2 = torch.cat([z[0] for z in zs]), torch.cat([z[1] for z in zs])
+        loss, acc = nt_xent_loss(z1, z2, 0.2)
+    loss.backward()
+    return dict(loss=loss.item(), acc=acc.item(),
+                grads={k: p.grad for k, p in model.named_parameters() if p.grad is not None},
+                buffers={k: b for k, b in model.named_buffers() if "running" in k})
+
+
+def worker(rank, init_file, global_bn, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    model, x1, x2 = make_model_and_batch()
+    if global_bn:
+        model = convert_to_global_bn(model)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    s = slice(rank * N, (rank + 1) * N)
+    loss, acc = forward_loss(ddp, x1[s], x2[s])
+    loss.backward()  # DDP averages the gradients over the two processes
+    stats = torch.stack([loss.detach(), acc.detach()])
+    dist.all_reduce(stats)
+    if rank == 0:
+        torch.save(dict(loss=stats[0].item() / WORLD, acc=stats[1].item() / WORLD,
+                        grads={k: p.grad for k, p in model.named_parameters() if p.grad is not None},
+                        buffers={k: b for k, b in model.named_buffers() if "running" in k}), out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("global_bn", [True, False])
+def test_two_processes_equal_one_process_on_the_whole_batch(global_bn, tmp_path):
+    mp.spawn(worker, args=(str(tmp_path / "init"), global_bn, str(tmp_path / "out.pt")), nprocs=WORLD)
+    got, want = torch.load(tmp_path / "out.pt"), reference(global_bn)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-10)
+    assert got["acc"] == pytest.approx(want["acc"])
+    assert got["grads"].keys() == want["grads"].keys() and len(want["grads"]) > 40
+    for k in want["grads"]:
+        torch.testing.assert_close(got["grads"][k], want["grads"][k], rtol=1e-8, atol=1e-12, msg=k)
+    if global_bn:  # the running statistics are those of the whole batch
+        for k in want["buffers"]:
+            torch.testing.assert_close(got["buffers"][k], want["buffers"][k], rtol=1e-8, atol=1e-12)
+
+
+def test_local_negatives_would_be_caught():
+    """The test above can fail: scoring each half only against its own views (a public bug)
+    gives a different loss from the whole batch's."""
+    _, x1, x2 = make_model_and_batch()
+    z1, z2 = torch.randn(WORLD * N, 8, dtype=torch.float64), torch.randn(WORLD * N, 8, dtype=torch.float64)
+    whole = nt_xent_loss(z1, z2, 0.2)[0].item()
+    local = sum(nt_xent_loss(z1[r * N:(r + 1) * N], z2[r * N:(r + 1) * N], 0.2)[0].item()
+                for r in range(WORLD)) / WORLD
+    assert abs(whole - local) > 1e-3
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, check=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           str(ROOT / "pretrain.py"), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stdout + proc.stderr)
+    return proc
+
+
+def test_torchrun_two_processes_train_checkpoint_and_resume(tiny_folder, tmp_path):
+    common = [*TINY_PRETRAIN, "--data-dir", tiny_folder, "--device", "cpu"]
+    out = torchrun(*common, "--out-dir", tmp_path, "--max-steps", 3).stdout
+    assert "2 process(es) on cpu" in out and out.count("config ") == 1  # rank 0 logs alone
+    assert "(8 per process)" in out
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2
+    assert not any("GlobalBatchNorm" in k or k.startswith("module.") for k in ckpt["model"])
+    out = torchrun("--resume", tmp_path / "ckpt.pt", "--max-steps", 0, "--device", "cpu").stdout
+    assert "step 4/6" in out and "step 6/6" in out
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 6
+
+
+def test_torchrun_batch_must_divide(tiny_folder, tmp_path):
+    proc = torchrun(*TINY_PRETRAIN, "--data-dir", tiny_folder, "--device", "cpu", "--batch-size", 15,
+                    "--out-dir", tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "--batch-size 15 is not divisible by 2 processes" in proc.stderr
