@@ -8,20 +8,24 @@ from lars import LARS
 from pretrain import learning_rate, nt_xent_loss, scaled_lr
 
 
-def naive_nt_xent(z1, z2, tau):
+def naive_nt_xent(z1, z2, tau, negatives=()):
     """Algorithm 1 literally, in float64: z_{2k-1}, z_{2k} are the two views of image k, and
-    L = 1/(2N) sum_k [l(2k-1, 2k) + l(2k, 2k-1)] with l from Eq. 1. Returns (L, accuracy)."""
+    L = 1/(2N) sum_k [l(2k-1, 2k) + l(2k, 2k-1)] with l from Eq. 1; `negatives` (v2's memory)
+    join every denominator. Returns (L, accuracy)."""
     z = []
     for a, b in zip(z1.double(), z2.double()):
         z += [a, b]
+    negatives = [q.double() for q in negatives]
     sim = lambda u, v: (u @ v) / (u.norm() * v.norm())
 
     def l(i, j):
         denominator = sum(torch.exp(sim(z[i], z[k]) / tau) for k in range(len(z)) if k != i)
+        denominator = denominator + sum(torch.exp(sim(z[i], q) / tau) for q in negatives)
         return -torch.log(torch.exp(sim(z[i], z[j]) / tau) / denominator)
 
     def ranked_first(i, j):
-        return all(sim(z[i], z[j]) > sim(z[i], z[k]) for k in range(len(z)) if k not in (i, j))
+        return (all(sim(z[i], z[j]) > sim(z[i], z[k]) for k in range(len(z)) if k not in (i, j))
+                and all(sim(z[i], z[j]) > sim(z[i], q) for q in negatives))
 
     n = len(z1)
     loss = sum(l(2 * k, 2 * k + 1) + l(2 * k + 1, 2 * k) for k in range(n)) / (2 * n)
@@ -37,6 +41,18 @@ def test_nt_xent_equals_naive_eq1(n, d, tau):
     ref_loss, ref_acc = naive_nt_xent(z1, z2, tau)
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-6)
     assert acc.item() == pytest.approx(float(ref_acc))
+
+
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_nt_xent_with_memory_negatives_equals_naive(k):
+    g = torch.Generator().manual_seed(k)
+    z1, z2 = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
+    queue = torch.randn(k, 6, generator=g) * 3  # not unit length: the loss normalises them
+    loss, acc = nt_xent_loss(z1, z2, 0.3, negatives=queue)
+    ref_loss, ref_acc = naive_nt_xent(z1, z2, 0.3, negatives=queue)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert acc.item() == pytest.approx(float(ref_acc))
+    assert loss.item() > nt_xent_loss(z1, z2, 0.3)[0].item()  # more negatives, larger loss
 
 
 @pytest.mark.parametrize("tau", [0.1, 0.5])

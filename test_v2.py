@@ -1,0 +1,91 @@
+"""SimCLRv2's networks and memory: selective kernels, the official parameter table, MoCo memory."""
+import pytest
+import torch
+
+from conftest import TINY_PRETRAIN, run_script
+from pretrain import Config, Memory, SelectiveKernel, build_encoder, build_model
+
+# The official table of encoder sizes (millions of parameters, projection head excluded):
+# (depth, width multiplier, selective kernels) -> M
+OFFICIAL_PARAMS_M = {
+    ("resnet50", 1, False): 24, ("resnet50", 1, True): 35, ("resnet50", 2, False): 94,
+    ("resnet50", 2, True): 140, ("resnet50", 4, False): 375, ("resnet101", 1, False): 43,
+    ("resnet101", 1, True): 65, ("resnet101", 2, False): 170, ("resnet101", 2, True): 257,
+    ("resnet152", 1, False): 58, ("resnet152", 1, True): 89, ("resnet152", 2, False): 233,
+    ("resnet152", 2, True): 354, ("resnet152", 3, True): 795,
+}
+
+
+@pytest.mark.parametrize("arch,width,sk", list(OFFICIAL_PARAMS_M))
+def test_parameter_counts_match_the_official_table(arch, width, sk):
+    with torch.device("meta"):  # shapes only: R152-3x-SK would take 3 GB in float32
+        encoder, _ = build_encoder(arch, width, 224, 0.0625 if sk else 0.0)
+    millions = sum(p.numel() for p in encoder.parameters()) / 1e6
+    # the table rounds to whole millions; R152-2x counts 232.3M against a listed 233
+    assert abs(millions - OFFICIAL_PARAMS_M[arch, width, sk]) <= max(0.5, 0.005 * millions), millions
+
+
+def test_selective_kernel_shapes_and_attention_over_two_streams():
+    torch.manual_seed(0)
+    sk = SelectiveKernel(16, 24, stride=2, ratio=0.0625)
+    x = torch.randn(3, 16, 8, 8)
+    assert sk(x).shape == (3, 24, 4, 4)
+    assert sk.attention[1][0].out_channels == 32  # max(24 * 0.0625, 32)
+    streams = sk.streams(x).unflatten(1, (2, 24))  # b x 2 x c x h x w
+    weights = sk.attention(streams.sum(1)).unflatten(1, (2, 24)).softmax(dim=1)
+    torch.testing.assert_close(weights.sum(1), torch.ones(3, 24, 1, 1))
+    torch.testing.assert_close(sk(x), (streams * weights).sum(1))
+
+
+@pytest.mark.parametrize("arch,image_size", [("resnet18", 32), ("resnet50", 32), ("resnet50", 64)])
+def test_sk_networks_run_with_both_stems(arch, image_size):
+    encoder, h_dim = build_encoder(arch, 0.125, image_size, sk_ratio=0.0625)
+    assert encoder(torch.rand(2, 3, image_size, image_size)).shape == (2, h_dim)
+    has_sk = any(isinstance(m, SelectiveKernel) for m in encoder.modules())
+    assert has_sk == (arch == "resnet50")  # SK replaces the 3x3 of bottlenecks only
+    pooled = [m for m in encoder.modules() if isinstance(m, torch.nn.AvgPool2d)]
+    assert len(pooled) == 3  # ResNet-D: strided shortcuts average-pool, in every block type
+
+
+def make_memory(size=10, dim=4, momentum=0.9):
+    torch.manual_seed(0)
+    model = build_model(Config(arch="resnet18", width_multiplier=0.125, image_size=16, proj_dim=dim))
+    return model, Memory(model, size, dim, momentum)
+
+
+def test_memory_network_follows_the_ema_rule_and_gets_no_gradient():
+    model, memory = make_memory()
+    before = [p.clone() for p in memory.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    x = torch.rand(8, 3, 16, 16)
+    keys = memory.project(x)
+    model(x)[1].sum().backward()
+    memory.update(model)
+    for p_m, old, p in zip(memory.model.parameters(), before, model.parameters()):
+        torch.testing.assert_close(p_m, 0.9 * old + 0.1 * p.detach())
+        assert p_m.grad is None and not p_m.requires_grad
+    assert not keys.requires_grad
+    torch.testing.assert_close(keys.norm(dim=1), torch.ones(8))
+
+
+def test_memory_queue_is_fifo_and_wraps_around():
+    _, memory = make_memory(size=10, dim=4)
+    batches = [torch.full((4, 4), float(i + 1)) for i in range(3)]
+    for b in batches:
+        memory.enqueue(b)
+    # 12 keys into 10 rows: the third batch's last two overwrite rows 0 and 1
+    assert memory.queue[:, 0].tolist() == [3, 3, 1, 1, 2, 2, 2, 2, 3, 3]
+    assert memory.position.item() == 2
+
+
+def test_pretraining_with_memory_checkpoints_the_queue(tiny_folder, tmp_path):
+    run_script("pretrain.py", *TINY_PRETRAIN, "--data-dir", tiny_folder, "--out-dir", tmp_path,
+               "--memory-size", 40, "--max-steps", 3, "--sk-ratio", 0.0625, "--arch", "resnet50")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["memory"]["position"].item() == (3 * 32) % 40
+    assert ckpt["config"]["sk_ratio"] == 0.0625
+    out = run_script("pretrain.py", "--resume", tmp_path / "ckpt.pt", "--max-steps", 4).stdout
+    assert "step 4/" in out
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["memory"]["position"].item() == (4 * 32) % 40
