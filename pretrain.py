@@ -158,7 +158,7 @@ def parse_config(cls, argv, presets=None, description=None):
     parser = _Parser(description=description, argument_default=argparse.SUPPRESS,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
-        per_dataset = {d: p[f.name] for d, p in presets.items() if f.name in p}
+        per_dataset = {d: p[f.name] for d, p in presets.items() if p.get(f.name, f.default) != f.default}
         help = f.metadata["help"] + (f" (default {f.default}" + "".join(
             f", {d}: {v}" for d, v in per_dataset.items()) + ")")
         flag = "--" + f.name.replace("_", "-")
@@ -798,7 +798,7 @@ def train(cfg):
     device, rank, world = setup(cfg.device)
     torch.manual_seed(cfg.seed + rank)  # ranks differ in augmentations; DDP syncs the weights
     main = rank == 0
-    log = print if main else (lambda *a, **k: None)
+    log = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
 
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
