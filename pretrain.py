@@ -781,14 +781,14 @@ def git_revision():
 
 
 def show_augmentations(cfg, dataset, out_dir):
-    """Save a grid: each row an image and its two augmented views."""
-    plain = eval_transform(cfg.image_size)
-    rows = []
+    """Save a grid: each row an image as evaluation sees it, then its two augmented views."""
+    views, rows = dataset.transform, []
     for i in torch.randperm(len(dataset))[:cfg.show_augmentations].tolist():
-        image = dataset.samples[i][0] if hasattr(dataset, "samples") else None
+        dataset.transform = eval_transform(cfg.image_size)
+        original, _ = dataset[i]
+        dataset.transform = views
         (v1, v2), _ = dataset[i]
-        original = plain(torchvision.datasets.folder.default_loader(image)) if image else None
-        rows += [original if original is not None else torch.zeros_like(v1), v1, v2]
+        rows += [original, v1, v2]
     path = Path(out_dir) / "augmentations.png"
     torchvision.utils.save_image(rows, path, nrow=3, padding=2, pad_value=1.0)
     return path
