@@ -826,9 +826,10 @@ def train(cfg):
     sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(
         dataset, local_batch, sampler=sampler, num_workers=workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=False)  # fresh worker seeds each epoch
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
     # Model, optimizer
+    torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): let cuDNN pick its kernels
     model = build_model(cfg).to(device)
     optimizer = build_optimizer(model, cfg.optimizer, peak_lr, cfg.weight_decay, cfg.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -906,7 +907,8 @@ def train(cfg):
             lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x = torch.cat([x1, x2]).to(device, non_blocking=True)  # 2n x 3 x H x W: [views 1; views 2]
+            # 2n x 3 x H x W: [views 1; views 2], joined on the device (pinned, asynchronous copies)
+            x = torch.cat([x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)])
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
