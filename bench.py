@@ -1,0 +1,440 @@
+"""Speed of SimCLR pretraining (Algorithm 1): the data pipeline, the compute step, both together.
+
+Pretraining is the expensive stage (1000 CIFAR-10 epochs, or ImageNet on many GPUs), so this
+script measures, for one dataset, architecture, width, batch size and device, in images per
+second (an image is two augmented views) and with peak memory:
+
+    1. the data pipeline alone: decode + two augmented views (Appendix A), DataLoader workers;
+    2. one pretraining step on a batch already on the device: forward of both views, NT-Xent
+       (Eq. 1), backward, optimizer step (LARS, Sec. 2.2) -- the compute ceiling of the model;
+    3. the same step fed by the real pipeline, as pretrain.py runs it;
+
+and the share of the step spent in the loss and in the optimizer, the model's FLOPs per image,
+the achieved fraction of the GPU's bf16 peak, and seconds per CIFAR-10 epoch from row 3. The
+model, loss and optimizer are pretrain.py's own (build_model, nt_xent_loss, build_optimizer);
+the flags are pretrain.py's flags with the same presets, plus the measurement flags below.
+Every time is wall-clock between two device synchronisations, after warm-up steps (which also
+absorb cuDNN autotuning and torch.compile), and the table shows the median over --repeats.
+
+    python bench.py --data-dir ../shared/data/cifar10 --batch-size 512                # 1 GPU
+    python bench.py --data-dir ../shared/data/cifar10 --batch-size 512 --compile
+    python bench.py --dataset folder --data-dir ../shared/data/cifar10 --arch resnet50 \\
+        --image-size 224 --batch-size 256 --rows memory                          # 224 px compute
+    OMP_NUM_THREADS=1 python bench.py --data-dir ../shared/data/cifar10 --width-multiplier 0.25 \\
+        --batch-size 64 --warmup 1 --steps 2 --repeats 3 --out bench.json        # CPU, < 1 min
+
+On a shared 2-core CPU the last command took 19 s and gave about 760 images/s for the pipeline
+and 120 for the step; README.md ("Speed") holds the full table and what it means for a GPU.
+"""
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from einops import rearrange
+from torch.utils.flop_counter import FlopCounterMode
+
+from pretrain import (PRESETS, Config, TwoViews, UserError, build_dataset, build_model,
+                      build_optimizer, default_workers, git_revision, nt_xent_loss, opt,
+                      parse_config, scaled_lr, setup, simclr_augmentation)
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+def pretrain_option(name):
+    """The option of pretrain.py's Config with this name: same default and help, defined once."""
+    f = Config.__dataclass_fields__[name]
+    return field(default=f.default, metadata=f.metadata)
+
+
+@dataclass
+class BenchConfig:
+    # what is measured: pretrain.py's options
+    dataset: str = pretrain_option("dataset")
+    data_dir: str = pretrain_option("data_dir")
+    image_size: int = pretrain_option("image_size")
+    workers: int = pretrain_option("workers")
+    augment: str = pretrain_option("augment")
+    color_strength: float = pretrain_option("color_strength")
+    blur: bool = pretrain_option("blur")
+    arch: str = pretrain_option("arch")
+    width_multiplier: float = pretrain_option("width_multiplier")
+    sk_ratio: float = pretrain_option("sk_ratio")
+    proj_head: str = pretrain_option("proj_head")
+    proj_layers: int = pretrain_option("proj_layers")
+    proj_dim: int = pretrain_option("proj_dim")
+    temperature: float = pretrain_option("temperature")
+    batch_size: int = pretrain_option("batch_size")
+    optimizer: str = pretrain_option("optimizer")
+    lr: float = pretrain_option("lr")
+    lr_scaling: str = pretrain_option("lr_scaling")
+    weight_decay: float = pretrain_option("weight_decay")
+    momentum: float = pretrain_option("momentum")
+    device: str = pretrain_option("device")
+    precision: str = pretrain_option("precision")
+    compile: bool = pretrain_option("compile")
+    seed: int = pretrain_option("seed")
+    # how it is measured
+    cudnn_benchmark: bool = opt(False, "torch.backends.cudnn.benchmark: let cuDNN time its "
+                                "convolution algorithms for the fixed batch shape (pretrain.py "
+                                "leaves it off); measure with and without")
+    rows: str = opt("data,memory,full", "rows to measure, comma-separated: data (pipeline "
+                    "alone), memory (step on a batch in memory, with the loss and optimizer "
+                    "shares), full (step fed by the pipeline)")
+    warmup: int = opt(3, "untimed steps before each row (cuDNN autotuning, torch.compile); rows "
+                      "fed by the pipeline take at least 2 per worker (prefetched batches)")
+    steps: int = opt(10, "steps (batches) per timed repeat")
+    repeats: int = opt(5, "timed repeats per row; the table shows the median")
+    epoch_images: int = opt(50000, "images per epoch for the seconds-per-epoch figure "
+                            "(CIFAR-10's training set: 50,000)")
+    out: str = opt("", "also write the results as JSON to this file")
+
+
+# pretrain.py's per-dataset presets, restricted to the options above.
+BENCH_PRESETS = {dataset: {k: v for k, v in preset.items() if k in BenchConfig.__dataclass_fields__}
+                 for dataset, preset in PRESETS.items()}
+ROWS = ("data", "memory", "full")
+
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s, matched in this
+# order against torch.cuda.get_device_name(). An estimate of what the hardware allows: clocks
+# under load and the exact board vary.
+BF16_PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989),
+                    ("B200", 2250), ("A100", 312), ("L40S", 362), ("L40", 181), ("L4", 121),
+                    ("A10", 125)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing: wall-clock between device synchronisations, median over repeats
+# ---------------------------------------------------------------------------------------------
+
+
+def synchronize(device):
+    """Wait until the device has finished the work queued so far (CUDA and MPS run asynchronously:
+    without this a timer measures how fast the host queues kernels, not how fast they run)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def measure(step, device, warmup, steps, repeats):
+    """Seconds per call of step(): `warmup` untimed calls, then `repeats` timings of `steps`
+    calls each, every timing between two synchronisations. Returns one number per repeat."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        times.append((time.perf_counter() - start) / steps)
+    return times
+
+
+def peak_memory_mb(device):
+    """CUDA: the most memory tensors held since the last reset. Elsewhere: the process's peak
+    resident memory, which cannot be reset, so it only grows from row to row."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: pretrain.py's dataset and DataLoader settings
+# ---------------------------------------------------------------------------------------------
+
+
+def make_loader(dataset, cfg, batches, workers, device):
+    """A loader of `batches` batches, set up as pretrain.py's (drop_last, pinned memory on CUDA;
+    fresh workers for each pass, so their start-up is timed), drawing random images with
+    replacement across passes so that a small dataset still gives enough batches."""
+    sampler = torch.utils.data.RandomSampler(dataset, num_samples=batches * cfg.batch_size)
+    return torch.utils.data.DataLoader(dataset, cfg.batch_size, sampler=sampler,
+                                       num_workers=workers, drop_last=True,
+                                       pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+def to_device(x1, x2, device):
+    """Both views as one 2n x 3 x H x W batch [views 1; views 2] on the device.
+
+    Each pinned view is copied on its own and the two are joined on the device: torch.cat on the
+    host would first copy them into pageable memory, from which a non_blocking copy makes the host
+    wait for the GPU (and pin_memory=True would be wasted).
+    """
+    x = torch.cat([x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)])
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)  # what tensor-core convolutions want
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Training step: the body of pretrain.train()'s loop
+# ---------------------------------------------------------------------------------------------
+
+
+def training_step(model, optimizer, scaler, autocast, x, temperature):
+    """Forward of both views, NT-Xent, backward, optimizer step. Nothing here reads a value back
+    to the host, so the host can queue the next step while the device runs this one (except
+    under fp16, whose GradScaler checks the gradients for infinities on the host)."""
+    with autocast:
+        _, z = model(x)  # 2n x d
+    z1, z2 = rearrange(z, "(v b) d -> v b d", v=2)
+    loss, _ = nt_xent_loss(z1, z2, temperature)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model FLOPs and the device's peak
+# ---------------------------------------------------------------------------------------------
+
+
+def model_flops_per_view(cfg):
+    """(forward, backward) FLOPs of the SimCLR network for one view, counted by PyTorch's
+    FlopCounterMode (convolutions and matrix products, 2 FLOPs per multiply-add; BatchNorm,
+    ReLU and the loss are not counted). Counted on a fresh CPU copy with 2 images, since
+    BatchNorm needs more than one."""
+    model = build_model(cfg).train()
+    x = torch.rand(2, 3, cfg.image_size, cfg.image_size)
+    with FlopCounterMode(display=False) as forward:
+        _, z = model(x)
+    with FlopCounterMode(display=False) as backward:
+        z.square().sum().backward()
+    return forward.get_total_flops() / 2, backward.get_total_flops() / 2
+
+
+def bf16_peak_tflops(device_name):
+    """The GPU's dense bf16 peak in TFLOP/s from BF16_PEAK_TFLOPS; None when not tabulated."""
+    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in device_name), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The measurements
+# ---------------------------------------------------------------------------------------------
+
+
+def row_result(seconds_per_batch, steps, batch_size, device):
+    median = statistics.median(seconds_per_batch)
+    return dict(images_per_s=batch_size / median, ms_per_step=1000 * median,
+                ms_per_step_repeats=[1000 * t for t in seconds_per_batch], steps_per_repeat=steps,
+                peak_memory_mb=peak_memory_mb(device))
+
+
+def bench(cfg):
+    rows = [r for r in cfg.rows.split(",") if r]
+    if not rows or set(rows) - set(ROWS):
+        raise UserError(f"--rows {cfg.rows!r}: choose from {', '.join(ROWS)}, comma-separated")
+    if cfg.batch_size < 1 or cfg.steps < 1 or cfg.repeats < 1 or cfg.warmup < 0:
+        raise UserError("--batch-size, --steps and --repeats must be >= 1, --warmup >= 0")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        raise UserError("bench.py measures one process; run it with python, not torchrun")
+    device, _, _ = setup(cfg.device)
+    torch.manual_seed(cfg.seed)
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(1)
+    augmentation = simclr_augmentation(cfg.image_size, cfg.augment, cfg.color_strength, cfg.blur)
+    dataset = build_dataset(cfg.dataset, cfg.data_dir, "pretrain", TwoViews(augmentation))
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    print(f"bench.py: {cfg.arch} x{cfg.width_multiplier:g}, {cfg.image_size} px, batch "
+          f"{cfg.batch_size}, {device_name}, {precision}, {workers} workers, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("config " + json.dumps(dataclasses.asdict(cfg)))
+    result = dict(config=dataclasses.asdict(cfg), device=device_name, precision=precision,
+                  workers=workers, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+                  torch=torch.__version__, git=git_revision(), rows={})
+
+    # Row 1: the pipeline alone. Its first batch waits for the workers to start (pretrain.py
+    # pays that every epoch), so it is timed on its own and left out of the rate. The workers
+    # start together and their first batches arrive together, so the rate is taken after two
+    # batches per worker, over at least one batch per worker.
+    if "data" in rows:
+        warmup, steps = max(cfg.warmup, 2 * workers), max(cfg.steps, workers)
+        loader = iter(make_loader(dataset, cfg, 1 + warmup + steps * cfg.repeats, workers, device))
+        start = time.perf_counter()
+        next(loader)
+        first_batch_s = time.perf_counter() - start
+        result["rows"]["data"] = row_result(
+            measure(lambda: next(loader), device, warmup, steps, cfg.repeats), steps,
+            cfg.batch_size, device)
+        result["rows"]["data"]["first_batch_s"] = first_batch_s
+        result["rows"]["data"]["images_per_s_per_worker"] = (
+            result["rows"]["data"]["images_per_s"] / max(1, workers))
+        del loader
+
+    # The model and optimizer, placed as pretrain.py places them.
+    model = build_model(cfg).to(device)
+    optimizer = build_optimizer(model, cfg.optimizer, scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling),
+                                cfg.weight_decay, cfg.momentum)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
+    model.train()
+    step = lambda x: training_step(model, optimizer, scaler, autocast, x, cfg.temperature)
+
+    # Row 2: one real batch of augmented views, on the device, used for every step.
+    if "memory" in rows:
+        (x1, x2), _ = next(iter(make_loader(dataset, cfg, 1, 0, device)))
+        x = to_device(x1, x2, device)
+        reset_peak_memory(device)
+        result["rows"]["memory"] = row_result(
+            measure(lambda: step(x), device, cfg.warmup, cfg.steps, cfg.repeats), cfg.steps,
+            cfg.batch_size, device)
+        del x
+
+    # Row 3: the step fed by a fresh loader, as in an epoch of pretrain.py. The warm-up also
+    # drains the batches the workers had prefetched while the first steps ran, so that a
+    # pipeline slower than the step shows its own rate.
+    if "full" in rows:
+        warmup = max(cfg.warmup, 2 * workers)
+        loader = iter(make_loader(dataset, cfg, warmup + cfg.steps * cfg.repeats, workers, device))
+
+        def full_step():
+            (x1, x2), _ = next(loader)
+            step(to_device(x1, x2, device))
+
+        reset_peak_memory(device)
+        result["rows"]["full"] = row_result(
+            measure(full_step, device, warmup, cfg.steps, cfg.repeats), cfg.steps, cfg.batch_size,
+            device)
+        del loader
+
+    # The loss and the optimizer on their own, on synthetic inputs of the real shapes.
+    if "memory" in rows:
+        z = torch.randn(2 * cfg.batch_size, raw_model.head.out_dim, device=device,
+                        dtype=amp_dtype or torch.float32, requires_grad=True)  # as autocast gives it
+
+        def loss_step():  # NT-Xent forward and backward, as in the step
+            z1, z2 = rearrange(z, "(v b) d -> v b d", v=2)
+            torch.autograd.grad(nt_xent_loss(z1, z2, cfg.temperature)[0], z)
+
+        for p in raw_model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3 if p.requires_grad else None
+        loss_ms = 1000 * statistics.median(measure(loss_step, device, cfg.warmup, cfg.steps, cfg.repeats))
+        optimizer_ms = 1000 * statistics.median(
+            measure(optimizer.step, device, cfg.warmup, cfg.steps, cfg.repeats))
+        step_ms = result["rows"]["memory"]["ms_per_step"]
+        result.update(loss_ms=loss_ms, optimizer_ms=optimizer_ms, loss_share=loss_ms / step_ms,
+                      optimizer_share=optimizer_ms / step_ms)
+
+    # FLOPs and the fraction of the device's peak that the step reaches.
+    forward, backward = model_flops_per_view(cfg)
+    train_flops = 2 * (forward + backward)  # per image: two views, forward and backward
+    peak = bf16_peak_tflops(device_name) if device.type == "cuda" else None
+    result.update(forward_gflops_per_view=forward / 1e9, train_gflops_per_image=train_flops / 1e9,
+                  bf16_peak_tflops=peak)
+    for name, row in result["rows"].items():
+        if name != "data":
+            row["achieved_tflops"] = train_flops * row["images_per_s"] / 1e12
+            row["peak_fraction"] = row["achieved_tflops"] / peak if peak and amp_dtype else None
+
+    # Seconds per epoch as pretrain.py runs one: whole batches (its workers persist across epochs,
+    # so their start-up is paid once per run, not per epoch).
+    steps_per_epoch = cfg.epoch_images // cfg.batch_size
+    for name in ("memory", "full"):
+        if name in result["rows"]:
+            result["rows"][name]["epoch_s"] = (steps_per_epoch * cfg.batch_size /
+                                               result["rows"][name]["images_per_s"])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def report(result):
+    """The table, the derived figures and the issue's targets, as text."""
+    cfg, rows = result["config"], result["rows"]
+    titles = dict(data=f"1 data pipeline ({result['workers']} workers)",
+                  memory="2 step, batch in memory", full="3 step fed by the pipeline")
+    lines = [f"{'row':<30} {'images/s':>10} {'ms/step':>10} {'(min-max)':>15} {'peak MB':>9} "
+             f"{'s/epoch':>9}"]
+    for name in ROWS:
+        if name in rows:
+            r = rows[name]
+            epoch = f"{r['epoch_s']:.1f}" if "epoch_s" in r else "-"
+            spread = f"{min(r['ms_per_step_repeats']):.1f}-{max(r['ms_per_step_repeats']):.1f}"
+            lines.append(f"{titles[name]:<30} {r['images_per_s']:>10.1f} {r['ms_per_step']:>10.1f} "
+                         f"{spread:>15} {r['peak_memory_mb']:>9.0f} {epoch:>9}")
+    memory_kind = ("CUDA max_memory_allocated per row" if result["device"] not in ("cpu", "mps")
+                   else "process peak RSS, cumulative")
+    lines.append(f"(an image is two views; ms/step: median over {cfg['repeats']} repeats of "
+                 f"{cfg['steps']} or more steps; peak MB: {memory_kind}; s/epoch: "
+                 f"{cfg['epoch_images'] // cfg['batch_size']} steps of {cfg['batch_size']}"
+                 + ")")
+    if "data" in rows:
+        d = rows["data"]
+        lines.append(f"pipeline: {d['images_per_s_per_worker']:.0f} images/s per worker, first "
+                     f"batch after {d['first_batch_s']:.2f} s (workers starting)")
+        if "memory" in rows:
+            need = rows["memory"]["images_per_s"] / max(d["images_per_s_per_worker"], 1e-9)
+            lines.append(f"  to feed row 2 it needs {rows['memory']['images_per_s']:.0f} images/s, "
+                         f"about {need:.1f} workers at this per-worker rate")
+    if "loss_ms" in result:
+        lines.append(f"loss (NT-Xent fwd+bwd) {result['loss_ms']:.2f} ms = "
+                     f"{100 * result['loss_share']:.1f}% of the step in memory; optimizer "
+                     f"({cfg['optimizer']} step) {result['optimizer_ms']:.2f} ms = "
+                     f"{100 * result['optimizer_share']:.1f}%")
+    lines.append(f"model: {result['forward_gflops_per_view']:.3f} GFLOPs forward per view, "
+                 f"{result['train_gflops_per_image']:.3f} GFLOPs per image trained (2 views, "
+                 "forward + backward; convolutions and matmuls only)")
+    for name in ("memory", "full"):
+        if name in rows:
+            r = rows[name]
+            line = f"  row {titles[name][0]}: {r['achieved_tflops']:.3f} TFLOP/s achieved"
+            if r["peak_fraction"] is not None:
+                line += (f" = {100 * r['peak_fraction']:.1f}% of {result['device']}'s "
+                         f"~{result['bf16_peak_tflops']} TFLOP/s bf16 dense peak (estimate)")
+            lines.append(line)
+    if "memory" in rows and "full" in rows:
+        ratio = rows["full"]["images_per_s"] / rows["memory"]["images_per_s"]
+        lines.append(f"target, pipeline keeps up: row 3 / row 2 = {ratio:.2f} (want >= 0.90: "
+                     f"{'met' if ratio >= 0.9 else 'not met'})")
+    if "loss_ms" in result:
+        share = result["loss_share"] + result["optimizer_share"]
+        lines.append(f"target, loss + optimizer < 5% of the step: {100 * share:.1f}% "
+                     f"({'met' if share < 0.05 else 'not met'})")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    try:
+        cfg, _ = parse_config(BenchConfig, argv, BENCH_PRESETS, __doc__.splitlines()[0])
+        result = bench(cfg)
+        print(report(result))
+        if cfg.out:
+            try:
+                with open(cfg.out, "w") as f:
+                    json.dump(result, f, indent=1)
+            except OSError as e:
+                raise UserError(f"cannot write --out {cfg.out}: {e.strerror}")
+            print(f"wrote {cfg.out}")
+    except UserError as e:
+        sys.exit(f"bench.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

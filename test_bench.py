@@ -1,0 +1,117 @@
+"""bench.py: its timer measures what the device did, its FLOP count matches a hand count, and the
+whole benchmark runs on a CPU at tiny settings and reports every row (the README's speed table
+comes from it)."""
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import bench
+from conftest import TINY_MODEL, run_script
+
+CPU = torch.device("cpu")
+
+
+def test_measure_times_a_known_sleep():
+    calls = []
+
+    def step():
+        calls.append(1)
+        time.sleep(0.02)
+
+    times = bench.measure(step, CPU, warmup=2, steps=3, repeats=4)
+    assert len(times) == 4 and len(calls) == 2 + 3 * 4  # warm-up calls happen, untimed
+    for t in times:  # seconds per call
+        assert 0.02 <= t < 0.05  # not 0.06: the time is per call, not per repeat
+
+
+def test_measure_waits_for_queued_device_work(monkeypatch):
+    """A stand-in device: step() only queues 50 ms of work on a one-thread 'stream' and returns
+    at once, as a CUDA kernel launch does. Without the closing synchronisation each step would
+    time as ~0 ms; without the opening one the first repeat would also pay for the warm-up's
+    queued work (~100 ms)."""
+    stream = ThreadPoolExecutor(max_workers=1)
+    monkeypatch.setattr(bench, "synchronize", lambda device: stream.submit(lambda: None).result())
+    step = lambda: stream.submit(time.sleep, 0.05)
+    times = bench.measure(step, torch.device("cuda"), warmup=1, steps=1, repeats=3)
+    stream.shutdown()
+    for t in times:
+        assert 0.05 <= t < 0.09
+
+
+def test_flop_count_matches_a_hand_count():
+    """Forward FLOPs = sum over convolutions and linear layers of 2 x multiply-adds, counted here
+    from each layer's shapes; backward is twice that, less the first convolution (the image needs
+    no gradient)."""
+    cfg = bench.BenchConfig(arch="resnet18", width_multiplier=0.125, image_size=32)
+    model = bench.build_model(cfg).train()
+    counts = []
+
+    def hook(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            counts.append(2 * output[0].numel() * k)  # per image: C_out x H x W outputs, k MACs each
+        else:
+            counts.append(2 * module.in_features * module.out_features)
+
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.register_forward_hook(hook)
+    model(torch.rand(2, 3, 32, 32))
+    forward, backward = bench.model_flops_per_view(cfg)
+    assert forward == sum(counts)
+    assert backward == 2 * sum(counts) - counts[0]
+
+
+def test_peak_table_picks_the_right_gpu():
+    assert bench.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert bench.bf16_peak_tflops("NVIDIA H100 PCIe") == 756
+    assert bench.bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert bench.bf16_peak_tflops("NVIDIA L40S") == 362
+    assert bench.bf16_peak_tflops("NVIDIA L4") == 121
+    assert bench.bf16_peak_tflops("Tesla T4") is None
+
+
+def test_views_reach_the_device_in_order():
+    x1, x2 = torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8)
+    x = bench.to_device(x1, x2, CPU)
+    assert torch.equal(x[:3], x1) and torch.equal(x[3:], x2)  # [views 1; views 2], as the loss expects
+
+
+def test_bench_runs_on_cpu_and_reports_every_row(tiny_folder, tmp_path):
+    out = tmp_path / "bench.json"
+    # One compute thread: on a small shared CPU, threads that wait for each other are what slows.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.time()
+    proc = run_script("bench.py", "--dataset", "folder", "--data-dir", tiny_folder, *TINY_MODEL,
+                      "--no-blur", "--batch-size", "8", "--workers", "1", "--warmup", "1",
+                      "--steps", "2", "--repeats", "2", "--out", out, env=env)
+    assert time.time() - start < 60
+    for title in ("1 data pipeline", "2 step, batch in memory", "3 step fed by the pipeline",
+                  "loss (NT-Xent", "GFLOPs forward per view"):
+        assert title in proc.stdout
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) == {"data", "memory", "full"}
+    for name, row in result["rows"].items():
+        assert row["images_per_s"] > 0 and row["ms_per_step"] > 0 and row["peak_memory_mb"] > 0
+        assert len(row["ms_per_step_repeats"]) == 2
+        assert row["images_per_s"] == pytest.approx(8 / (row["ms_per_step"] / 1000))
+    for name in ("memory", "full"):
+        assert result["rows"][name]["epoch_s"] > 0 and result["rows"][name]["achieved_tflops"] > 0
+        assert result["rows"][name]["peak_fraction"] is None  # no bf16 peak for a CPU
+    assert result["rows"]["data"]["first_batch_s"] > 0
+    assert 0 < result["loss_share"] < 1 and 0 < result["optimizer_share"] < 1
+    assert result["forward_gflops_per_view"] > 0
+    assert result["train_gflops_per_image"] > 2 * result["forward_gflops_per_view"]
+    assert result["device"] == "cpu" and result["precision"] == "fp32"
+
+
+def test_bad_rows_is_one_line_error(tiny_folder):
+    proc = run_script("bench.py", "--dataset", "folder", "--data-dir", tiny_folder, "--rows",
+                      "memory,speed", check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().startswith("bench.py: error: --rows") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
