@@ -1,0 +1,388 @@
+"""Linear evaluation of a SimCLR encoder: the paper's main protocol (Sec. 2.3, Appendix B.6).
+
+The encoder f from a pretraining checkpoint (pretrain.py) is frozen, BatchNorm included (inference
+mode, running statistics of pretraining), and a zero-initialised linear layer is trained on
+h = f(x) with cross-entropy: Nesterov SGD, lr 0.1 x B/256, cosine decay, no warmup, crop + flip
+augmentation (CIFAR: B 512, 100 epochs, weight decay 0; ImageNet: B 4096, 90 epochs, 1e-6).
+Top-1 and top-5 on the evaluation split go to a JSON file beside the checkpoint.
+
+    python linear_eval.py --checkpoint runs/cifar10-resnet18-.../ckpt.pt          # paper protocol
+    python linear_eval.py --checkpoint runs/.../ckpt.pt --cached-features --knn 200  # fast on CPU
+    python linear_eval.py --checkpoint runs/.../ckpt.pt --random-init --cached-features  # baseline
+    python linear_eval.py --checkpoint runs/.../ckpt.pt --dataset cifar100 --data-dir data/c100
+    torchrun --nproc_per_node=8 linear_eval.py --checkpoint runs/.../ckpt.pt --dataset imagenet \
+        --data-dir /data/imagenet
+
+--cached-features computes h once per image, without augmentation, and trains the linear layer
+on the stored features: seconds instead of hours on a CPU, and usually a little different from
+the augmented protocol (README.md). --knn K adds weighted k-nearest-neighbour top-1 on normalised
+h (no training); --epochs 0 --knn 200 gives the kNN alone. --random-init evaluates the same
+architecture untrained, the baseline that shows what pretraining added. --dataset other than the
+checkpoint's is transfer (Sec. 6): images are resized to the encoder's input size.
+Under torchrun each process takes batch_size / world images, the linear layer's gradients are
+averaged over processes, and evaluation features are gathered from all of them.
+Measured on a 2-core CPU: a ResNet-18 at width 0.25 pretrained for 5 epochs on CIFAR-10 gives
+54.1% top-1 (--cached-features, 100 epochs, 1.5 minutes), its untrained twin (--random-init)
+29.1%; README.md lists these next to what the papers report.
+"""
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain import (UserError, build_dataset, build_model, build_optimizer, default_workers,
+                      eval_transform, extract_features, git_revision, knn_predict, learning_rate,
+                      load_checkpoint, load_model_state, opt, parse_config, scaled_lr, setup,
+                      simclr_augmentation, world_info)
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LinearConfig:
+    checkpoint: str = opt("", "pretraining checkpoint (pretrain.py's ckpt.pt); the encoder's "
+                          "architecture and input size come from its stored configuration")
+    # data
+    dataset: str = opt("", "data to evaluate on, empty: the checkpoint's; another one is "
+                       "transfer (Sec. 6)", ["cifar10", "cifar100", "stl10", "imagenet", "folder"])
+    data_dir: str = opt("", "dataset root, empty: the checkpoint's when --dataset is its")
+    workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at most 8)")
+    # protocol (Appendix B.6)
+    batch_size: int = opt(512, "global batch size B in images")
+    epochs: int = opt(100, "epochs of the linear layer; 0: no linear layer (kNN only)")
+    lr: float = opt(0.1, "base learning rate, x B/256; cosine decay, no warmup")
+    weight_decay: float = opt(0.0, "L2 weight decay on the linear layer's weights")
+    momentum: float = opt(0.9, "Nesterov momentum")
+    cached_features: bool = opt(False, "compute h once without augmentation and train on the "
+                                "stored features (fast; not the paper's augmented protocol)")
+    random_init: bool = opt(False, "evaluate the same architecture untrained: the baseline")
+    knn: int = opt(0, "also report weighted kNN top-1 with K neighbours on normalised h (200 is "
+                   "the common value, Wu et al. 2018); 0: off")
+    knn_temperature: float = opt(0.1, "temperature of the kNN weights exp(sim / t)")
+    # system
+    device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"])
+    seed: int = opt(0, "random seed (data order, augmentation, --random-init weights)")
+    out: str = opt("", "results JSON, empty: <checkpoint dir>/linear_eval[_random][_<dataset>]"
+                   ".json")
+
+
+# Images per forward pass when computing features; BN is in inference mode, so only memory changes.
+EXTRACT_BATCH = 512
+
+# The official linear-evaluation settings (Appendix B.6 and the authors' code), applied before
+# the command-line flags. The dataclass defaults are the CIFAR ones.
+PRESETS = {
+    "cifar10": dict(batch_size=512, epochs=100, weight_decay=0.0),
+    "imagenet": dict(batch_size=4096, epochs=90, weight_decay=1e-6),
+}
+PRESETS["cifar100"] = PRESETS["stl10"] = PRESETS["cifar10"]
+PRESETS["folder"] = PRESETS["imagenet"]
+
+
+def resolve_config(argv):
+    """Flags over the preset of the evaluation dataset, which defaults to the checkpoint's.
+
+    Returns (config, checkpoint): the checkpoint is read here once, since the dataset (and so
+    the preset) may come from its stored configuration.
+    """
+    cfg, given = parse_config(LinearConfig, argv, PRESETS, __doc__.splitlines()[0])
+    if not cfg.checkpoint:
+        raise UserError("--checkpoint is required (a ckpt.pt written by pretrain.py)")
+    ckpt = load_checkpoint(cfg.checkpoint)
+    pre = ckpt["config"]
+    dataset = cfg.dataset or pre.get("dataset", "")
+    data_dir = cfg.data_dir or (pre.get("data_dir", "") if dataset == pre.get("dataset") else "")
+    if not data_dir:
+        raise UserError(f"--data-dir is needed: evaluating on {dataset}, pretrained on "
+                        f"{pre.get('dataset')}")
+    defaults = {f.name: f.default for f in dataclasses.fields(LinearConfig)}
+    cfg = LinearConfig(**{**defaults, **PRESETS.get(dataset, {}), **given,
+                          "dataset": dataset, "data_dir": data_dir})
+    if cfg.epochs < 0 or cfg.knn < 0 or cfg.batch_size < 1:
+        raise UserError("--epochs and --knn must be >= 0, --batch-size >= 1")
+    if cfg.epochs == 0 and cfg.knn == 0:
+        raise UserError("nothing to do: --epochs 0 trains no linear layer; add --knn K")
+    return cfg, ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: augmented images (the paper's protocol) or stored features (--cached-features)
+# ---------------------------------------------------------------------------------------------
+
+
+class FeatureLoader:
+    """Shuffled minibatches of stored (h, label) rows, one rank's share of each global batch.
+
+    The same DistributedSampler as the image loader decides the order, so --cached-features
+    under torchrun sees the same global batches as one process does (when the number of
+    images divides by the number of processes; else the sampler pads with repeats).
+    """
+
+    def __init__(self, features, labels, batch_size, seed=0):
+        rank, world = world_info()
+        self.features, self.labels, self.batch_size = features, labels, batch_size
+        self.sampler = torch.utils.data.DistributedSampler(range(len(features)), world, rank,
+                                                           shuffle=True, seed=seed)
+
+    def __len__(self):
+        return -(-self.sampler.num_samples // self.batch_size)
+
+    def __iter__(self):
+        order = torch.tensor(list(self.sampler), device=self.features.device)
+        for idx in order.split(self.batch_size):
+            yield self.features[idx], self.labels[idx]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: frozen encoder f, zero-initialised linear layer on h
+# ---------------------------------------------------------------------------------------------
+
+
+def load_encoder(ckpt, path, random_init=False):
+    """f from a pretraining checkpoint, frozen: no gradients, BatchNorm in inference mode.
+
+    The whole SimCLR model (encoder and head) is loaded strictly, so a checkpoint of another
+    architecture fails here; the linear classifier is a separate module, so it is the only
+    weight the checkpoint lacks. --random-init keeps the fresh initialisation instead.
+    """
+    try:
+        model = build_model(ckpt["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: its configuration does not describe a model of this project "
+                        f"({type(e).__name__}: {e})")
+    if not random_init:
+        load_model_state(model, ckpt["model"], path)
+    encoder = model.encoder
+    encoder.requires_grad_(False)
+    encoder.eval()
+    return encoder
+
+
+def linear_classifier(in_dim, num_classes):
+    """The linear layer on h, zero-initialised as in the official code."""
+    classifier = nn.Linear(in_dim, num_classes)
+    nn.init.zeros_(classifier.weight)
+    nn.init.zeros_(classifier.bias)
+    return classifier
+
+
+def encoder_snapshot(encoder):
+    """A copy of every weight and buffer (BN running statistics included) to check against."""
+    return {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+
+
+def check_encoder_unchanged(encoder, reference):
+    """Raise if any weight or BN statistic of the encoder moved: the classic linear-evaluation
+    bug (a backbone that is not really frozen, or BN left in training mode) inflates results."""
+    state = encoder.state_dict()
+    changed = [k for k, v in reference.items() if not torch.equal(state[k].cpu(), v.cpu())]
+    if changed or state.keys() != reference.keys():
+        raise AssertionError(f"the frozen encoder changed during linear evaluation: "
+                             f"{', '.join(changed[:5]) or 'its keys'}"
+                             f"{' ...' if len(changed) > 5 else ''}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: cross-entropy on the linear layer only
+# ---------------------------------------------------------------------------------------------
+
+
+def train_linear(classifier, encoder, loader, epochs, peak_lr, weight_decay=0.0, momentum=0.9,
+                 device=torch.device("cpu"), log=print):
+    """Train the linear layer on h = encoder(x): Nesterov SGD, cosine from peak_lr to 0, no warmup.
+
+    loader yields (x, y): images with the encoder frozen (the paper's protocol) or stored
+    features with encoder = nn.Identity() (--cached-features). Under torchrun the gradients are
+    averaged over processes (each has its share of the global batch). Returns the last epoch's
+    mean loss and training top-1 (%).
+    """
+    _, world = world_info()
+    optimizer = build_optimizer(classifier, "sgd", peak_lr, weight_decay, momentum, nesterov=True)
+    total_steps = epochs * len(loader)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    encoder.eval()  # BN uses the pretraining statistics and does not update them
+    classifier.train()
+    step, t_start = 0, time.time()
+    loss_avg, acc_avg = float("nan"), float("nan")
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)
+        sums = torch.zeros(3, device=device)  # loss x n, correct, n
+        for x, y in loader:
+            lr = learning_rate(step, total_steps, 0, peak_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.no_grad(), autocast:
+                h = encoder(x)  # B x d
+            logits = classifier(h.float())  # B x C
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:  # the mean over the global batch, as DDP would give
+                for p in classifier.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            optimizer.step()
+            step += 1
+            sums[0] += loss.detach() * len(y)
+            sums[1] += (logits.argmax(1) == y).sum()
+            sums[2] += len(y)
+        if world > 1:
+            dist.all_reduce(sums)
+        loss_avg, acc_avg = (sums[0] / sums[2]).item(), (100 * sums[1] / sums[2]).item()
+        log(f"epoch {epoch + 1}/{epochs} loss {loss_avg:.4f} train top-1 {acc_avg:.2f}% "
+            f"lr {lr:.4g} {time.time() - t_start:.0f}s")
+    return loss_avg, acc_avg
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: top-1 / top-5 of the linear layer, weighted kNN
+# ---------------------------------------------------------------------------------------------
+
+
+def topk_accuracy(scores, labels, ks=(1, 5)):
+    """Top-k accuracies (%) of class scores (N x C); k is capped at C."""
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # N x k
+    hits = top == labels.unsqueeze(1)
+    return [100.0 * hits[:, :k].any(1).float().mean().item() for k in ks]
+
+
+@torch.no_grad()
+def evaluate_linear(classifier, features, labels):
+    """(top-1, top-5) of the linear layer on the evaluation features."""
+    classifier.eval()
+    return topk_accuracy(classifier(features), labels)
+
+
+def knn_accuracy(train_f, train_l, val_f, val_l, num_classes, k, temperature):
+    """(top-1, top-5) of weighted kNN (pretrain.knn_predict): training images as the memory."""
+    return topk_accuracy(knn_predict(train_f, train_l, val_f, num_classes, k, temperature), val_l)
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+
+def check_same_classes(train, val, cfg):
+    if list(train.classes) != list(val.classes):
+        raise UserError(f"the training and evaluation splits of {cfg.data_dir} have different "
+                        f"classes ({len(train.classes)} vs {len(val.classes)})")
+
+
+def results_path(cfg, pretrain_dataset):
+    if cfg.out:
+        return Path(cfg.out)
+    name = "linear_eval" + ("_random" if cfg.random_init else "") + (
+        f"_{cfg.dataset}" if cfg.dataset != pretrain_dataset else "")
+    return Path(cfg.checkpoint).parent / f"{name}.json"
+
+
+def run(cfg, ckpt):
+    device, rank, world = setup(cfg.device)
+    main = rank == 0
+    log = print if main else (lambda *a, **k: None)
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
+    local_batch = cfg.batch_size // world
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
+    pre = ckpt["config"]
+    image_size = pre["image_size"]  # the encoder's input size, also for transfer datasets
+
+    torch.manual_seed(cfg.seed)  # the same --random-init weights on every rank
+    encoder = load_encoder(ckpt, cfg.checkpoint, cfg.random_init).to(device)
+    torch.manual_seed(cfg.seed + rank)  # ranks differ in augmentations
+    # What the encoder must still be after training: the checkpoint's weights and BN statistics
+    # (for --random-init, its initial state).
+    reference = (encoder_snapshot(encoder) if cfg.random_init else
+                 {k.removeprefix("encoder."): v for k, v in ckpt["model"].items()
+                  if k.startswith("encoder.")})
+
+    log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | "
+        f"encoder {pre['arch']} x{pre['width_multiplier']} {image_size}px, h {encoder.out_dim}-d, "
+        f"{'random init' if cfg.random_init else 'pretrained'} on {pre['dataset']} "
+        f"(epoch {ckpt.get('epoch', '?')})")
+    log("config " + json.dumps(dataclasses.asdict(cfg)))
+
+    # Evaluation features: the image as it is (32 px) or a centre crop (ImageNet), gathered.
+    plain = eval_transform(image_size)
+    val = build_dataset(cfg.dataset, cfg.data_dir, "val", plain)
+    t_start = time.time()
+    val_f, val_l = extract_features(encoder, val, EXTRACT_BATCH, device, workers)
+    num_classes = len(val.classes)
+    train_f = train_l = None
+    if cfg.cached_features or cfg.knn:
+        train_plain = build_dataset(cfg.dataset, cfg.data_dir, "train", plain)
+        check_same_classes(train_plain, val, cfg)
+        train_f, train_l = extract_features(encoder, train_plain, EXTRACT_BATCH, device, workers)
+        log(f"features of {len(train_plain)} training and {len(val)} evaluation images in "
+            f"{time.time() - t_start:.0f}s")
+    results = dict(dataset=cfg.dataset, pretrain_dataset=pre["dataset"], checkpoint=cfg.checkpoint,
+                   checkpoint_epoch=ckpt.get("epoch"), random_init=cfg.random_init,
+                   encoder=dict(arch=pre["arch"], width_multiplier=pre["width_multiplier"],
+                                sk_ratio=pre["sk_ratio"], image_size=image_size,
+                                h_dim=encoder.out_dim),
+                   protocol="cached-features" if cfg.cached_features else "augmented",
+                   num_classes=num_classes, world_size=world, device=device.type,
+                   git=git_revision(), config=dataclasses.asdict(cfg))
+
+    if cfg.knn:
+        results["knn_top1"], results["knn_top5"] = knn_accuracy(
+            train_f, train_l, val_f, val_l, num_classes, cfg.knn, cfg.knn_temperature)
+        log(f"kNN (k {cfg.knn}, t {cfg.knn_temperature}): top-1 {results['knn_top1']:.2f}% "
+            f"top-5 {results['knn_top5']:.2f}%")
+
+    if cfg.epochs:
+        if cfg.cached_features:
+            loader, trunk = FeatureLoader(train_f, train_l, local_batch, cfg.seed), nn.Identity()
+        else:  # the paper's protocol: a new random crop + flip of every image every epoch
+            train = build_dataset(cfg.dataset, cfg.data_dir, "train",
+                                  simclr_augmentation(image_size, "crop"))
+            sampler = torch.utils.data.DistributedSampler(train, world, rank, shuffle=True,
+                                                          seed=cfg.seed)
+            loader = torch.utils.data.DataLoader(train, local_batch, sampler=sampler,
+                                                 num_workers=workers,
+                                                 pin_memory=device.type == "cuda")
+            trunk = encoder
+            check_same_classes(train, val, cfg)
+        peak_lr = scaled_lr(cfg.lr, cfg.batch_size, "linear")
+        log(f"linear layer: {cfg.epochs} epochs of {len(loader)} steps, B {cfg.batch_size}, "
+            f"peak lr {peak_lr:.4g}, weight decay {cfg.weight_decay}")
+        classifier = linear_classifier(encoder.out_dim, num_classes).to(device)
+        loss, train_top1 = train_linear(classifier, trunk, loader, cfg.epochs, peak_lr,
+                                        cfg.weight_decay, cfg.momentum, device, log)
+        results["top1"], results["top5"] = evaluate_linear(classifier, val_f, val_l)
+        results.update(train_loss=loss, train_top1=train_top1)
+        log(f"linear evaluation: top-1 {results['top1']:.2f}% top-5 {results['top5']:.2f}%")
+
+    check_encoder_unchanged(encoder, reference)
+    results["time_s"] = time.time() - t_start
+    if main:
+        path = results_path(cfg, pre["dataset"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        log(f"wrote {path}")
+    return results
+
+
+def main(argv=None):
+    try:
+        run(*resolve_config(argv))
+    except UserError as e:
+        sys.exit(f"linear_eval.py: error: {e}")
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""Tests of linear_eval.py: the linear protocol on features whose answer is known, the frozen-
+encoder guard, kNN against a naive loop, and end-to-end runs from a tiny pretraining checkpoint."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import ROOT, make_image_folder, run_script
+from linear_eval import (FeatureLoader, check_encoder_unchanged, encoder_snapshot,
+                         evaluate_linear, knn_accuracy, linear_classifier, load_encoder, main,
+                         train_linear)
+from pretrain import build_dataset, build_encoder, eval_transform, extract_features, load_checkpoint
+
+CPU = torch.device("cpu")
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def fit(features, labels, epochs=10, batch_size=100, lr=1.0, weight_decay=0.0):
+    """The script's routine on stored features (the --cached-features path)."""
+    classifier = linear_classifier(features.shape[1], int(labels.max()) + 1)
+    train_linear(classifier, nn.Identity(), FeatureLoader(features, labels, batch_size), epochs,
+                 lr, weight_decay, log=quiet)
+    return classifier
+
+
+# --- the linear protocol where the answer is known --------------------------------------------
+
+
+def separable(n, dim=32, classes=5, seed=0):
+    """Points labelled by a fixed random linear rule, kept only with a clear margin."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(dim, classes, generator=torch.Generator().manual_seed(123))
+    x = torch.randn(4 * n, dim, generator=g)
+    scores = x @ w
+    top2 = scores.topk(2, dim=1).values
+    keep = (top2[:, 0] - top2[:, 1] > 1.0).nonzero().squeeze(1)[:n]
+    return x[keep], scores[keep].argmax(1)
+
+
+def test_linearly_separable_features_reach_100_percent():
+    x, y = separable(1000)
+    x_val, y_val = separable(500, seed=1)
+    classifier = fit(x, y)
+    top1, top5 = evaluate_linear(classifier, x_val, y_val)
+    assert top1 >= 99.0, top1
+    assert top5 == 100.0
+
+
+def test_random_labels_stay_at_chance():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1000, 32, generator=g), torch.randint(0, 10, (1000,), generator=g)
+    x_val, y_val = torch.randn(2000, 32, generator=g), torch.randint(0, 10, (2000,), generator=g)
+    top1, top5 = evaluate_linear(fit(x, y), x_val, y_val)
+    assert 6.0 < top1 < 14.0, top1  # chance is 10%, sd 0.7% on 2000 queries
+    assert 44.0 < top5 < 56.0, top5
+
+
+def test_two_steps_equal_nesterov_sgd_in_float64():
+    """Zero init, lr at its peak on the first step (no warmup), cosine (half the peak halfway),
+    Nesterov momentum, weight decay on the weight but not the bias: a float64 hand computation."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+    peak, wd, m = 0.5, 0.1, 0.9
+    classifier = linear_classifier(6, 3)
+    assert classifier.weight.abs().sum() == 0 and classifier.bias.abs().sum() == 0
+    # one full batch per epoch, two epochs: two steps at lr peak and peak * (1 + cos(pi/2)) / 2
+    train_linear(classifier, nn.Identity(), FeatureLoader(x, y, 40), 2, peak, wd, m, log=quiet)
+
+    xd, onehot = x.double(), torch.eye(3, dtype=torch.float64)[y]
+    w, b = torch.zeros(3, 6, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    buf_w = buf_b = None
+    for lr in (peak, peak * 0.5 * (1 + math.cos(math.pi / 2))):
+        p = torch.softmax(xd @ w.T + b, dim=1)
+        grad_w = (p - onehot).T @ xd / len(x) + wd * w
+        grad_b = (p - onehot).mean(0)
+        buf_w = grad_w if buf_w is None else m * buf_w + grad_w
+        buf_b = grad_b if buf_b is None else m * buf_b + grad_b
+        w = w - lr * (grad_w + m * buf_w)
+        b = b - lr * (grad_b + m * buf_b)
+    torch.testing.assert_close(classifier.weight.double(), w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(classifier.bias.double(), b, rtol=1e-5, atol=1e-6)
+
+
+# --- the frozen encoder -------------------------------------------------------------------------
+
+
+class StuckInTrainMode(nn.Module):
+    """The classic bug: an encoder whose BatchNorm keeps training mode (and so its statistics
+    move with every batch) although the evaluation code calls .eval()."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def train(self, mode=True):
+        return super().train(True)
+
+    def forward(self, x):
+        return self.encoder(x)
+
+
+def tiny_encoder():
+    torch.manual_seed(0)
+    encoder, dim = build_encoder("resnet18", 0.125, 32)
+    return encoder.requires_grad_(False).eval(), dim
+
+
+def test_frozen_encoder_check_passes_for_a_frozen_encoder():
+    encoder, dim = tiny_encoder()
+    reference = encoder_snapshot(encoder)
+    images, labels = torch.rand(16, 3, 32, 32), torch.randint(0, 2, (16,))
+    train_linear(linear_classifier(dim, 2), encoder, FeatureLoader(images, labels, 8), 1, 0.1,
+                 log=quiet)
+    check_encoder_unchanged(encoder, reference)
+
+
+def test_frozen_encoder_check_catches_bn_in_training_mode():
+    encoder, dim = tiny_encoder()
+    reference = encoder_snapshot(encoder)
+    images, labels = torch.rand(16, 3, 32, 32), torch.randint(0, 2, (16,))
+    train_linear(linear_classifier(dim, 2), StuckInTrainMode(encoder),
+                 FeatureLoader(images, labels, 8), 1, 0.1, log=quiet)
+    with pytest.raises(AssertionError, match="running_mean"):
+        check_encoder_unchanged(encoder, reference)
+
+
+# --- kNN ----------------------------------------------------------------------------------------
+
+
+def naive_knn_top1(train_f, train_l, val_f, val_l, num_classes, k, temperature):
+    """Weighted kNN, one query at a time in float64: cosine similarity, the k most similar
+    training images vote for their class with weight exp(sim / t)."""
+    train_f, val_f = train_f.double(), val_f.double()
+    correct = 0
+    for q, label in zip(val_f, val_l.tolist()):
+        sims = [(float(q @ t / (q.norm() * t.norm())), c)
+                for t, c in zip(train_f, train_l.tolist())]
+        sims.sort(key=lambda s: -s[0])
+        votes = [0.0] * num_classes
+        for sim, c in sims[:k]:
+            votes[c] += math.exp(sim / temperature)
+        correct += max(range(num_classes), key=lambda c: votes[c]) == label
+    return 100.0 * correct / len(val_l)
+
+
+def test_knn_equals_naive_weighted_knn():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g)
+    train_l = torch.randint(0, 4, (300,), generator=g)
+    val_l = torch.randint(0, 4, (100,), generator=g)
+    train_f = centres[train_l] + 1.5 * torch.randn(300, 16, generator=g)
+    val_f = centres[val_l] + 1.5 * torch.randn(100, 16, generator=g)
+    for k in (1, 20, 200):
+        top1, _ = knn_accuracy(train_f, train_l, val_f, val_l, 4, k, 0.1)
+        expected = naive_knn_top1(train_f, train_l, val_f, val_l, 4, k, 0.1)
+        assert abs(top1 - expected) < 1e-4, (k, top1, expected)
+    assert 40 < expected < 100  # neither trivial nor chance, so the comparison means something
+
+
+# --- end to end from a pretraining checkpoint ---------------------------------------------------
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def test_full_protocol_end_to_end(pretrained_checkpoint, tiny_folder):
+    proc = run_script("linear_eval.py", "--checkpoint", pretrained_checkpoint, "--epochs", "2",
+                      "--batch-size", "16", "--workers", "0")
+    result = read_json(pretrained_checkpoint.parent / "linear_eval.json")  # beside the checkpoint
+    assert result["protocol"] == "augmented" and result["random_init"] is False
+    assert result["dataset"] == "folder" and result["num_classes"] == 4
+    assert 0 <= result["top1"] <= result["top5"] <= 100
+    assert result["config"]["epochs"] == 2 and result["config"]["weight_decay"] == 1e-6  # preset
+    assert "epoch 2/2" in proc.stdout and "top-1" in proc.stdout
+
+
+def test_cached_features_end_to_end(pretrained_checkpoint, tmp_path):
+    out = tmp_path / "cached.json"
+    run_script("linear_eval.py", "--checkpoint", pretrained_checkpoint, "--cached-features",
+               "--knn", "5", "--epochs", "30", "--batch-size", "16", "--lr", "2", "--workers", "0",
+               "--out", out)
+    result = read_json(out)
+    assert result["protocol"] == "cached-features"
+    # the tiny folder's classes are colours: any encoder separates them, linearly and by kNN
+    assert result["top1"] >= 75.0 and result["knn_top1"] >= 75.0, result
+
+
+def test_random_init_transfer_and_knn_end_to_end(pretrained_checkpoint, tmp_path):
+    """--random-init on another folder of 48 px images (resized to the encoder's 32 px) whose
+    training labels are shuffled, so kNN is far from 100% and its exact value is a real check:
+    the script's --knn equals the naive loop on features computed here independently."""
+    other = make_image_folder(tmp_path / "other", classes=3, train_per_class=10, val_per_class=10,
+                              size=48, seed=5)
+    files = sorted((other / "train").glob("*/*.png"))
+    for i, j in enumerate(torch.randperm(len(files), generator=torch.Generator().manual_seed(0))):
+        files[i].rename(files[i].parent.parent / f"class{j.item() % 3}" / f"shuffled{i:03d}.png")
+    ckpt_dir = tmp_path / "ckpt"
+    ckpt_dir.mkdir()
+    shutil.copy(pretrained_checkpoint, ckpt_dir / "ckpt.pt")
+    run_script("linear_eval.py", "--checkpoint", ckpt_dir / "ckpt.pt", "--random-init",
+               "--cached-features", "--knn", "3", "--epochs", "1", "--batch-size", "8",
+               "--workers", "0", "--data-dir", other)
+    result = read_json(ckpt_dir / "linear_eval_random.json")  # beside the checkpoint
+    assert result["random_init"] is True and result["num_classes"] == 3
+    assert result["encoder"]["image_size"] == 32
+
+    torch.manual_seed(0)  # --seed 0: the script's random initialisation
+    encoder = load_encoder(load_checkpoint(pretrained_checkpoint), "", random_init=True)
+    train, val = (build_dataset("folder", other, split, eval_transform(32))
+                  for split in ("train", "val"))
+    train_f, train_l = extract_features(encoder, train, 64, CPU)
+    val_f, val_l = extract_features(encoder, val, 64, CPU)
+    assert train_f.shape == (30, 64)
+    expected = naive_knn_top1(train_f, train_l, val_f, val_l, 3, 3, 0.1)
+    assert abs(result["knn_top1"] - expected) < 1e-4, (result["knn_top1"], expected)
+    assert expected < 90
+
+
+def test_torchrun_matches_one_process(pretrained_checkpoint, tmp_path):
+    """Two processes (gradients averaged, features gathered) give the single-process result."""
+    args = ["--checkpoint", pretrained_checkpoint, "--cached-features", "--knn", "5", "--epochs",
+            "3", "--batch-size", "16", "--lr", "1", "--workers", "0", "--device", "cpu"]
+    run_script("linear_eval.py", *args, "--out", tmp_path / "one.json")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(ROOT / "linear_eval.py"), *map(str, args),
+                           "--out", str(tmp_path / "two.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    one, two = read_json(tmp_path / "one.json"), read_json(tmp_path / "two.json")
+    assert two["world_size"] == 2
+    assert abs(one["train_loss"] - two["train_loss"]) < 1e-5
+    for key in ("top1", "top5", "knn_top1", "train_top1"):
+        assert abs(one[key] - two[key]) < 1e-4, key
+
+
+# --- bad checkpoints: one line, non-zero exit ---------------------------------------------------
+
+
+def error_line(argv):
+    """The message main() exits with (what the user sees on stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    message = exit_info.value.code
+    assert isinstance(message, str) and message.startswith("linear_eval.py: error: ")
+    assert "\n" not in message
+    return message
+
+
+def test_missing_checkpoint_gives_one_line(tmp_path):
+    proc = run_script("linear_eval.py", "--checkpoint", tmp_path / "nope.pt", check=False)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no checkpoint at" in lines[0], proc.stderr
+    assert "--checkpoint is required" in error_line([])
+
+
+def test_bad_checkpoints_give_one_line(pretrained_checkpoint, tiny_folder, tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint" * 10)
+    assert "cannot read checkpoint" in error_line(["--checkpoint", str(garbage)])
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(pretrained_checkpoint.read_bytes()[:5000])
+    assert "cannot read checkpoint" in error_line(["--checkpoint", str(truncated)])
+
+    weights_only = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(3)}, weights_only)
+    assert "not a checkpoint" in error_line(["--checkpoint", str(weights_only)])
+
+    ckpt = load_checkpoint(pretrained_checkpoint)
+    ckpt["config"]["width_multiplier"] = 0.25  # stored weights are 0.125 wide
+    other_arch = tmp_path / "other_arch.pt"
+    torch.save(ckpt, other_arch)
+    assert "does not match the model" in error_line(
+        ["--checkpoint", str(other_arch), "--data-dir", str(tiny_folder), "--workers", "0"])
+
+    ckpt["config"]["arch"] = "vgg16"
+    unknown = tmp_path / "unknown_arch.pt"
+    torch.save(ckpt, unknown)
+    assert "does not describe a model" in error_line(
+        ["--checkpoint", str(unknown), "--data-dir", str(tiny_folder), "--workers", "0"])
