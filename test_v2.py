@@ -1,4 +1,6 @@
 """SimCLRv2's networks and memory: selective kernels, the official parameter table, MoCo memory."""
+import json
+
 import pytest
 import torch
 
@@ -80,12 +82,19 @@ def test_memory_queue_is_fifo_and_wraps_around():
     assert memory.position.item() == 2
 
 
-def test_pretraining_with_memory_checkpoints_the_queue(tiny_folder, tmp_path):
+def test_sk_network_with_memory_pretrains_resumes_and_evaluates(tiny_folder, tmp_path):
+    """A short CPU run with selective kernels, a small width and the memory, through linear_eval.py."""
     run_script("pretrain.py", *TINY_PRETRAIN, "--data-dir", tiny_folder, "--out-dir", tmp_path,
-               "--memory-size", 40, "--max-steps", 3, "--sk-ratio", 0.0625, "--arch", "resnet50")
+               "--memory-size", 40, "--max-steps", 3, "--sk-ratio", 0.0625, "--arch", "resnet50",
+               "--width-multiplier", 0.0625)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["memory"]["position"].item() == (3 * 32) % 40
     assert ckpt["config"]["sk_ratio"] == 0.0625
+    assert any(".attention." in k for k in ckpt["model"])  # the SK weights are in the checkpoint
     out = run_script("pretrain.py", "--resume", tmp_path / "ckpt.pt", "--max-steps", 4).stdout
     assert "step 4/" in out
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["memory"]["position"].item() == (4 * 32) % 40
+    run_script("linear_eval.py", "--checkpoint", tmp_path / "ckpt.pt", "--cached-features",
+               "--epochs", 2, "--knn", 5, "--workers", 0)
+    result = json.loads((tmp_path / "linear_eval.json").read_text())
+    assert result["encoder"]["sk_ratio"] == 0.0625 and 0 <= result["top1"] <= 100
