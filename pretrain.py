@@ -17,6 +17,7 @@ The CIFAR-10 preset is the authors' recipe (ResNet-18, 1000 epochs, batch 512, L
 README.md lists what this code measured and what the papers report.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -305,23 +306,13 @@ def _torchvision_dataset(name, root, make):
     except RuntimeError:  # torchvision's "Dataset not found or corrupted"
         pass
     try:
-        with _quiet():
+        with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints before failing offline
             return make(download=True)
     except Exception as e:
         raise UserError(f"{name} is not in {root} and could not be downloaded "
                         f"({type(e).__name__}); download it into --data-dir on a machine with "
                         f"network, or point --data-dir at an image-folder export "
                         f"(train/<class>/*, val/<class>/*)")
-
-
-class _quiet:
-    """Silence torchvision's download messages (it prints before failing offline)."""
-
-    def __enter__(self):
-        self.stdout, sys.stdout = sys.stdout, io.StringIO()
-
-    def __exit__(self, *exc):
-        sys.stdout = self.stdout
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):

@@ -180,6 +180,7 @@ def test_show_augmentations_saves_a_grid(tiny_folder, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--dataset", "mnist"], "invalid choice: 'mnist'"),
     (["--dataset", "folder", "--data-dir", "/nonexistent/data"], "no image folder at /nonexistent/data/train"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "cifar10 is not in /nonexistent/cifar"),
     (["--resume", "/nonexistent/ckpt.pt"], "no checkpoint at /nonexistent/ckpt.pt"),
     (["--batch-size", "x"], "invalid int value"),
     (["--augment", "crop,sobel"], "unknown sobel"),
