@@ -180,14 +180,16 @@ def test_show_augmentations_saves_a_grid(tiny_folder, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--dataset", "mnist"], "invalid choice: 'mnist'"),
     (["--dataset", "folder", "--data-dir", "/nonexistent/data"], "no image folder at /nonexistent/data/train"),
-    (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "cifar10 is not in /nonexistent/cifar"),
+    (["--dataset", "cifar10", "--data-dir", "EMPTY"], "cifar10 is not in EMPTY and could not be downloaded"),
     (["--resume", "/nonexistent/ckpt.pt"], "no checkpoint at /nonexistent/ckpt.pt"),
     (["--batch-size", "x"], "invalid int value"),
     (["--augment", "crop,sobel"], "unknown sobel"),
     (["--optimizer", "sgd", "--resume", "PRETRAINED"], "does not fit --optimizer sgd"),
 ])
-def test_bad_input_gives_one_clear_line(args, message, tiny_folder, pretrained_checkpoint):
-    args = [str(pretrained_checkpoint) if a == "PRETRAINED" else a for a in args]
+def test_bad_input_gives_one_clear_line(args, message, tiny_folder, pretrained_checkpoint, tmp_path):
+    names = {"PRETRAINED": str(pretrained_checkpoint), "EMPTY": str(tmp_path / "cifar")}
+    args = [names.get(a, a) for a in args]
+    message = message.replace("EMPTY", names["EMPTY"])
     if "--data-dir" not in args:
         args = args + ["--data-dir", str(tiny_folder), "--image-size", "32"]
     proc = run_script("pretrain.py", *args, check=False)
