@@ -29,7 +29,6 @@ teacher 43.9% (two seeds: 44.3%, 44.2%); with Eq. 3 on the teacher's 500 labels 
 import dataclasses
 import datetime
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +41,9 @@ import torch.nn.functional as F
 from finetune import (build_classifier, build_finetune_optimizer, choose_labeled, evaluate,
                       image_names, load_finetuned, set_lr)
 from pretrain import (ARCHS, UserError, build_dataset, build_model, convert_to_global_bn,
-                      default_workers, eval_transform, git_revision, learning_rate,
-                      load_checkpoint, load_model_state, opt, parse_config, save_checkpoint,
-                      scaled_lr, setup, simclr_augmentation)
+                      default_workers, eval_transform, git_revision, learning_rate, load_checkpoint,
+                      load_model_state, opt, parse_config, run_cli, save_checkpoint, scaled_lr,
+                      setup, simclr_augmentation)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -339,13 +338,7 @@ def train(cfg, teacher, teacher_ckpt):
 
 
 def main(argv=None):
-    try:
-        train(*resolve_config(argv))
-    except UserError as e:
-        sys.exit(f"distill.py: error: {e}")
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    run_cli("distill.py", lambda: train(*resolve_config(argv)))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ at width 0.25, 1% of the labels give 43.9% top-1 in 2 minutes (31.1% from scratc
 import dataclasses
 import datetime
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 
 from pretrain import (Config, UserError, build_dataset, build_model, build_optimizer,
                       convert_to_global_bn, default_workers, eval_transform, git_revision,
-                      learning_rate, load_checkpoint, load_model_state, opt, parse_config,
+                      learning_rate, load_checkpoint, load_model_state, opt, parse_config, run_cli,
                       save_checkpoint, scaled_lr, setup, simclr_augmentation, world_info)
 
 # ---------------------------------------------------------------------------------------------
@@ -489,13 +488,7 @@ def train(cfg, pretrain_config, ckpt):
 
 
 def main(argv=None):
-    try:
-        train(*resolve_config(argv))
-    except UserError as e:
-        sys.exit(f"finetune.py: error: {e}")
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    run_cli("finetune.py", lambda: train(*resolve_config(argv)))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Measured on a 2-core CPU: a ResNet-18 at width 0.25 pretrained for 5 epochs on C
 """
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +38,8 @@ import torch.nn.functional as F
 
 from pretrain import (UserError, build_dataset, build_model, build_optimizer, default_workers,
                       eval_transform, extract_features, git_revision, knn_predict, learning_rate,
-                      load_checkpoint, load_model_state, opt, parse_config, scaled_lr, setup,
-                      simclr_augmentation, world_info)
+                      load_checkpoint, load_model_state, opt, parse_config, run_cli, scaled_lr,
+                      setup, simclr_augmentation, world_info)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -375,13 +374,7 @@ def run(cfg, ckpt):
 
 
 def main(argv=None):
-    try:
-        run(*resolve_config(argv))
-    except UserError as e:
-        sys.exit(f"linear_eval.py: error: {e}")
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    run_cli("linear_eval.py", lambda: run(*resolve_config(argv)))
 
 
 if __name__ == "__main__":

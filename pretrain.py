@@ -979,14 +979,20 @@ def resolve_config(argv):
     return cfg
 
 
-def main(argv=None):
+def run_cli(script, fn):
+    """Run a script's work: bad input (UserError) ends it with one line and exit status 1, and
+    a torchrun job always leaves its process group. Shared by every script's main()."""
     try:
-        train(resolve_config(argv))
+        fn()
     except UserError as e:
-        sys.exit(f"pretrain.py: error: {e}")
+        sys.exit(f"{script}: error: {e}")
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(argv=None):
+    run_cli("pretrain.py", lambda: train(resolve_config(argv)))
 
 
 if __name__ == "__main__":
