@@ -42,8 +42,8 @@ from finetune import (build_classifier, build_finetune_optimizer, choose_labeled
                       image_names, load_finetuned, set_lr)
 from pretrain import (ARCHS, UserError, build_dataset, build_model, convert_to_global_bn,
                       default_workers, eval_transform, git_revision, learning_rate, load_checkpoint,
-                      load_model_state, opt, parse_config, run_cli, save_checkpoint, scaled_lr,
-                      setup, simclr_augmentation)
+                      load_model_state, opt, parse_config, per_process_batch, run_cli,
+                      save_checkpoint, scaled_lr, setup, simclr_augmentation)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -199,9 +199,7 @@ def train(cfg, teacher, teacher_ckpt):
     device, rank, world = setup(cfg.device)
     main = rank == 0
     log = print if main else (lambda *a, **k: None)
-    if cfg.batch_size % world:
-        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
-    local_batch = cfg.batch_size // world
+    local_batch = per_process_batch(cfg.batch_size, world)
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
     out_dir = Path(cfg.out_dir or f"runs/distill-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")

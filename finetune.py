@@ -38,8 +38,9 @@ import torch.nn.functional as F
 
 from pretrain import (Config, UserError, build_dataset, build_model, build_optimizer,
                       convert_to_global_bn, default_workers, eval_transform, git_revision,
-                      learning_rate, load_checkpoint, load_model_state, opt, parse_config, run_cli,
-                      save_checkpoint, scaled_lr, setup, simclr_augmentation, world_info)
+                      learning_rate, load_checkpoint, load_model_state, opt, parse_config,
+                      per_process_batch, run_cli, save_checkpoint, scaled_lr, setup,
+                      simclr_augmentation, world_info)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -374,9 +375,7 @@ def train(cfg, pretrain_config, ckpt):
     device, rank, world = setup(cfg.device)
     main = rank == 0
     log = print if main else (lambda *a, **k: None)
-    if cfg.batch_size % world:
-        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
-    local_batch = cfg.batch_size // world
+    local_batch = per_process_batch(cfg.batch_size, world)
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
     labels_name = Path(cfg.subset_file).stem if cfg.subset_file else f"{100 * cfg.label_fraction:g}pct"

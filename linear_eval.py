@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 from pretrain import (UserError, build_dataset, build_model, build_optimizer, default_workers,
                       eval_transform, extract_features, git_revision, knn_predict, learning_rate,
-                      load_checkpoint, load_model_state, opt, parse_config, run_cli, scaled_lr,
-                      setup, simclr_augmentation, world_info)
+                      load_checkpoint, load_model_state, opt, parse_config, per_process_batch,
+                      run_cli, scaled_lr, setup, simclr_augmentation, world_info)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -290,9 +290,7 @@ def run(cfg, ckpt):
     device, rank, world = setup(cfg.device)
     main = rank == 0
     log = print if main else (lambda *a, **k: None)
-    if cfg.batch_size % world:
-        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
-    local_batch = cfg.batch_size // world
+    local_batch = per_process_batch(cfg.batch_size, world)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
     pre = ckpt["config"]
     image_size = pre["image_size"]  # the encoder's input size, also for transfer datasets

@@ -204,6 +204,13 @@ def setup(device_name="auto"):
     return device, rank, world
 
 
+def per_process_batch(batch_size, world):
+    """--batch-size is the global batch: each of the world processes takes an equal share."""
+    if batch_size % world:
+        raise UserError(f"--batch-size {batch_size} is not divisible by {world} processes")
+    return batch_size // world
+
+
 def world_info():
     """(rank, world_size): (0, 1) outside torchrun."""
     if dist.is_available() and dist.is_initialized():
@@ -791,9 +798,7 @@ def train(cfg):
     main = rank == 0
     log = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
 
-    if cfg.batch_size % world:
-        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
-    local_batch = cfg.batch_size // world
+    local_batch = per_process_batch(cfg.batch_size, world)
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
     out_dir = Path(cfg.out_dir or f"runs/{cfg.dataset}-{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -850,7 +855,8 @@ def train(cfg):
         if cfg.resume and "memory" in ckpt:
             memory.load_state_dict(ckpt["memory"])
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
 
@@ -859,7 +865,8 @@ def train(cfg):
         f"encoder {n_params / 1e6:.2f}M parameters, h {raw_model.encoder.out_dim}-d")
     log("config " + json.dumps(dataclasses.asdict(cfg)))
     log(f"{len(dataset)} images, {steps_per_epoch} steps/epoch of {cfg.batch_size} "
-        f"({local_batch} per process), {last_step} of {total_steps} steps, peak lr {peak_lr:.4g}, out {out_dir}")
+        f"({local_batch} per process), {last_step} of {total_steps} steps, peak lr {peak_lr:.4g}, "
+        f"out {out_dir}")
 
     stop = {"signal": None}
 
