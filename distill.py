@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from finetune import (build_classifier, build_finetune_optimizer, choose_labeled, evaluate,
                       image_names, load_finetuned, set_lr)
-from pretrain import (ARCHS, UserError, build_dataset, build_model, convert_to_global_bn,
+from pretrain import (ARCHS, UserError, build_dataset, build_model, console, convert_to_global_bn,
                       default_workers, eval_transform, git_revision, learning_rate, load_checkpoint,
                       load_model_state, opt, parse_config, per_process_batch, run_cli,
                       save_checkpoint, scaled_lr, setup, simclr_augmentation)
@@ -198,7 +198,7 @@ def save_student(path, student, config, num_classes, classes, cfg, epoch, step, 
 def train(cfg, teacher, teacher_ckpt):
     device, rank, world = setup(cfg.device)
     main = rank == 0
-    log = print if main else (lambda *a, **k: None)
+    log = console(main)
     local_batch = per_process_batch(cfg.batch_size, world)
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain import (Config, UserError, build_dataset, build_model, build_optimizer,
+from pretrain import (Config, UserError, build_dataset, build_model, build_optimizer, console,
                       convert_to_global_bn, default_workers, eval_transform, git_revision,
                       learning_rate, load_checkpoint, load_model_state, opt, parse_config,
                       per_process_batch, run_cli, save_checkpoint, scaled_lr, setup,
@@ -374,7 +374,7 @@ def choose_labeled(cfg, train_set, log):
 def train(cfg, pretrain_config, ckpt):
     device, rank, world = setup(cfg.device)
     main = rank == 0
-    log = print if main else (lambda *a, **k: None)
+    log = console(main)
     local_batch = per_process_batch(cfg.batch_size, world)
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)

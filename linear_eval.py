@@ -36,10 +36,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain import (UserError, build_dataset, build_model, build_optimizer, default_workers,
-                      eval_transform, extract_features, git_revision, knn_predict, learning_rate,
-                      load_checkpoint, load_model_state, opt, parse_config, per_process_batch,
-                      run_cli, scaled_lr, setup, simclr_augmentation, world_info)
+from pretrain import (UserError, build_dataset, build_model, build_optimizer, console,
+                      default_workers, eval_transform, extract_features, git_revision, knn_predict,
+                      learning_rate, load_checkpoint, load_model_state, opt, parse_config,
+                      per_process_batch, run_cli, scaled_lr, setup, simclr_augmentation, world_info)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -289,7 +289,7 @@ def results_path(cfg, pretrain_dataset):
 def run(cfg, ckpt):
     device, rank, world = setup(cfg.device)
     main = rank == 0
-    log = print if main else (lambda *a, **k: None)
+    log = console(main)
     local_batch = per_process_batch(cfg.batch_size, world)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
     pre = ckpt["config"]

@@ -211,6 +211,11 @@ def per_process_batch(batch_size, world):
     return batch_size // world
 
 
+def console(main):
+    """print on the main process (flushed: runs are often redirected to a file), nothing elsewhere."""
+    return (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
+
+
 def world_info():
     """(rank, world_size): (0, 1) outside torchrun."""
     if dist.is_available() and dist.is_initialized():
@@ -796,7 +801,7 @@ def train(cfg):
     device, rank, world = setup(cfg.device)
     torch.manual_seed(cfg.seed + rank)  # ranks differ in augmentations; DDP syncs the weights
     main = rank == 0
-    log = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
+    log = console(main)
 
     local_batch = per_process_batch(cfg.batch_size, world)
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
