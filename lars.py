@@ -13,8 +13,11 @@ gradient g:
 
 Biases and BatchNorm parameters are exactly the 1-D parameters of every network in this project,
 so they are recognised by shape (as MoCo v3 does), and excluded from both weight decay and the
-trust ratio; forgetting these exclusions is a common reimplementation bug. The step has no
-data-dependent Python branch, so it never waits on the GPU.
+trust ratio; forgetting these exclusions is a common reimplementation bug.
+
+Each line of the update is one torch._foreach_* call over all parameters at once: a ResNet-18 has
+62 parameter tensors, and a loop over them would launch about 500 small GPU kernels per step. The
+step has no data-dependent Python branch, so it never waits on the GPU.
 """
 import torch
 
@@ -32,21 +35,29 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for w in group["params"]:
-                if w.grad is None:
-                    continue
-                g = w.grad
-                if w.ndim > 1:  # conv and linear weights: decay and adapt; 1-D (bias, BN): neither
-                    g = g.add(w, alpha=group["weight_decay"])
-                    w_norm, g_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(g)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0),
-                                        group["trust_coefficient"] * w_norm / g_norm,
-                                        torch.ones_like(w_norm))
-                    g = g * trust
-                state = self.state[w]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(w)
-                v = state["momentum_buffer"]
-                v.mul_(group["momentum"]).add_(g, alpha=group["lr"])
-                w.sub_(v)
+            params = [w for w in group["params"] if w.grad is not None]
+            for w in params:
+                if "momentum_buffer" not in self.state[w]:
+                    self.state[w]["momentum_buffer"] = torch.zeros_like(w)
+            # conv and linear weights: decay and adapt; 1-D (bias, BN): neither
+            adapted = [w for w in params if w.ndim > 1]
+            plain = [w for w in params if w.ndim <= 1]
+            if adapted:
+                g = torch._foreach_add([w.grad for w in adapted], adapted, alpha=group["weight_decay"])
+                w_norm = torch.stack(torch._foreach_norm(adapted))  # one norm per tensor
+                g_norm = torch.stack(torch._foreach_norm(g))
+                trust = torch.where((w_norm > 0) & (g_norm > 0),
+                                    group["trust_coefficient"] * w_norm / g_norm,
+                                    torch.ones_like(w_norm))
+                torch._foreach_mul_(g, list(trust.unbind()))
+                self._momentum_step(adapted, g, group)
+            if plain:
+                self._momentum_step(plain, [w.grad for w in plain], group)
         return loss
+
+    def _momentum_step(self, params, grads, group):
+        """v <- momentum * v + lr * g;  w <- w - v, for every parameter at once."""
+        v = [self.state[w]["momentum_buffer"] for w in params]
+        torch._foreach_mul_(v, group["momentum"])
+        torch._foreach_add_(v, grads, alpha=group["lr"])
+        torch._foreach_sub_(params, v)

@@ -93,23 +93,35 @@ def test_nt_xent_perfect_pairs_are_ranked_first():
     assert loss.item() < 0.01
 
 
-def test_lars_matches_hand_computed_official_update():
+@pytest.mark.parametrize("wd", [0.01, 0.0])
+def test_lars_matches_hand_computed_official_update(wd):
+    """Several weights of different shapes (each must get its own trust ratio), biases, a zero
+    weight and, without weight decay, a zero gradient (trust ratio 1 for both), a parameter
+    without gradient (left alone), over several steps, against the official rule written out
+    one tensor at a time in float64."""
     torch.manual_seed(0)
-    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)  # a weight: decayed and adapted
-    b = torch.randn(3, dtype=torch.float64, requires_grad=True)  # a bias: neither
-    z = torch.zeros(2, 2, dtype=torch.float64, requires_grad=True)  # zero weight: trust ratio 1
-    lr, momentum, wd, eta = 0.7, 0.9, 0.01, 0.001
-    opt = LARS([w, b, z], lr=lr, momentum=momentum, weight_decay=wd, trust_coefficient=eta)
-    ref = {"w": w.detach().clone(), "b": b.detach().clone(), "z": z.detach().clone()}
+    shapes = {"w": (3, 4), "conv": (2, 3, 3, 3), "b": (3,), "gamma": (2,), "z": (2, 2), "zg": (4, 2)}
+    params = {k: torch.randn(s, dtype=torch.float64, requires_grad=True) for k, s in shapes.items()}
+    with torch.no_grad():
+        params["z"].zero_()  # zero weight: trust ratio 1
+    frozen = torch.randn(5, 5, dtype=torch.float64, requires_grad=True)  # no gradient: untouched
+    lr, momentum, eta = 0.7, 0.9, 0.001
+    opt = LARS([*params.values(), frozen], lr=lr, momentum=momentum, weight_decay=wd,
+               trust_coefficient=eta)
+    ref = {k: v.detach().clone() for k, v in params.items()}
     vel = {k: torch.zeros_like(v) for k, v in ref.items()}
+    frozen_before = frozen.detach().clone()
     for step in range(4):
-        grads = {"w": torch.randn(3, 4, dtype=torch.float64), "b": torch.randn(3, dtype=torch.float64),
-                 "z": torch.randn(2, 2, dtype=torch.float64) if step else torch.zeros(2, 2, dtype=torch.float64)}
-        w.grad, b.grad, z.grad = grads["w"].clone(), grads["b"].clone(), grads["z"].clone()
+        grads = {k: torch.randn(s, dtype=torch.float64) for k, s in shapes.items()}
+        if step == 0:
+            grads["z"].zero_()
+        grads["zg"].zero_()  # zero gradient: with wd 0, ||g|| = 0 and the trust ratio is 1
+        for k, p in params.items():
+            p.grad = grads[k].clone()
         opt.step()
-        for k in ref:  # the official rule, written out element by element
+        for k in ref:  # the official rule, written out tensor by tensor
             g = grads[k]
-            if k != "b":
+            if len(shapes[k]) > 1:
                 g = g + wd * ref[k]
                 wn, gn = ref[k].norm().item(), g.norm().item()
                 trust = eta * wn / gn if wn > 0 and gn > 0 else 1.0
@@ -117,9 +129,9 @@ def test_lars_matches_hand_computed_official_update():
                 trust = 1.0
             vel[k] = momentum * vel[k] + lr * trust * g
             ref[k] = ref[k] - vel[k]
-        torch.testing.assert_close(w.detach(), ref["w"])
-        torch.testing.assert_close(b.detach(), ref["b"])
-        torch.testing.assert_close(z.detach(), ref["z"])
+        for k, p in params.items():
+            torch.testing.assert_close(p.detach(), ref[k], msg=k)
+    assert torch.equal(frozen.detach(), frozen_before) and frozen not in opt.state
 
 
 def test_lars_bias_step_is_plain_momentum_sgd():
