@@ -16,11 +16,11 @@ the flags are pretrain.py's flags with the same presets, plus the measurement fl
 Every time is wall-clock between two device synchronisations, after warm-up steps (which also
 absorb cuDNN autotuning and torch.compile), and the table shows the median over --repeats.
 
-    python bench.py --data-dir ../shared/data/cifar10 --batch-size 512                # 1 GPU
-    python bench.py --data-dir ../shared/data/cifar10 --batch-size 512 --compile
-    python bench.py --dataset folder --data-dir ../shared/data/cifar10 --arch resnet50 \\
+    python bench.py --data-dir data/cifar10 --batch-size 512                # 1 GPU
+    python bench.py --data-dir data/cifar10 --batch-size 512 --compile
+    python bench.py --dataset folder --data-dir data/cifar10 --arch resnet50 \\
         --image-size 224 --batch-size 256 --rows memory                          # 224 px compute
-    OMP_NUM_THREADS=1 python bench.py --data-dir ../shared/data/cifar10 --width-multiplier 0.25 \\
+    OMP_NUM_THREADS=1 python bench.py --data-dir data/cifar10 --width-multiplier 0.25 \\
         --batch-size 64 --warmup 1 --steps 2 --repeats 3 --out bench.json        # CPU, < 1 min
 
 On a shared 2-core CPU the last command took 19 s and gave about 760 images/s for the pipeline

@@ -28,6 +28,7 @@ teacher 43.9% (two seeds: 44.3%, 44.2%); with Eq. 3 on the teacher's 500 labels 
 """
 import dataclasses
 import datetime
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -40,10 +41,13 @@ import torch.nn.functional as F
 
 from finetune import (build_classifier, build_finetune_optimizer, choose_labeled, evaluate,
                       image_names, load_finetuned, set_lr)
-from pretrain import (ARCHS, UserError, build_dataset, build_model, console, convert_to_global_bn,
-                      default_workers, eval_transform, git_revision, learning_rate, load_checkpoint,
-                      load_model_state, opt, parse_config, per_process_batch, run_cli,
-                      save_checkpoint, scaled_lr, setup, simclr_augmentation)
+from pretrain import (ARCHS, Progress, ResumableSampler, StopSignal, UserError, build_dataset,
+                      build_model, console, convert_to_global_bn, default_workers,
+                      eval_transform, git_revision, learning_rate, load_checkpoint,
+                      load_model_state, make_loader, opt, parse_config, per_process_batch,
+                      prepare_out_dir, random_states, restore_random_state, resumed_config,
+                      run_cli, save_checkpoint, scaled_lr, setup, simclr_augmentation,
+                      unreadable_images)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -59,44 +63,62 @@ class DistillConfig:
     data_dir: str = opt("", "dataset root (default: the teacher's)")
     out_dir: str = opt("", "where student.pt and results.json go "
                        "(default runs/distill-<dataset>-<time>)")
-    workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at most 8)")
+    workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at most 8)",
+                       min=-1)
+    resume: str = opt("", "student.pt of an interrupted run to continue; its configuration is "
+                      "used, with the flags given here on top")
     # student (v2 Sec. 2: self-distillation or big-to-small)
     arch: str = opt("", "student encoder (default: the teacher's)", list(ARCHS))
-    width_multiplier: float = opt(0.0, "student width (0: the teacher's)")
-    sk_ratio: float = opt(-1.0, "student selective kernels (-1: the teacher's)")
+    width_multiplier: float = opt(0.0, "student width (0: the teacher's)", min=0)
+    sk_ratio: float = opt(-1.0, "student selective kernels (-1: the teacher's)", min=-1)
     init: str = opt("", "a pretraining-format checkpoint (pretrain.py or a student) whose encoder "
                     "starts the student; default: random initialisation")
     # loss (Eq. 2 and 3)
-    temperature: float = opt(1.0, "tau of both softmaxes in Eq. 2")
-    alpha: float = opt(1.0, "weight of the distillation term in Eq. 3; 1: Eq. 2 alone, no labels")
+    temperature: float = opt(1.0, "tau of both softmaxes in Eq. 2", above=0)
+    alpha: float = opt(1.0, "weight of the distillation term in Eq. 3; 1: Eq. 2 alone, no labels",
+                       min=0, max=1)
     label_fraction: float = opt(0.0, "with --alpha < 1: fraction of each class's labels for the "
-                                "supervised term (as finetune.py)")
+                                "supervised term (as finetune.py)", min=0, max=1)
     subset_file: str = opt("", "with --alpha < 1: labelled images, one per line (as finetune.py)")
     seed: int = opt(0, "random seed: labelled subset, initialisation, data order")
     # optimisation (the authors' distillation notebook)
-    batch_size: int = opt(256, "global batch size in unlabeled images (our choice)")
-    epochs: int = opt(100, "epochs over the unlabeled images (our choice for CIFAR-10)")
+    batch_size: int = opt(256, "global batch size in unlabeled images (our choice)", min=2)
+    epochs: int = opt(100, "epochs over the unlabeled images (our choice for CIFAR-10)", min=1)
     optimizer: str = opt("lars", "LARS as the authors (the classifier gets momentum SGD, as in "
                          "finetune.py)", ["lars", "sgd", "adam"])
-    lr: float = opt(2.0, "peak learning rate, scaled by --lr-scaling; cosine decay to 0")
+    lr: float = opt(2.0, "peak learning rate, scaled by --lr-scaling; cosine decay to 0", above=0)
     lr_scaling: str = opt("none", "none: lr as given (the notebook's value); linear: lr x B/256; "
                           "sqrt: lr x sqrt(B)", ["none", "linear", "sqrt"])
-    weight_decay: float = opt(1e-4, "L2 weight decay, not on biases and BatchNorm parameters")
-    momentum: float = opt(0.9, "momentum of LARS and SGD")
-    warmup_epochs: float = opt(0.0, "linear warmup from 0, then cosine decay to 0")
+    weight_decay: float = opt(1e-4, "L2 weight decay, not on biases and BatchNorm parameters",
+                              min=0)
+    momentum: float = opt(0.9, "momentum of LARS and SGD", min=0, below=1)
+    warmup_epochs: float = opt(0.0, "linear warmup from 0, then cosine decay to 0", min=0)
     global_bn: bool = opt(True, "the student's BatchNorm statistics over the global batch under "
                           "torchrun")
     # system
     device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"])
     precision: str = opt("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere",
                          ["auto", "bf16", "fp32"])
-    log_every: int = opt(50, "print a log line every this many steps")
-    eval_every: int = opt(0, "student top-1 every this many epochs; 0: at the end")
+    log_every: int = opt(50, "print a log line every this many steps (and after the first)",
+                         min=1)
+    eval_every: int = opt(0, "student top-1 every this many epochs; 0: at the end", min=0)
 
 
 def resolve_config(argv):
-    """Flags over the teacher's dataset; returns (config, teacher, teacher checkpoint)."""
+    """Flags over the teacher's dataset (or, with --resume, over the interrupted run's
+    configuration); returns (config, teacher, teacher checkpoint, resumed checkpoint or None)."""
     cfg, given = parse_config(DistillConfig, argv, None, __doc__.splitlines()[0])
+    resume = None
+    if cfg.resume:
+        resume = load_checkpoint(cfg.resume)
+        stored = resume.get("distill_config", {})
+        if "optimizers" not in resume:
+            raise UserError(f"{cfg.resume} is not a student.pt of this version of distill.py")
+        if given.get("batch_size", stored["batch_size"]) != stored["batch_size"]:
+            raise UserError(f"--batch-size {given['batch_size']} differs from the checkpoint's "
+                            f"{stored['batch_size']}: resume with the batch size its steps count")
+        cfg = resumed_config(DistillConfig, stored, given)
+        cfg.out_dir = given.get("out_dir") or str(Path(cfg.resume).parent)
     if not cfg.teacher:
         raise UserError("--teacher is required (a finetuned.pt written by finetune.py)")
     teacher, ckpt = load_finetuned(cfg.teacher)
@@ -110,19 +132,13 @@ def resolve_config(argv):
     cfg.arch = cfg.arch or pre["arch"]
     cfg.width_multiplier = cfg.width_multiplier or pre["width_multiplier"]
     cfg.sk_ratio = pre["sk_ratio"] if cfg.sk_ratio < 0 else cfg.sk_ratio
-    if not 0 <= cfg.alpha <= 1 or cfg.temperature <= 0:
-        raise UserError("--alpha must be in [0, 1] and --temperature > 0")
     with_labels = bool(cfg.subset_file) or cfg.label_fraction > 0
     if cfg.alpha < 1 and not with_labels:
         raise UserError(f"--alpha {cfg.alpha} mixes in the supervised loss of Eq. 3: give "
                         f"--label-fraction or --subset-file")
     if cfg.alpha == 1 and with_labels:
         raise UserError("labels are unused with --alpha 1 (Eq. 2 alone); set --alpha < 1")
-    if with_labels and not cfg.subset_file and not 0 < cfg.label_fraction <= 1:
-        raise UserError(f"--label-fraction must be in (0, 1], not {cfg.label_fraction}")
-    if cfg.batch_size < 2 or cfg.epochs < 1:
-        raise UserError("--batch-size must be >= 2 and --epochs >= 1")
-    return cfg, teacher, ckpt
+    return cfg, teacher, ckpt, resume
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,18 +200,7 @@ def semi_supervised_loss(student_logits, teacher_logits, temperature, alpha,
 # ---------------------------------------------------------------------------------------------
 
 
-def save_student(path, student, config, num_classes, classes, cfg, epoch, step, results=None):
-    """The pretraining-checkpoint format (model: encoder.* only, config: build_model's), plus the
-    classifier under its own key."""
-    state = student.state_dict()
-    save_checkpoint(path, dict(
-        model={k: v for k, v in state.items() if k.startswith("encoder.")},
-        classifier={k[len("fc."):]: v for k, v in state.items() if k.startswith("fc.")},
-        config=config, num_classes=num_classes, classes=classes, teacher=cfg.teacher,
-        distill_config=dataclasses.asdict(cfg), epoch=epoch, step=step, results=results))
-
-
-def train(cfg, teacher, teacher_ckpt):
+def train(cfg, teacher, teacher_ckpt, resume):
     device, rank, world = setup(cfg.device)
     main = rank == 0
     log = console(main)
@@ -203,6 +208,8 @@ def train(cfg, teacher, teacher_ckpt):
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
     out_dir = Path(cfg.out_dir or f"runs/distill-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if main:
+        prepare_out_dir(out_dir)  # an unwritable folder fails now, not after an epoch
     pre = teacher_ckpt["config"]["pretrain"]
     num_classes = teacher_ckpt["config"]["num_classes"]
 
@@ -213,17 +220,14 @@ def train(cfg, teacher, teacher_ckpt):
     if len(val_set.classes) != num_classes:
         raise UserError(f"the teacher has {num_classes} classes, {cfg.dataset} "
                         f"{len(val_set.classes)}")
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
     steps_per_epoch = len(unlabeled) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{len(unlabeled)} images are fewer than one batch of {cfg.batch_size}")
     total_steps = cfg.epochs * steps_per_epoch
-    sampler = torch.utils.data.DistributedSampler(unlabeled, world, rank, shuffle=True,
-                                                  seed=cfg.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(unlabeled, local_batch, sampler=sampler,
-                                         num_workers=workers, drop_last=True,
-                                         pin_memory=device.type == "cuda")
+    step = resume["step"] if resume else 0
+    sampler = ResumableSampler(unlabeled, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = make_loader(unlabeled, local_batch, device, workers, sampler, drop_last=True,
+                         persistent=True)
     labeled_batches = None
     if cfg.alpha < 1:  # Eq. 3: a labelled batch beside every unlabeled one, drawn with replacement
         train_set = build_dataset(cfg.dataset, cfg.data_dir, "train", augmentation)
@@ -234,8 +238,8 @@ def train(cfg, teacher, teacher_ckpt):
         draw = torch.utils.data.RandomSampler(labeled, replacement=True,
                                               num_samples=total_steps * local_batch,
                                               generator=torch.Generator().manual_seed(cfg.seed + rank))
-        labeled_batches = iter(torch.utils.data.DataLoader(labeled, local_batch, sampler=draw,
-                                                           num_workers=workers))
+        skip_drawn = itertools.islice(draw, step * local_batch, None)  # a resumed run goes on
+        labeled_batches = iter(make_loader(labeled, local_batch, device, workers, skip_drawn))
 
     # Models: the frozen teacher, the student (encoder + classifier)
     teacher = teacher.to(device).eval().requires_grad_(False)
@@ -246,6 +250,14 @@ def train(cfg, teacher, teacher_ckpt):
     peak_lr = cfg.lr if cfg.lr_scaling == "none" else scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
     optimizers = build_finetune_optimizer(raw_student, cfg.optimizer, peak_lr, cfg.weight_decay,
                                           cfg.momentum)
+    history = []
+    if resume:
+        load_model_state(raw_student, {**resume["model"], **{
+            "fc." + k: v for k, v in resume["classifier"].items()}}, cfg.resume)
+        for optimizer, state in zip(optimizers, resume["optimizers"]):
+            optimizer.load_state_dict(state)
+        history = resume["history"]
+        restore_random_state(resume["rng"], device)
     student = raw_student
     if world > 1:
         if cfg.global_bn:
@@ -259,18 +271,36 @@ def train(cfg, teacher, teacher_ckpt):
         f"x{cfg.width_multiplier:g} ({'from ' + cfg.init if cfg.init else 'random init'}) | "
         f"{sum(p.numel() for p in raw_student.parameters()) / 1e6:.2f}M student parameters")
     log("config " + json.dumps(dataclasses.asdict(cfg)))
-    teacher_top1, teacher_top5 = evaluate(teacher, val_set, 256, device, workers)
+    teacher_top1, teacher_top5 = evaluate(teacher, val_set, 256, device, workers, log)
     log(f"teacher: top-1 {teacher_top1:.2f}% top-5 {teacher_top5:.2f}%")
     log(f"{len(unlabeled)} unlabeled images, {steps_per_epoch} steps/epoch of {cfg.batch_size}, "
         f"{total_steps} steps, peak lr {peak_lr:.4g}, tau {cfg.temperature:g}, alpha "
         f"{cfg.alpha:g}, out {out_dir}")
 
+    stop = StopSignal()
+    ckpt_path = out_dir / "student.pt"
+
+    def checkpoint(results=None):
+        """student.pt in the pretraining-checkpoint format (model: encoder.* only, config:
+        build_model's), the classifier under its own key, and what --resume needs."""
+        states = random_states(device)
+        if main:
+            state = raw_student.state_dict()
+            save_checkpoint(ckpt_path, dict(
+                model={k: v for k, v in state.items() if k.startswith("encoder.")},
+                classifier={k[len("fc."):]: v for k, v in state.items() if k.startswith("fc.")},
+                config=config, num_classes=num_classes, classes=list(val_set.classes),
+                teacher=cfg.teacher, distill_config=dataclasses.asdict(cfg),
+                epoch=step // steps_per_epoch, step=step, results=results, history=history,
+                optimizers=[o.state_dict() for o in optimizers], rng=states))
+
     student.train()
-    step, t_start, history = 0, time.time(), []
+    progress = Progress(log, "step", total_steps, cfg.batch_size, every=cfg.log_every, start=step)
     sums = torch.zeros(3, device=device)  # loss, student-teacher agreement, non-finite losses
-    for epoch in range(cfg.epochs):
+    t_start = time.time()
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
-        t_epoch = time.time()
+        sampler.start = (step % steps_per_epoch) * local_batch
         for x, _ in loader:  # the labels of the unlabeled images are never used
             lr = learning_rate(step, total_steps, round(cfg.warmup_epochs * steps_per_epoch), peak_lr)
             set_lr(optimizers, lr)
@@ -294,30 +324,34 @@ def train(cfg, teacher, teacher_ckpt):
             step += 1
             agree = (logits[:len(x)].argmax(1) == teacher_logits.argmax(1)).float().mean()
             sums += torch.stack([loss.detach(), agree, (~torch.isfinite(loss.detach())).float()])
-            if step % cfg.log_every == 0 or step % steps_per_epoch == 0:
-                rate = (step - epoch * steps_per_epoch) * cfg.batch_size / (time.time() - t_epoch)
-                log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} loss "
-                    f"{loss.item():.4f} agreement {100 * agree.item():.1f}% lr {lr:.4g} "
-                    f"{rate:.0f} img/s")
+            if progress.due(step):
+                progress.show(step, f"epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.4f} "
+                                    f"agreement {100 * agree.item():.1f}% lr {lr:.4g}")
+            if stop():
+                break
         if world > 1:
             dist.all_reduce(sums)
             sums /= world
+        if sums[2] > 0:  # before the checkpoint, which keeps the last good weights
+            raise UserError(f"loss is not finite in epoch {epoch + 1}; try a lower --lr")
+        checkpoint()  # then the evaluation: a stop or a failure there loses nothing
+        if stop():
+            log(f"stopped by signal {stop.signum} at step {step}; continue with --resume "
+                f"{ckpt_path}")
+            return None
         record = dict(epoch=epoch + 1, step=step, loss=sums[0].item() / steps_per_epoch,
                       agreement=100 * sums[1].item() / steps_per_epoch, lr=lr,
                       time=time.time() - t_start)
-        if sums[2] > 0:
-            raise UserError(f"loss is not finite in epoch {epoch + 1}; try a lower --lr")
         sums.zero_()
+        record.update(unreadable_images(unlabeled, device, log))
         if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.epochs:
-            record["top1"], record["top5"] = evaluate(raw_student, val_set, 256, device, workers)
+            record["top1"], record["top5"] = evaluate(raw_student, val_set, 256, device, workers, log)
             log(f"epoch {epoch + 1}: student top-1 {record['top1']:.2f}% top-5 "
                 f"{record['top5']:.2f}% (teacher {teacher_top1:.2f}%)")
         history.append(record)
         if main:
             with open(out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            save_student(out_dir / "student.pt", raw_student, config, num_classes,
-                         list(val_set.classes), cfg, epoch + 1, step)
 
     results = dict(teacher_top1=teacher_top1, teacher_top5=teacher_top5,
                    student_top1=history[-1]["top1"], student_top5=history[-1]["top5"],
@@ -325,13 +359,12 @@ def train(cfg, teacher, teacher_ckpt):
                    unlabeled_images=len(unlabeled), epochs=cfg.epochs, steps=step,
                    train_seconds=round(time.time() - t_start), world_size=world,
                    device=device.type, git=git_revision(), config=dataclasses.asdict(cfg))
+    checkpoint(results)
     if main:
-        save_student(out_dir / "student.pt", raw_student, config, num_classes,
-                     list(val_set.classes), cfg, cfg.epochs, step, results)
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     log(f"done in {datetime.timedelta(seconds=round(time.time() - t_start))}: student top-1 "
         f"{results['student_top1']:.2f}% top-5 {results['student_top5']:.2f}%, teacher "
-        f"{teacher_top1:.2f}% / {teacher_top5:.2f}%; {out_dir / 'student.pt'}")
+        f"{teacher_top1:.2f}% / {teacher_top5:.2f}%; {ckpt_path}")
     return results
 
 

@@ -15,7 +15,7 @@ teacher (v2 Sec. 2, Eq. 2).
         --dataset imagenet --data-dir /data/imagenet --subset-file imagenet_subsets/1percent.txt
 
 The dataset and data directory default to the checkpoint's. Settings are the authors' (v2 paper
-and official code, REFERENCE.md): LARS, lr 0.005 x sqrt(B), weight decay 0, no warmup, cosine decay,
+and official code): LARS, lr 0.005 x sqrt(B), weight decay 0, no warmup, cosine decay,
 crop + flip, global BatchNorm under torchrun; ImageNet B 1024, 60 epochs for 1% and 30 for 10%.
 CIFAR uses B 64 (1% of CIFAR-10 is only 500 images) and the same epoch rule. Written to
 --out-dir: finetuned.pt (the teacher for distill.py), results.json (top-1/top-5 on the
@@ -36,11 +36,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain import (Config, UserError, build_dataset, build_model, build_optimizer, console,
-                      convert_to_global_bn, default_workers, eval_transform, git_revision,
-                      learning_rate, load_checkpoint, load_model_state, opt, parse_config,
-                      per_process_batch, run_cli, save_checkpoint, scaled_lr, setup,
-                      simclr_augmentation, world_info)
+from pretrain import (Config, Progress, ResumableSampler, StopSignal, UserError, build_dataset,
+                      build_model, build_optimizer, console, convert_to_global_bn,
+                      default_workers, eval_transform, git_revision, learning_rate,
+                      load_checkpoint, load_model_state, make_loader, opt, parse_config,
+                      per_process_batch, prepare_out_dir, random_states, restore_random_state,
+                      resumed_config, run_cli, save_checkpoint, scaled_lr, setup,
+                      simclr_augmentation, unreadable_images, world_info)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -59,42 +61,48 @@ class FinetuneConfig:
     data_dir: str = opt("", "dataset root (default: the checkpoint's)")
     out_dir: str = opt("", "where finetuned.pt, results.json and subset.txt go "
                        "(default runs/finetune-<dataset>-<labels>-<time>)")
-    workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at most 8)")
+    workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at most 8)",
+                       min=-1)
+    resume: str = opt("", "finetuned.pt of an interrupted run to continue; its configuration is "
+                      "used, with the flags given here on top")
     # labels (v2 Sec. 3: 1% and 10% of ImageNet, class-balanced)
     label_fraction: float = opt(0.01, "fraction of each class's training images whose labels "
-                                "are used: 0.01, 0.1 or 1.0")
+                                "are used: 0.01, 0.1 or 1.0", above=0, max=1)
     subset_file: str = opt("", "labelled images, one name per line, instead of "
                            "--label-fraction: the authors' ImageNet lists (file names such as "
                            "n01440764_10026.JPEG) or a subset.txt this script wrote")
     seed: int = opt(0, "random seed: which images are labelled, initialisation, data order")
     # model (v2 Sec. 2)
     ft_proj_layer: int = opt(1, "keep this many projection-head layers under the classifier: "
-                             "0 drops the head (v1), 1 is v2's choice")
+                             "0 drops the head (v1), 1 is v2's choice", min=0)
     arch: str = opt("resnet18", "encoder for --from-scratch without --checkpoint",
                     ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
-    width_multiplier: float = opt(1.0, "width for --from-scratch without --checkpoint")
-    sk_ratio: float = opt(0.0, "selective kernels for --from-scratch without --checkpoint")
+    width_multiplier: float = opt(1.0, "width for --from-scratch without --checkpoint", above=0)
+    sk_ratio: float = opt(0.0, "selective kernels for --from-scratch without --checkpoint", min=0)
     image_size: int = opt(32, "input size for --from-scratch without --checkpoint (else the "
-                          "checkpoint's)")
+                          "checkpoint's)", min=8)
     # optimisation (v2 Appendix; official fine-tuning flags)
-    batch_size: int = opt(64, "global batch size B in images")
-    epochs: int = opt(0, "training epochs; 0: 60 for <= 1% of the labels, 30 above (v2)")
+    batch_size: int = opt(64, "global batch size B in images", min=2)
+    epochs: int = opt(0, "training epochs; 0: 60 for <= 1% of the labels, 30 above (v2)", min=0)
     optimizer: str = opt("lars", "LARS for the network as in the paper (the new classifier "
                          "always gets momentum SGD, see build_finetune_optimizer)",
                          ["lars", "sgd", "adam"])
-    lr: float = opt(0.005, "base learning rate, scaled by --lr-scaling")
+    lr: float = opt(0.005, "base learning rate, scaled by --lr-scaling", above=0)
     lr_scaling: str = opt("sqrt", "sqrt: lr x sqrt(B) (the authors' fine-tuning choice); "
                           "linear: lr x B/256", ["linear", "sqrt"])
-    weight_decay: float = opt(0.0, "L2 weight decay, not on biases and BatchNorm parameters")
-    momentum: float = opt(0.9, "momentum of LARS and SGD")
-    warmup_epochs: float = opt(0.0, "linear warmup from 0, then cosine decay to 0")
+    weight_decay: float = opt(0.0, "L2 weight decay, not on biases and BatchNorm parameters",
+                              min=0)
+    momentum: float = opt(0.9, "momentum of LARS and SGD", min=0, below=1)
+    warmup_epochs: float = opt(0.0, "linear warmup from 0, then cosine decay to 0", min=0)
     global_bn: bool = opt(True, "BatchNorm statistics over the global batch under torchrun")
     # system
     device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"])
     precision: str = opt("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere",
                          ["auto", "bf16", "fp32"])
-    log_every: int = opt(50, "print a log line every this many steps")
-    eval_every: int = opt(0, "top-1 on the evaluation split every this many epochs; 0: at the end")
+    log_every: int = opt(50, "print a log line every this many steps (and after the first)",
+                         min=1)
+    eval_every: int = opt(0, "top-1 on the evaluation split every this many epochs; 0: at the end",
+                          min=0)
 
 
 # Per-dataset presets, applied before the flags. ImageNet: the authors' fine-tuning batch. CIFAR:
@@ -112,18 +120,31 @@ ARCH_FLAGS = ("arch", "width_multiplier", "sk_ratio", "image_size")
 def resolve_config(argv):
     """Flags over the preset of the dataset, which defaults to the checkpoint's.
 
-    Returns (config, pretraining configuration dict, checkpoint or None). The pretraining
-    configuration describes the network (build_model); without --checkpoint (--from-scratch
-    only) it is pretrain.py's default head on the --arch flags.
+    Returns (config, pretraining configuration dict, weights to start from or None, the
+    checkpoint of an interrupted run or None). The pretraining configuration describes the
+    network (build_model); without --checkpoint (--from-scratch only) it is pretrain.py's
+    default head on the --arch flags. With --resume everything comes from that checkpoint.
     """
     cfg, given = parse_config(FinetuneConfig, argv, PRESETS, __doc__.splitlines()[0])
+    if cfg.resume:
+        resume = load_checkpoint(cfg.resume)
+        stored = resume["config"]
+        if "pretrain" not in stored or "optimizers" not in resume:
+            raise UserError(f"{cfg.resume} is not a finetuned.pt of this version of finetune.py")
+        if given.get("batch_size", stored["batch_size"]) != stored["batch_size"]:
+            raise UserError(f"--batch-size {given['batch_size']} differs from the checkpoint's "
+                            f"{stored['batch_size']}: resume with the batch size its steps count")
+        cfg = resumed_config(FinetuneConfig, stored, given)
+        cfg.out_dir = given.get("out_dir") or str(Path(cfg.resume).parent)
+        return cfg, stored["pretrain"], None, resume
     ckpt, pre = None, {}
     if cfg.checkpoint:
         ckpt = load_checkpoint(cfg.checkpoint)
         pre = ckpt["config"]
         if "pretrain" in pre:
             raise UserError(f"{cfg.checkpoint} is already fine-tuned; pass the pretraining "
-                            f"checkpoint it came from ({pre.get('checkpoint') or 'ckpt.pt'})")
+                            f"checkpoint it came from ({pre.get('checkpoint') or 'ckpt.pt'}), "
+                            f"or --resume it to continue its fine-tuning")
         clash = [f for f in ARCH_FLAGS if f in given and given[f] != pre.get(f)]
         if clash:
             raise UserError(f"--{clash[0].replace('_', '-')} differs from the checkpoint's "
@@ -143,13 +164,9 @@ def resolve_config(argv):
                                         **{f: getattr(cfg, f) for f in ARCH_FLAGS}))
     for f in ARCH_FLAGS:  # the network actually trained, for the printed and stored config
         setattr(cfg, f, pre[f])
-    if not cfg.subset_file and not 0 < cfg.label_fraction <= 1:
-        raise UserError(f"--label-fraction must be in (0, 1], not {cfg.label_fraction}")
-    if cfg.batch_size < 2 or cfg.epochs < 0 or cfg.ft_proj_layer < 0:
-        raise UserError("--batch-size must be >= 2, --epochs and --ft-proj-layer >= 0")
     if cfg.epochs == 0:  # v2: 60 epochs for 1% of ImageNet, 30 for 10%
         cfg.epochs = 60 if (cfg.label_fraction <= 0.01 and not cfg.subset_file) else 30
-    return cfg, pre, ckpt
+    return cfg, pre, None if cfg.from_scratch else ckpt["model"], None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,20 +344,24 @@ def set_lr(optimizers, lr):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, batch_size, device, workers=0):
+def evaluate(model, dataset, batch_size, device, workers=0, log=None):
     """(top-1 %, top-5 %) of model (BatchNorm in inference mode) on dataset.
 
     Under torchrun each process scores every world-th image and the counts are summed. With
-    fewer than 5 classes "top-5" is top-(number of classes), i.e. 100.
+    fewer than 5 classes "top-5" is top-(number of classes), i.e. 100. With `log`, progress
+    lines go there.
     """
     rank, world = world_info()
     was_training = model.training
     model.eval()
     part = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    loader = torch.utils.data.DataLoader(part, batch_size, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+    loader = make_loader(part, batch_size, device, workers)
+    progress = Progress(log or (lambda *a: None), "evaluation", len(part))
     counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
-    for x, y in loader:
+    for i, (x, y) in enumerate(loader):
+        done = min(len(part), (i + 1) * batch_size)
+        if progress.due(done):
+            progress.show(done, "images")
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x.to(device, non_blocking=True)).float()  # b x classes
         y = y.to(device)
@@ -371,7 +392,7 @@ def choose_labeled(cfg, train_set, log):
     return indices
 
 
-def train(cfg, pretrain_config, ckpt):
+def train(cfg, pretrain_config, weights, resume):
     device, rank, world = setup(cfg.device)
     main = rank == 0
     log = console(main)
@@ -381,15 +402,16 @@ def train(cfg, pretrain_config, ckpt):
     labels_name = Path(cfg.subset_file).stem if cfg.subset_file else f"{100 * cfg.label_fraction:g}pct"
     out_dir = Path(cfg.out_dir or f"runs/finetune-{cfg.dataset}-{labels_name}-"
                    f"{'scratch-' if cfg.from_scratch else ''}{time.strftime('%Y%m%d-%H%M%S')}")
+    if main:
+        prepare_out_dir(out_dir)  # an unwritable folder fails now, not after the training
 
     # Data: crop + flip on the labelled subset (the fine-tuning augmentation)
     train_set = build_dataset(cfg.dataset, cfg.data_dir, "train",
                               simclr_augmentation(cfg.image_size, "crop"))
     val_set = build_dataset(cfg.dataset, cfg.data_dir, "val", eval_transform(cfg.image_size))
     num_classes = len(train_set.classes)
-    indices = choose_labeled(cfg, train_set, log)
+    indices = resume["subset"] if resume else choose_labeled(cfg, train_set, log)
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "subset.txt").write_text("\n".join(image_names(train_set, indices)) + "\n")
     labeled = torch.utils.data.Subset(train_set, indices)
     steps_per_epoch = len(labeled) // cfg.batch_size
@@ -398,20 +420,24 @@ def train(cfg, pretrain_config, ckpt):
                         f"{cfg.batch_size}; lower --batch-size")
     total_steps = cfg.epochs * steps_per_epoch
     peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
-    sampler = torch.utils.data.DistributedSampler(labeled, world, rank, shuffle=True,
-                                                  seed=cfg.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(  # persistent: a few steps per epoch on small subsets
-        labeled, local_batch, sampler=sampler, num_workers=workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    sampler = ResumableSampler(labeled, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = make_loader(labeled, local_batch, device, workers, sampler, drop_last=True,
+                         persistent=True)  # persistent: a few steps per epoch on small subsets
 
     # Model: pretrained (or fresh) f + K head layers + classifier; all of it is trained
     torch.manual_seed(cfg.seed)  # the same fresh weights on every process
-    state = None if cfg.from_scratch else ckpt["model"]
-    raw_model = build_classifier(pretrain_config, num_classes, cfg.ft_proj_layer, state,
+    raw_model = build_classifier(pretrain_config, num_classes, cfg.ft_proj_layer, weights,
                                  cfg.checkpoint).to(device)
     torch.manual_seed(cfg.seed + rank)  # processes differ in augmentation
     optimizers = build_finetune_optimizer(raw_model, cfg.optimizer, peak_lr, cfg.weight_decay,
                                           cfg.momentum)
+    step, history = 0, []
+    if resume:
+        load_model_state(raw_model, resume["model"], cfg.resume)
+        for optimizer, state in zip(optimizers, resume["optimizers"]):
+            optimizer.load_state_dict(state)
+        step, history = resume["step"], resume["history"]
+        restore_random_state(resume["rng"], device)
     model = raw_model
     if world > 1:
         if cfg.global_bn:
@@ -422,17 +448,34 @@ def train(cfg, pretrain_config, ckpt):
 
     n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | {precision} | "
-        f"{'random init' if cfg.from_scratch else cfg.checkpoint} | {cfg.ft_proj_layer} head "
-        f"layer(s) kept | {n_params / 1e6:.2f}M trained parameters | {num_classes} classes")
+        f"{'random init' if cfg.from_scratch else cfg.resume or cfg.checkpoint} | "
+        f"{cfg.ft_proj_layer} head layer(s) kept | {n_params / 1e6:.2f}M trained parameters | "
+        f"{num_classes} classes")
     log("config " + json.dumps(dataclasses.asdict(cfg)))
     log(f"{steps_per_epoch} steps/epoch of {cfg.batch_size}, {total_steps} steps, peak lr "
         f"{peak_lr:.4g}, out {out_dir}")
 
+    stop = StopSignal()
+    ckpt_path = out_dir / "finetuned.pt"
+
+    def checkpoint(results=None):
+        """finetuned.pt: distill.py's teacher when complete, --resume's starting point always."""
+        states = random_states(device)
+        if main:
+            save_checkpoint(ckpt_path, dict(
+                model=raw_model.state_dict(), epoch=step // steps_per_epoch, step=step,
+                results=results, optimizers=[o.state_dict() for o in optimizers], rng=states,
+                subset=indices, history=history,
+                config=dict(dataclasses.asdict(cfg), pretrain=pretrain_config,
+                            num_classes=num_classes, classes=list(train_set.classes))))
+
     model.train()
-    step, t_start, history = 0, time.time(), []
+    progress = Progress(log, "step", total_steps, cfg.batch_size, every=cfg.log_every, start=step)
     sums = torch.zeros(3, device=device)  # loss, top-1 hits, non-finite losses
-    for epoch in range(cfg.epochs):
+    t_start = time.time()
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
+        sampler.start = (step % steps_per_epoch) * local_batch
         for x, y in loader:
             lr = learning_rate(step, total_steps, round(cfg.warmup_epochs * steps_per_epoch), peak_lr)
             set_lr(optimizers, lr)
@@ -448,41 +491,46 @@ def train(cfg, pretrain_config, ckpt):
             step += 1
             sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(),
                                  (~torch.isfinite(loss.detach())).float()])
-            if step % cfg.log_every == 0 or step == total_steps:
-                log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} loss "
-                    f"{loss.item():.4f} lr {lr:.4g} {time.time() - t_start:.0f}s")
+            if progress.due(step):
+                progress.show(step, f"epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.4f} "
+                                    f"lr {lr:.4g}")
+            if stop():
+                break
         if world > 1:
             dist.all_reduce(sums)
+        if sums[2] > 0:  # before the checkpoint, which keeps the last good weights
+            raise UserError(f"loss is not finite in epoch {epoch + 1}; try a lower --lr")
+        checkpoint()  # then the evaluation: a stop or a failure there loses nothing
+        if stop():
+            log(f"stopped by signal {stop.signum} at step {step}; continue with --resume "
+                f"{ckpt_path}")
+            return None
         seen = steps_per_epoch * cfg.batch_size
         record = dict(epoch=epoch + 1, step=step, loss=sums[0].item() / seen,
                       train_top1=100 * sums[1].item() / seen, lr=lr, time=time.time() - t_start)
-        if sums[2] > 0:
-            raise UserError(f"loss is not finite in epoch {epoch + 1}; try a lower --lr")
         sums.zero_()
+        record.update(unreadable_images(train_set, device, log))
         if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.epochs:
-            record["top1"], record["top5"] = evaluate(raw_model, val_set, 256, device, workers)
+            record["top1"], record["top5"] = evaluate(raw_model, val_set, 256, device, workers, log)
             log(f"epoch {epoch + 1}: top-1 {record['top1']:.2f}% top-5 {record['top5']:.2f}%")
         history.append(record)
         if main:
             with open(out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    # Checkpoint (distill.py's teacher) and results
+    # The finished checkpoint (distill.py's teacher) and results
     results = dict(top1=history[-1]["top1"], top5=history[-1]["top5"], labeled_images=len(indices),
                    label_fraction=None if cfg.subset_file else cfg.label_fraction,
                    subset=str(out_dir / "subset.txt"), from_scratch=cfg.from_scratch,
                    checkpoint=cfg.checkpoint, ft_proj_layer=cfg.ft_proj_layer, epochs=cfg.epochs,
                    steps=step, train_seconds=round(time.time() - t_start), world_size=world,
                    device=device.type, git=git_revision(), config=dataclasses.asdict(cfg))
+    checkpoint(results)
     if main:
-        save_checkpoint(out_dir / "finetuned.pt", dict(
-            model=raw_model.state_dict(), epoch=cfg.epochs, step=step, results=results,
-            config=dict(dataclasses.asdict(cfg), pretrain=pretrain_config,
-                        num_classes=num_classes, classes=list(train_set.classes))))
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     log(f"done in {datetime.timedelta(seconds=round(time.time() - t_start))}: top-1 "
         f"{results['top1']:.2f}% top-5 {results['top5']:.2f}% with {len(indices)} labels; "
-        f"{out_dir / 'finetuned.pt'}, {out_dir / 'results.json'}")
+        f"{ckpt_path}, {out_dir / 'results.json'}")
     return results
 
 

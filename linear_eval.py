@@ -36,10 +36,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain import (UserError, build_dataset, build_model, build_optimizer, console,
+from pretrain import (Progress, UserError, build_dataset, build_model, build_optimizer, console,
                       default_workers, eval_transform, extract_features, git_revision, knn_predict,
-                      learning_rate, load_checkpoint, load_model_state, opt, parse_config,
-                      per_process_batch, run_cli, scaled_lr, setup, simclr_augmentation, world_info)
+                      learning_rate, load_checkpoint, load_model_state, make_loader, opt,
+                      parse_config, per_process_batch, prepare_out_dir, run_cli, scaled_lr, setup,
+                      simclr_augmentation, world_info)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -54,19 +55,20 @@ class LinearConfig:
     dataset: str = opt("", "data to evaluate on, empty: the checkpoint's; another one is "
                        "transfer (Sec. 6)", ["cifar10", "cifar100", "stl10", "imagenet", "folder"])
     data_dir: str = opt("", "dataset root, empty: the checkpoint's when --dataset is its")
-    workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at most 8)")
+    workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at most 8)",
+                       min=-1)
     # protocol (Appendix B.6)
-    batch_size: int = opt(512, "global batch size B in images")
-    epochs: int = opt(100, "epochs of the linear layer; 0: no linear layer (kNN only)")
-    lr: float = opt(0.1, "base learning rate, x B/256; cosine decay, no warmup")
-    weight_decay: float = opt(0.0, "L2 weight decay on the linear layer's weights")
-    momentum: float = opt(0.9, "Nesterov momentum")
+    batch_size: int = opt(512, "global batch size B in images", min=1)
+    epochs: int = opt(100, "epochs of the linear layer; 0: no linear layer (kNN only)", min=0)
+    lr: float = opt(0.1, "base learning rate, x B/256; cosine decay, no warmup", above=0)
+    weight_decay: float = opt(0.0, "L2 weight decay on the linear layer's weights", min=0)
+    momentum: float = opt(0.9, "Nesterov momentum", min=0, below=1)
     cached_features: bool = opt(False, "compute h once without augmentation and train on the "
                                 "stored features (fast; not the paper's augmented protocol)")
     random_init: bool = opt(False, "evaluate the same architecture untrained: the baseline")
     knn: int = opt(0, "also report weighted kNN top-1 with K neighbours on normalised h (200 is "
-                   "the common value, Wu et al. 2018); 0: off")
-    knn_temperature: float = opt(0.1, "temperature of the kNN weights exp(sim / t)")
+                   "the common value, Wu et al. 2018); 0: off", min=0)
+    knn_temperature: float = opt(0.1, "temperature of the kNN weights exp(sim / t)", above=0)
     # system
     device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"])
     seed: int = opt(0, "random seed (data order, augmentation, --random-init weights)")
@@ -98,6 +100,10 @@ def resolve_config(argv):
         raise UserError("--checkpoint is required (a ckpt.pt written by pretrain.py)")
     ckpt = load_checkpoint(cfg.checkpoint)
     pre = ckpt["config"]
+    if "pretrain" in pre:
+        raise UserError(f"{cfg.checkpoint} is a finetune.py checkpoint; linear evaluation takes "
+                        f"the pretraining checkpoint it started from "
+                        f"({pre.get('checkpoint') or 'a ckpt.pt of pretrain.py'})")
     dataset = cfg.dataset or pre.get("dataset", "")
     data_dir = cfg.data_dir or (pre.get("data_dir", "") if dataset == pre.get("dataset") else "")
     if not data_dir:
@@ -106,8 +112,6 @@ def resolve_config(argv):
     defaults = {f.name: f.default for f in dataclasses.fields(LinearConfig)}
     cfg = LinearConfig(**{**defaults, **PRESETS.get(dataset, {}), **given,
                           "dataset": dataset, "data_dir": data_dir})
-    if cfg.epochs < 0 or cfg.knn < 0 or cfg.batch_size < 1:
-        raise UserError("--epochs and --knn must be >= 0, --batch-size >= 1")
     if cfg.epochs == 0 and cfg.knn == 0:
         raise UserError("nothing to do: --epochs 0 trains no linear layer; add --knn K")
     return cfg, ckpt
@@ -210,7 +214,7 @@ def train_linear(classifier, encoder, loader, epochs, peak_lr, weight_decay=0.0,
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     encoder.eval()  # BN uses the pretraining statistics and does not update them
     classifier.train()
-    step, t_start = 0, time.time()
+    step, progress = 0, Progress(log, "epoch", epochs, len(loader.sampler), seconds=10)
     loss_avg, acc_avg = float("nan"), float("nan")
     for epoch in range(epochs):
         loader.sampler.set_epoch(epoch)
@@ -238,8 +242,8 @@ def train_linear(classifier, encoder, loader, epochs, peak_lr, weight_decay=0.0,
         if world > 1:
             dist.all_reduce(sums)
         loss_avg, acc_avg = (sums[0] / sums[2]).item(), (100 * sums[1] / sums[2]).item()
-        log(f"epoch {epoch + 1}/{epochs} loss {loss_avg:.4f} train top-1 {acc_avg:.2f}% "
-            f"lr {lr:.4g} {time.time() - t_start:.0f}s")
+        if progress.due(epoch + 1):
+            progress.show(epoch + 1, f"loss {loss_avg:.4f} train top-1 {acc_avg:.2f}% lr {lr:.4g}")
     return loss_avg, acc_avg
 
 
@@ -286,6 +290,14 @@ def results_path(cfg, pretrain_dataset):
     return Path(cfg.checkpoint).parent / f"{name}.json"
 
 
+def trained_for(ckpt):
+    """How far the checkpoint's training got, in words: it may have stopped mid-epoch."""
+    step, per_epoch = ckpt.get("step"), ckpt.get("steps_per_epoch")
+    if step is None or not per_epoch:
+        return f"epoch {ckpt.get('epoch', '?')}"
+    return f"step {step} = epoch {step / per_epoch:.2f} of {ckpt['config']['epochs']}"
+
+
 def run(cfg, ckpt):
     device, rank, world = setup(cfg.device)
     main = rank == 0
@@ -293,6 +305,11 @@ def run(cfg, ckpt):
     local_batch = per_process_batch(cfg.batch_size, world)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
     pre = ckpt["config"]
+    out = results_path(cfg, pre["dataset"])
+    if main:  # checked now: the evaluation may take hours
+        prepare_out_dir(out.parent, "--out")
+        if out.is_dir():
+            raise UserError(f"--out {out} is a folder; give a file name")
     image_size = pre["image_size"]  # the encoder's input size, also for transfer datasets
 
     torch.manual_seed(cfg.seed)  # the same --random-init weights on every rank
@@ -307,20 +324,21 @@ def run(cfg, ckpt):
     log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | "
         f"encoder {pre['arch']} x{pre['width_multiplier']} {image_size}px, h {encoder.out_dim}-d, "
         f"{'random init' if cfg.random_init else 'pretrained'} on {pre['dataset']} "
-        f"(epoch {ckpt.get('epoch', '?')})")
+        f"({trained_for(ckpt)})")
     log("config " + json.dumps(dataclasses.asdict(cfg)))
 
     # Evaluation features: the image as it is (32 px) or a centre crop (ImageNet), gathered.
     plain = eval_transform(image_size)
     val = build_dataset(cfg.dataset, cfg.data_dir, "val", plain)
     t_start = time.time()
-    val_f, val_l = extract_features(encoder, val, EXTRACT_BATCH, device, workers)
+    val_f, val_l = extract_features(encoder, val, EXTRACT_BATCH, device, workers, log, "features: val")
     num_classes = len(val.classes)
     train_f = train_l = None
     if cfg.cached_features or cfg.knn:
         train_plain = build_dataset(cfg.dataset, cfg.data_dir, "train", plain)
         check_same_classes(train_plain, val, cfg)
-        train_f, train_l = extract_features(encoder, train_plain, EXTRACT_BATCH, device, workers)
+        train_f, train_l = extract_features(encoder, train_plain, EXTRACT_BATCH, device, workers,
+                                            log, "features: train")
         log(f"features of {len(train_plain)} training and {len(val)} evaluation images in "
             f"{time.time() - t_start:.0f}s")
     results = dict(dataset=cfg.dataset, pretrain_dataset=pre["dataset"], checkpoint=cfg.checkpoint,
@@ -346,9 +364,7 @@ def run(cfg, ckpt):
                                   simclr_augmentation(image_size, "crop"))
             sampler = torch.utils.data.DistributedSampler(train, world, rank, shuffle=True,
                                                           seed=cfg.seed)
-            loader = torch.utils.data.DataLoader(train, local_batch, sampler=sampler,
-                                                 num_workers=workers,
-                                                 pin_memory=device.type == "cuda")
+            loader = make_loader(train, local_batch, device, workers, sampler)
             trunk = encoder
             check_same_classes(train, val, cfg)
         peak_lr = scaled_lr(cfg.lr, cfg.batch_size, "linear")
@@ -364,10 +380,12 @@ def run(cfg, ckpt):
     check_encoder_unchanged(encoder, reference)
     results["time_s"] = time.time() - t_start
     if main:
-        path = results_path(cfg, pre["dataset"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2) + "\n")
-        log(f"wrote {path}")
+        try:
+            out.write_text(json.dumps(results, indent=2) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot write {out}: {e.strerror}; the results were: top-1 "
+                            f"{results.get('top1')}, kNN top-1 {results.get('knn_top1')}")
+        log(f"wrote {out}")
     return results
 
 

@@ -6,7 +6,7 @@ together while pushing away the other 2(N-1) views of the batch. The encoder out
 the representation the other scripts evaluate (linear_eval.py), fine-tune (finetune.py) and
 distill (distill.py); they import the model, data and helpers from this file.
 
-    python pretrain.py --dataset cifar10 --data-dir ../shared/data/cifar10      # laptop or 1 GPU
+    python pretrain.py --dataset cifar10 --data-dir data/cifar10      # laptop or 1 GPU
     torchrun --nproc_per_node=8 pretrain.py --dataset imagenet --data-dir /data/imagenet
 
 --batch-size is the global batch: under torchrun each process takes batch_size / world_size
@@ -25,6 +25,8 @@ import io
 import itertools
 import json
 import math
+import multiprocessing
+import operator
 import os
 import signal
 import subprocess
@@ -54,9 +56,10 @@ warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.
 # ---------------------------------------------------------------------------------------------
 
 
-def opt(default, help, choices=None):
-    """A configuration field: its default, and the help text that --help shows."""
-    return field(default=default, metadata=dict(help=help, choices=choices))
+def opt(default, help, choices=None, **bounds):
+    """A configuration field: its default, the help text that --help shows, and the range of
+    valid values (min / max inclusive, above / below exclusive), checked by parse_config."""
+    return field(default=default, metadata=dict(help=help, choices=choices, **bounds))
 
 
 @dataclass
@@ -66,43 +69,47 @@ class Config:
     data_dir: str = opt("data", "dataset root; cifar10 may also be an image-folder export "
                         "(train/<class>/*, val/ or test/)")
     out_dir: str = opt("", "where checkpoints and logs go (default runs/<dataset>-<arch>-<time>)")
-    image_size: int = opt(32, "training resolution in pixels; <= 32 selects the CIFAR stem")
-    workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at most 8)")
+    image_size: int = opt(32, "training resolution in pixels; <= 32 selects the CIFAR stem", min=8)
+    workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at "
+                       "most 8)", min=-1)
     # augmentation (Sec. 3, Appendix A)
     augment: str = opt("crop,color", "augmentations on, comma-separated, from crop (random "
                        "resized crop + flip), flip, jitter, gray, color (= jitter,gray); for "
                        "the paper's Fig. 5 ablations")
     color_strength: float = opt(0.5, "colour distortion strength s (Appendix A): 1.0 ImageNet, "
-                                "0.5 CIFAR-10")
+                                "0.5 CIFAR-10", min=0)
     blur: bool = opt(False, "Gaussian blur with p 0.5 (on for ImageNet, off for 32 px images)")
     # model (Sec. 2.1; v2 Sec. 2)
     arch: str = opt("resnet18", "encoder f", ["resnet18", "resnet34", "resnet50", "resnet101",
                                               "resnet152"])
     width_multiplier: float = opt(1.0, "channels of every layer x w (the paper's 1x/2x/4x); "
-                                  "fractions such as 0.25 for CPU runs")
-    sk_ratio: float = opt(0.0, "selective kernels (v2): 0 off, 0.0625 the paper's value")
+                                  "fractions such as 0.25 for CPU runs", above=0)
+    sk_ratio: float = opt(0.0, "selective kernels (v2): 0 off, 0.0625 the paper's value", min=0)
     proj_head: str = opt("nonlinear", "projection head g (Fig. 8 ablation)",
                          ["none", "linear", "nonlinear"])
-    proj_layers: int = opt(2, "layers of the nonlinear head: 2 in v1, 3 in v2")
-    proj_dim: int = opt(128, "output dimension of g")
+    proj_layers: int = opt(2, "layers of the nonlinear head: 2 in v1, 3 in v2", min=1)
+    proj_dim: int = opt(128, "output dimension of g", min=1)
     # loss (Eq. 1)
-    temperature: float = opt(0.5, "NT-Xent temperature tau: 0.5 CIFAR-10, 0.1 ImageNet")
+    temperature: float = opt(0.5, "NT-Xent temperature tau: 0.5 CIFAR-10, 0.1 ImageNet", above=0)
     # optimisation (Sec. 2.2, Appendix B)
-    batch_size: int = opt(512, "global batch size N in images (each gives 2 views)")
-    epochs: int = opt(1000, "training epochs; the schedule spans them")
+    batch_size: int = opt(512, "global batch size N in images (each gives 2 views)", min=2)
+    epochs: int = opt(1000, "training epochs; the schedule spans them", min=1)
     max_steps: int = opt(0, "stop (with a checkpoint) after this many optimizer steps, 0: no "
-                         "limit; the schedule still spans --epochs, so the run can be resumed")
+                         "limit; the schedule still spans --epochs, so the run can be resumed",
+                         min=0)
     optimizer: str = opt("lars", "LARS as in the paper; sgd and adam for comparison",
                          ["lars", "sgd", "adam"])
-    lr: float = opt(1.0, "base learning rate, scaled by --lr-scaling")
+    lr: float = opt(1.0, "base learning rate, scaled by --lr-scaling", above=0)
     lr_scaling: str = opt("linear", "linear: lr x B/256; sqrt: lr x sqrt(B) (better for small B)",
                           ["linear", "sqrt"])
-    weight_decay: float = opt(1e-4, "L2 weight decay, not on biases and BatchNorm parameters")
-    momentum: float = opt(0.9, "momentum of LARS and SGD")
-    warmup_epochs: float = opt(10.0, "linear warmup from 0, then cosine decay to 0")
+    weight_decay: float = opt(1e-4, "L2 weight decay, not on biases and BatchNorm parameters",
+                              min=0)
+    momentum: float = opt(0.9, "momentum of LARS and SGD", min=0, below=1)
+    warmup_epochs: float = opt(10.0, "linear warmup from 0, then cosine decay to 0", min=0)
     memory_size: int = opt(0, "v2's MoCo memory: K past projections as extra negatives (MoCo: "
-                           "65536), 0: off")
-    memory_momentum: float = opt(0.999, "momentum m of the memory network's moving average")
+                           "65536), 0: off", min=0)
+    memory_momentum: float = opt(0.999, "momentum m of the memory network's moving average",
+                                 min=0, max=1)
     global_bn: bool = opt(True, "BatchNorm statistics over the global batch under torchrun "
                           "(--no-global-bn: per-GPU statistics, the paper's ablation)")
     # system
@@ -111,13 +118,16 @@ class Config:
                          "gradient scaler", ["auto", "bf16", "fp16", "fp32"])
     compile: bool = opt(False, "torch.compile the model (slower start, faster steps on GPU)")
     seed: int = opt(0, "random seed (initialisation and data order)")
-    log_every: int = opt(50, "print a log line every this many steps")
-    eval_every: int = opt(0, "kNN top-1 on the evaluation split every this many epochs, 0: off")
-    knn_k: int = opt(200, "neighbours of the kNN monitor")
-    knn_temperature: float = opt(0.1, "temperature of the kNN monitor's weights")
+    log_every: int = opt(50, "print a log line every this many steps (and after the first)",
+                         min=1)
+    eval_every: int = opt(0, "kNN top-1 on the evaluation split every this many epochs, 0: off",
+                          min=0)
+    knn_k: int = opt(200, "neighbours of the kNN monitor", min=1)
+    knn_temperature: float = opt(0.1, "temperature of the kNN monitor's weights", above=0)
     resume: str = opt("", "checkpoint to continue from; its configuration is used, with the "
                       "flags given here on top")
-    show_augmentations: int = opt(0, "save a PNG of N images beside their two views and exit")
+    show_augmentations: int = opt(0, "save a PNG of N images beside their two views and exit",
+                                 min=0)
 
 
 # Per-dataset presets, applied before the command-line flags.
@@ -156,12 +166,13 @@ def parse_config(cls, argv, presets=None, description=None):
     the stored configuration). Every field of cls becomes --field-name; booleans get --no-x.
     """
     presets = presets or {}
-    parser = _Parser(description=description, argument_default=argparse.SUPPRESS,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=description, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         per_dataset = {d: p[f.name] for d, p in presets.items() if p.get(f.name, f.default) != f.default}
-        help = f.metadata["help"] + (f" (default {f.default}" + "".join(
-            f", {d}: {v}" for d, v in per_dataset.items()) + ")")
+        help = f.metadata["help"]
+        if f.default != "":  # an empty default is explained by the help text itself
+            help += f" (default {f.default}" + "".join(f", {d}: {v}" for d, v in per_dataset.items()) + ")"
+        help = help.replace("%", "%%")  # argparse formats help strings with %
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
@@ -170,7 +181,30 @@ def parse_config(cls, argv, presets=None, description=None):
     given = vars(parser.parse_args(argv))
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     dataset = given.get("dataset", defaults.get("dataset"))
-    return cls(**{**defaults, **presets.get(dataset, {}), **given}), given
+    return checked(cls(**{**defaults, **presets.get(dataset, {}), **given})), given
+
+
+BOUNDS = {"min": (">=", operator.ge), "above": (">", operator.gt), "max": ("<=", operator.le),
+          "below": ("<", operator.lt)}
+
+
+def checked(cfg):
+    """cfg, if every numeric option is finite and within its field's bounds; else a UserError."""
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number, not {value}")
+        for key, (sign, holds) in BOUNDS.items():
+            if key in f.metadata and not holds(value, f.metadata[key]):
+                raise UserError(f"{flag} must be {sign} {f.metadata[key]}, not {value}")
+    return cfg
+
+
+def resumed_config(cls, stored, given):
+    """The configuration stored in a checkpoint (fields of cls only), with the flags given now
+    on top, checked."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return checked(cls(**{**{k: v for k, v in stored.items() if k in known}, **given}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +332,7 @@ def build_dataset(dataset, data_dir, split, transform):
             raise UserError(f"no image folder at {path}: expected {root}/train/<class>/<image> and "
                             f"{root}/val/<class>/<image> (set --data-dir)")
         try:
-            return torchvision.datasets.ImageFolder(str(path), transform)
+            return ImageFolder(str(path), transform)
         except (FileNotFoundError, OSError) as e:
             raise UserError(f"cannot read images under {path}: {e}")
     if dataset in ("cifar10", "cifar100"):
@@ -325,6 +359,74 @@ def _torchvision_dataset(name, root, make):
                         f"({type(e).__name__}); download it into --data-dir on a machine with "
                         f"network, or point --data-dir at an image-folder export "
                         f"(train/<class>/*, val/<class>/*)")
+
+
+class ImageFolder(torchvision.datasets.ImageFolder):
+    """torchvision's ImageFolder that survives unreadable files (truncated JPEGs, non-images with
+    an image extension: real folders, ImageNet's included, contain some). Such a file is named
+    on stderr and replaced by the next readable image, so batches keep their size on every
+    process; `unreadable` counts the replacements, across loader workers. Many in a row mean
+    the wrong folder, not a stray file, and stop the run."""
+
+    MAX_IN_A_ROW = 50
+
+    def __init__(self, root, transform):
+        super().__init__(root, transform)
+        self.unreadable = multiprocessing.Value("q", 0)  # shared with the loader workers
+        self.named = set()
+
+    def __getitem__(self, index):
+        for offset in range(self.MAX_IN_A_ROW):
+            path, target = self.samples[(index + offset) % len(self.samples)]
+            try:
+                image = self.loader(path)  # decodes the whole file
+            except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for a bad file
+                with self.unreadable.get_lock():
+                    self.unreadable.value += 1
+                if path not in self.named:  # one write: lines of several workers stay whole
+                    self.named.add(path)
+                    sys.stderr.write(f"warning: unreadable image {path} ({type(e).__name__}: "
+                                     f"{e}); using the next image instead\n")
+                    sys.stderr.flush()
+                continue
+            return self.transform(image), target
+        raise UserError(f"{self.MAX_IN_A_ROW} unreadable images in a row from "
+                        f"{self.samples[index][0]} on: is {self.root} a folder of images?")
+
+
+def unreadable_images(dataset, device, log):
+    """{'unreadable_images': the files an ImageFolder (or a Subset of one) has replaced so far,
+    summed over processes}, with a summary line; {} for datasets that cannot have any."""
+    folder = getattr(dataset, "dataset", dataset)
+    if not isinstance(folder, ImageFolder):
+        return {}
+    count = torch.tensor(folder.unreadable.value, device=device)
+    if world_info()[1] > 1:
+        dist.all_reduce(count)
+    if count.item():
+        log(f"{count.item()} unreadable image(s) so far, each replaced by the next image "
+            f"(named on stderr)")
+    return {"unreadable_images": count.item()}
+
+
+def _quiet_worker(worker_id):
+    # Ctrl-C and SIGTERM reach every process of the group; the main process answers them
+    # (StopSignal) and then shuts its workers down, so a worker must not die first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_loader(dataset, batch_size, device, workers, sampler=None, drop_last=False,
+                persistent=False):
+    """The DataLoader of every script: pinned memory on CUDA, workers that leave signals to the
+    main process, persistent workers on request (their start-up is paid once per run)."""
+    # The workers' seeds come from a generator seeded once, here: drawing them from the main
+    # random stream at every epoch's start would make a run resumed mid-epoch diverge.
+    seeds = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+        pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0,
+        worker_init_fn=_quiet_worker, generator=seeds)
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -676,21 +778,25 @@ def build_optimizer(model, name, lr, weight_decay, momentum=0.9, nesterov=False)
 
 
 @torch.no_grad()
-def extract_features(encoder, dataset, batch_size, device, workers=0):
+def extract_features(encoder, dataset, batch_size, device, workers=0, log=None, name="features"):
     """h for every image of dataset, in dataset order, and the labels (on device).
 
     Under torchrun each process encodes every world-th image and the pieces are gathered, so
-    every process returns the whole set. The encoder must be in eval mode.
+    every process returns the whole set. The encoder must be in eval mode. With `log`, progress
+    lines (this process's share) go there.
     """
     rank, world = world_info()
     indices = list(range(rank, len(dataset), world))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size,
-                                         num_workers=workers, pin_memory=device.type == "cuda")
+    loader = make_loader(torch.utils.data.Subset(dataset, indices), batch_size, device, workers)
+    progress = Progress(log or (lambda *a: None), name, len(indices))
     feats, labels = [], []
     for x, y in loader:
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             feats.append(encoder(x.to(device, non_blocking=True)).float())
         labels.append(y.to(device))
+        done = sum(map(len, labels))
+        if progress.due(done):
+            progress.show(done, "images")
     feats, labels = torch.cat(feats), torch.cat(labels)
     if world == 1:
         return feats, labels
@@ -718,15 +824,12 @@ def knn_predict(train_feats, train_labels, query_feats, num_classes, k=200, temp
     return torch.cat(scores)
 
 
-def knn_accuracy(encoder, cfg, device, workers):
-    """kNN top-1 (%) of the evaluation split, with the training split as memory."""
-    tf = eval_transform(cfg.image_size)
-    train = build_dataset(cfg.dataset, cfg.data_dir, "train", tf)
-    val = build_dataset(cfg.dataset, cfg.data_dir, "val", tf)
+def knn_accuracy(encoder, train, val, cfg, device, workers, log):
+    """kNN top-1 (%) of the evaluation split val, with the training split train as memory."""
     was_training = encoder.training
     encoder.eval()
-    train_f, train_l = extract_features(encoder, train, 512, device, workers)
-    val_f, val_l = extract_features(encoder, val, 512, device, workers)
+    train_f, train_l = extract_features(encoder, train, 512, device, workers, log, "kNN: train")
+    val_f, val_l = extract_features(encoder, val, 512, device, workers, log, "kNN: val")
     encoder.train(was_training)
     scores = knn_predict(train_f, train_l, val_f, len(train.classes), cfg.knn_k, cfg.knn_temperature)
     return 100.0 * (scores.argmax(1) == val_l).float().mean().item()
@@ -738,14 +841,20 @@ def knn_accuracy(encoder, cfg, device, workers):
 
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint, and
+    a failed write (disk full) leaves the previous checkpoint as it was."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a short write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {getattr(e, 'strerror', None) or first_line(e)} "
+                        f"(disk full?); {'the previous one is intact' if path.exists() else 'none written'}")
 
 
 def load_checkpoint(path):
@@ -755,7 +864,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        raise UserError(f"cannot read checkpoint {path}: not a checkpoint of this project, or a "
+                        f"damaged one ({type(e).__name__})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this project (no model and config)")
     return ckpt
@@ -766,8 +876,8 @@ def load_model_state(model, state, path):
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise UserError(f"{path} does not match the model (architecture or width differs): {first}")
+        raise UserError(f"{path} does not match the model (architecture or width differs): "
+                        f"{first_line(e)}")
 
 
 def git_revision():
@@ -776,6 +886,106 @@ def git_revision():
                               text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a job: output folder, random state, progress lines, stopping on a signal
+# ---------------------------------------------------------------------------------------------
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def prepare_out_dir(path, flag="--out-dir"):
+    """Create the output folder and check that it takes files, before any work is done."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {path}: {e.strerror}; choose another {flag}")
+    return path
+
+
+def random_states(device):
+    """The random state of every process, in rank order (each resumes its own stream): the CPU
+    generator, and the GPU's, which draws the augmentations on CUDA."""
+    state = dict(cpu=torch.get_rng_state(),
+                 **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
+    _, world = world_info()
+    states = [None] * world
+    if world > 1:
+        dist.all_gather_object(states, state)
+    return states if world > 1 else [state]
+
+
+def restore_random_state(states, device):
+    rank, _ = world_info()
+    state = states[rank] if rank < len(states) else states[0]
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Progress:
+    """The progress line of every long loop in every script:
+
+        <name> <done>/<total> [<what>] <images/s> img/s eta <h:mm:ss>
+
+    due(done) is true after the first item (a line within seconds of the start), then every
+    `every` items, or with every=0 every `seconds`, and at the last item. With every > 0 the
+    answer depends on `done` alone, so all processes of a torchrun job agree (the caller may
+    synchronise there); the time rule is for loops that only print.
+    """
+
+    def __init__(self, log, name, total, images_per_item=1, every=0, seconds=30.0, start=0):
+        self.log, self.name, self.total, self.per_item = log, name, total, images_per_item
+        self.every, self.seconds, self.start = every, seconds, start
+        self.t_start = self.t_shown = time.time()
+
+    def due(self, done):
+        if done in (self.start + 1, self.total):
+            return True
+        return done % self.every == 0 if self.every else time.time() - self.t_shown >= self.seconds
+
+    def show(self, done, what=""):
+        now = time.time()
+        rate = (done - self.start) * self.per_item / max(now - self.t_start, 1e-9)
+        eta = (self.total - done) * self.per_item / max(rate, 1e-9)
+        self.log(f"{self.name} {done}/{self.total}{' ' + what if what else ''} {rate:.0f} img/s "
+                 f"eta {datetime.timedelta(seconds=round(eta))}")
+        self.t_shown = now
+
+
+class StopSignal:
+    """Ctrl-C (SIGINT) and SIGTERM (a scheduler's preemption, `timeout`, torchrun's agent, a kill
+    of the process group) ask the job to stop after the current step and write a checkpoint.
+    The signal reaches the processes of a torchrun job at slightly different moments, so
+    calling the object makes them agree, every step, on whether any was asked: an all-reduce
+    over a gloo group on the CPU, which never waits for the GPU. Loader workers ignore both
+    signals (make_loader) and are shut down by their process."""
+
+    def __init__(self):
+        self.signum = None
+        signal.signal(signal.SIGINT, self.request)
+        signal.signal(signal.SIGTERM, self.request)
+        _, world = world_info()
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+
+    def request(self, signum, frame):
+        self.signum = signum
+
+    def __call__(self):
+        """Whether any process was asked to stop: the same answer on every process."""
+        if self.group is None:
+            return self.signum is not None
+        flag = torch.tensor([self.signum or 0])  # a signal arriving after this counts next time
+        dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.group)
+        self.signum = int(flag) or self.signum
+        return bool(flag)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -807,27 +1017,34 @@ def train(cfg):
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
     out_dir = Path(cfg.out_dir or f"runs/{cfg.dataset}-{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if main:
+        prepare_out_dir(out_dir)  # an unwritable folder fails now, not after an epoch
+    ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
 
     # Data: two views per image (Algorithm 1, lines 3-9)
     augmentation = simclr_augmentation(cfg.image_size, cfg.augment, cfg.color_strength, cfg.blur)
     dataset = build_dataset(cfg.dataset, cfg.data_dir, "pretrain", TwoViews(augmentation))
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.show_augmentations:
         if main:
             log(f"saved {show_augmentations(cfg, dataset, out_dir)}")
         return
+    knn_sets = None
+    if cfg.eval_every:  # read now: a missing evaluation split fails before the first step
+        knn_sets = [build_dataset(cfg.dataset, cfg.data_dir, split, eval_transform(cfg.image_size))
+                    for split in ("train", "val")]
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{len(dataset)} images are fewer than one batch of {cfg.batch_size}")
+    if ckpt and ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+        raise UserError(f"{cfg.resume} was written at {ckpt['steps_per_epoch']} steps per epoch, "
+                        f"this data gives {steps_per_epoch}: resume with the same data")
     total_steps = cfg.epochs * steps_per_epoch  # the schedule's length
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
     peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
     sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(
-        dataset, local_batch, sampler=sampler, num_workers=workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    loader = make_loader(dataset, local_batch, device, workers, sampler, drop_last=True,
+                         persistent=True)
 
     # Model, optimizer
     torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): let cuDNN pick its kernels
@@ -835,8 +1052,7 @@ def train(cfg):
     optimizer = build_optimizer(model, cfg.optimizer, peak_lr, cfg.weight_decay, cfg.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step = 0
-    if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume)
+    if ckpt:
         load_model_state(model, ckpt["model"], cfg.resume)
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -845,7 +1061,7 @@ def train(cfg):
                             f"{cfg.optimizer}: {e}")
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        restore_random_state(ckpt["rng"], device)
     if world > 1 and cfg.global_bn:
         model = convert_to_global_bn(model)
     if device.type == "cuda":
@@ -857,7 +1073,7 @@ def train(cfg):
             raise UserError(f"--memory-size {cfg.memory_size} must hold at least one batch of "
                             f"{2 * cfg.batch_size} views")
         memory = Memory(raw_model, cfg.memory_size, raw_model.head.out_dim, cfg.memory_momentum).to(device)
-        if cfg.resume and "memory" in ckpt:
+        if ckpt and "memory" in ckpt:
             memory.load_state_dict(ckpt["memory"])
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
@@ -873,24 +1089,16 @@ def train(cfg):
         f"({local_batch} per process), {last_step} of {total_steps} steps, peak lr {peak_lr:.4g}, "
         f"out {out_dir}")
 
-    stop = {"signal": None}
-
-    def request_stop(signum, frame):
-        stop["signal"] = signum
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stop = StopSignal()
+    ckpt_path = out_dir / "ckpt.pt"
 
     def checkpoint():
-        rng = torch.get_rng_state()
-        rngs = [torch.empty_like(rng) for _ in range(world)] if world > 1 else [rng]
-        if world > 1:
-            dist.all_gather_object(rngs, rng)  # each rank resumes its own augmentation stream
+        states = random_states(device)  # every process resumes its own augmentation stream
         if main:
-            save_checkpoint(out_dir / "ckpt.pt", dict(
+            save_checkpoint(ckpt_path, dict(
                 model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                 scaler=scaler.state_dict(), epoch=step // steps_per_epoch, step=step,
-                config=dataclasses.asdict(cfg), rng=rngs,
+                steps_per_epoch=steps_per_epoch, config=dataclasses.asdict(cfg), rng=states,
                 **({"memory": memory.state_dict()} if memory is not None else {})))
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
@@ -898,7 +1106,8 @@ def train(cfg):
     model.train()
     sums = torch.zeros(3, device=device)  # loss, accuracy, non-finite losses since the last log
     epoch_sums = torch.zeros(3, device=device)
-    t_start, step_start, since_log = time.time(), step, 0
+    progress = Progress(log, "step", last_step, cfg.batch_size, every=cfg.log_every, start=step)
+    since_log, t_start = 0, time.time()
     for epoch in range(step // steps_per_epoch, cfg.epochs):
         if step >= last_step:
             break
@@ -932,8 +1141,7 @@ def train(cfg):
             since_log += 1
             sums += torch.stack([loss.detach(), acc.detach(), (~torch.isfinite(loss.detach())).float()])
 
-            last = step >= last_step or step % steps_per_epoch == 0
-            if step % cfg.log_every == 0 or last or stop["signal"]:
+            if progress.due(step) or step % steps_per_epoch == 0:  # the same step on every process
                 if world > 1:
                     dist.all_reduce(sums)
                     sums /= world
@@ -942,41 +1150,33 @@ def train(cfg):
                 sums.zero_()
                 since_log = 0
                 if bad > 0:
-                    raise UserError(f"loss is not finite at step {step}; stopped, the last good "
-                                    f"checkpoint is {out_dir / 'ckpt.pt'} (try a lower --lr)")
-                now = time.time()
-                rate = (step - step_start) * cfg.batch_size / (now - t_start)
-                eta = (last_step - step) * cfg.batch_size / max(rate, 1e-9)
-                log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{last_step} loss {loss_avg:.4f} "
-                    f"acc {100 * acc_avg:.1f}% lr {lr:.4g} {rate:.0f} img/s "
-                    f"eta {datetime.timedelta(seconds=round(eta))}")
-                if world > 1:
-                    flag = torch.tensor([float(stop["signal"] is not None)], device=device)
-                    dist.all_reduce(flag)
-                    stop["signal"] = stop["signal"] or (signal.SIGTERM if flag.item() else None)
-                if stop["signal"]:
-                    checkpoint()
-                    log(f"stopped by signal {stop['signal']} at step {step}; continue with "
-                        f"--resume {out_dir / 'ckpt.pt'}")
-                    return
-            if step >= last_step:
+                    raise UserError(f"loss is not finite at step {step}; stopped. " + (
+                        f"The last good checkpoint is {ckpt_path}" if ckpt_path.exists() else
+                        "No checkpoint was written yet") + " (try a lower --lr)")
+                progress.show(step, f"epoch {epoch + 1}/{cfg.epochs} loss {loss_avg:.4f} acc "
+                                    f"{100 * acc_avg:.1f}% lr {lr:.4g}")
+            if step >= last_step or stop():
                 break
 
-        # end of epoch: log line, optional kNN monitor, checkpoint
+        # end of epoch (or stop): checkpoint first, then the log line and the optional kNN
+        checkpoint()
+        if stop():
+            log(f"stopped by signal {stop.signum} at step {step}; continue with --resume {ckpt_path}")
+            return
         epoch_steps = step - epoch_step_start
         record = dict(epoch=epoch + 1, step=step, loss=epoch_sums[0].item() / max(1, epoch_steps),
                       contrastive_acc=epoch_sums[1].item() / max(1, epoch_steps), lr=lr,
                       images_per_s=epoch_steps * cfg.batch_size / (time.time() - t_epoch),
                       time=time.time() - t_start)
-        if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or step >= last_step):
-            record["knn_top1"] = knn_accuracy(raw_model.encoder, cfg, device, workers)
+        record.update(unreadable_images(dataset, device, log))
+        if knn_sets and ((epoch + 1) % cfg.eval_every == 0 or step >= last_step):
+            record["knn_top1"] = knn_accuracy(raw_model.encoder, *knn_sets, cfg, device, workers, log)
             log(f"epoch {epoch + 1}: kNN top-1 {record['knn_top1']:.2f}%")
-        checkpoint()
         if main:
             with open(out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
     log(f"done: {step} steps in {datetime.timedelta(seconds=round(time.time() - t_start))}, "
-        f"checkpoint {out_dir / 'ckpt.pt'}")
+        f"checkpoint {ckpt_path}")
 
 
 def resolve_config(argv):
@@ -984,8 +1184,11 @@ def resolve_config(argv):
     cfg, given = parse_config(Config, argv, PRESETS, __doc__.splitlines()[0])
     if cfg.resume:
         stored = load_checkpoint(cfg.resume)["config"]
-        known = {f.name for f in dataclasses.fields(Config)}
-        cfg = Config(**{**{k: v for k, v in stored.items() if k in known}, **given})
+        if given.get("batch_size", stored["batch_size"]) != stored["batch_size"]:
+            raise UserError(f"--batch-size {given['batch_size']} differs from the checkpoint's "
+                            f"{stored['batch_size']}: its steps and schedule count batches of "
+                            f"{stored['batch_size']}; resume with that batch size")
+        cfg = resumed_config(Config, stored, given)
         if not given.get("out_dir"):
             cfg.out_dir = str(Path(cfg.resume).parent)
     return cfg
@@ -997,10 +1200,20 @@ def run_cli(script, fn):
     try:
         fn()
     except UserError as e:
-        sys.exit(f"{script}: error: {e}")
+        # raised in a loader worker, the message carries the worker's traceback: its last line
+        message = str(e).strip().splitlines()[-1].split("UserError: ")[-1]
+        sys.exit(f"{script}: error: {message}")
+    except KeyboardInterrupt:  # Ctrl-C before the training loop: nothing to save yet
+        sys.exit(f"{script}: interrupted")
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        # Loader workers ignore SIGTERM (make_loader), which is how multiprocessing would stop
+        # them at exit: workers still alive after an error are killed instead (their loader's
+        # SIGCHLD check first switched off), or the exit would wait for them forever.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for worker in multiprocessing.active_children():
+            worker.kill()
 
 
 def main(argv=None):

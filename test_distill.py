@@ -143,7 +143,8 @@ def test_distill_with_labels_and_a_smaller_student(finetuned, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--alpha", "0.5"], "give --label-fraction or --subset-file"),
     (["--label-fraction", "0.1"], "labels are unused with --alpha 1"),
-    (["--temperature", "0"], "--temperature > 0"),
+    (["--temperature", "0"], "--temperature must be > 0, not 0.0"),
+    (["--alpha", "1.5"], "--alpha must be <= 1, not 1.5"),
 ])
 def test_bad_input_is_one_line_without_traceback(finetuned, tmp_path, args, message):
     proc = run_script("distill.py", "--teacher", finetuned / "finetuned.pt", *args, *TINY_RUN,

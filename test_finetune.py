@@ -213,7 +213,8 @@ def test_from_scratch_runs_and_ignores_the_pretrained_weights(tiny_folder, pretr
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--label-fraction", "0"], "--label-fraction must be in (0, 1]"),
+    (["--label-fraction", "0"], "--label-fraction must be > 0, not 0.0"),
+    (["--label-fraction", "1.5"], "--label-fraction must be <= 1, not 1.5"),
     (["--ft-proj-layer", "3"], "projection head has 2 layer(s)"),
     (["--batch-size", "64"], "fewer than one batch"),
     (["--subset-file", "/nonexistent/list.txt"], "cannot read --subset-file"),

@@ -1,0 +1,269 @@
+"""What a new user runs into, tried on purpose: every way of stopping a job leaves a checkpoint
+that --resume continues, unreadable images are named and skipped, and bad input is one line
+before any work is done (never a traceback, never after an hour of training)."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_MODEL, TINY_PRETRAIN, make_image_folder, run_script
+from pretrain import Progress, UserError, load_checkpoint
+
+SCRIPTS = ["pretrain.py", "linear_eval.py", "finetune.py", "distill.py", "bench.py"]
+TINY_FT = ["--batch-size", "8", "--workers", "0", "--log-every", "1", "--label-fraction", "1.0"]
+
+
+def stop_with_signal(command, tmp_path, at="step 2/", sig=signal.SIGTERM, env=None):
+    """Run command in a process group of its own and send sig to the whole group (what a
+    scheduler, `timeout` or Ctrl-C do) once a line containing `at` appears."""
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env=env)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if at in line:
+            os.killpg(proc.pid, sig)
+            break
+    out, err = proc.communicate(timeout=180)
+    return proc.returncode, "".join(seen) + out, err
+
+
+def script(name, *args):
+    return [sys.executable, str(ROOT / name), *map(str, args)]
+
+
+# ------------------------------------------------------------------------------------ stopping
+
+
+def test_sigterm_to_the_process_group_checkpoints_with_loader_workers(tiny_folder, tmp_path):
+    """The workers get the signal too; they must leave the stop to the main process."""
+    rc, out, err = stop_with_signal(script(
+        "pretrain.py", *TINY_PRETRAIN, "--data-dir", tiny_folder, "--out-dir", tmp_path,
+        "--epochs", 50, "--workers", 2), tmp_path)
+    assert rc == 0 and "stopped by signal 15" in out, err
+    assert "Traceback" not in err and "killed by signal" not in err
+    step = load_checkpoint(tmp_path / "ckpt.pt")["step"]
+    assert 2 <= step < 150
+    out = run_script("pretrain.py", "--resume", tmp_path / "ckpt.pt", "--max-steps", step + 1).stdout
+    assert f"step {step + 1}/{step + 1}" in out
+
+
+def test_sigterm_to_a_torchrun_job_stops_every_process_at_the_same_step(tiny_folder, tmp_path):
+    """torchrun's agent passes the signal on to each process's group (process and workers):
+    the processes agree on the step, all of them write their part, and the job resumes."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                "--master-port=29512", str(ROOT / "pretrain.py")]
+    args = [*TINY_PRETRAIN, "--data-dir", tiny_folder, "--out-dir", tmp_path, "--epochs", 50,
+            "--workers", 1, "--device", "cpu"]
+    rc, out, err = stop_with_signal(torchrun + list(map(str, args)), tmp_path)
+    assert "stopped by signal 15" in out, err
+    assert "[rank" not in err  # no process failed (torchrun itself reports the signal)
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["step"] >= 2 and len(ckpt["rng"]) == 2
+    proc = subprocess.run(torchrun + list(map(str, ["--resume", tmp_path / "ckpt.pt",
+                                                    "--max-steps", ckpt["step"] + 1])),
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == ckpt["step"] + 1
+
+
+def test_finetune_stopped_and_resumed_equals_the_uninterrupted_run(pretrained_checkpoint, tmp_path):
+    args = ["--checkpoint", pretrained_checkpoint, *TINY_FT, "--epochs", 3]
+    run_script("finetune.py", *args, "--out-dir", tmp_path / "straight")
+    rc, out, err = stop_with_signal(script("finetune.py", *args, "--out-dir", tmp_path / "cut"),
+                                    tmp_path, at="step 3/", sig=signal.SIGINT)
+    assert rc == 0 and "stopped by signal 2" in out, err
+    assert re.search(r"step 1/18 .* img/s eta \d+:\d\d:\d\d", out)  # progress: rate and ETA
+    stopped = load_checkpoint(tmp_path / "cut" / "finetuned.pt")
+    assert 3 <= stopped["step"] < 18 and stopped["results"] is None
+    run_script("finetune.py", "--resume", tmp_path / "cut" / "finetuned.pt")
+    straight = load_checkpoint(tmp_path / "straight" / "finetuned.pt")
+    resumed = load_checkpoint(tmp_path / "cut" / "finetuned.pt")
+    assert resumed["step"] == 18 and resumed["results"]["top1"] == straight["results"]["top1"]
+    for k, v in straight["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+
+
+def test_distill_stopped_by_sigterm_resumes(pretrained_checkpoint, tmp_path):
+    run_script("finetune.py", "--checkpoint", pretrained_checkpoint, *TINY_FT, "--epochs", 1,
+               "--out-dir", tmp_path / "ft")
+    rc, out, err = stop_with_signal(script(
+        "distill.py", "--teacher", tmp_path / "ft" / "finetuned.pt", "--batch-size", 8,
+        "--epochs", 3, "--workers", 1, "--log-every", 1, "--out-dir", tmp_path / "d"), tmp_path)
+    assert rc == 0 and "stopped by signal 15" in out and "eta" in out, err
+    step = load_checkpoint(tmp_path / "d" / "student.pt")["step"]
+    out = run_script("distill.py", "--resume", tmp_path / "d" / "student.pt").stdout
+    assert f"step {step + 1}/18" in out
+    assert load_checkpoint(tmp_path / "d" / "student.pt")["results"]["student_top1"] >= 0
+
+
+# ------------------------------------------------------------------------------------ bad data
+
+
+def test_unreadable_images_are_named_counted_and_replaced(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=8, val_per_class=2)
+    good = (data / "train" / "class0" / "000.png").read_bytes()
+    (data / "train" / "class0" / "truncated.png").write_bytes(good[:len(good) // 2])
+    (data / "train" / "class1" / "notes.jpg").write_text("not an image")
+    proc = run_script("pretrain.py", *TINY_PRETRAIN, "--data-dir", data, "--out-dir",
+                      tmp_path / "run", "--batch-size", 6, "--epochs", 1, "--workers", 1)
+    assert "truncated.png" in proc.stderr and "notes.jpg" in proc.stderr
+    assert "2 unreadable image(s)" in proc.stdout
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text())
+    assert record["unreadable_images"] == 2 and record["step"] == 3
+
+
+def test_a_folder_of_non_images_stops_with_one_line(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        for i in range(60):
+            (tmp_path / "data" / "train" / c / f"{i}.jpg").write_text("text")
+    proc = run_script("pretrain.py", *TINY_PRETRAIN, "--data-dir", tmp_path / "data",
+                      "--out-dir", tmp_path / "run", "--workers", 1, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("error:") == 1  # the workers' warnings name the files
+    assert re.search(r"^pretrain.py: error: 50 unreadable images in a row", proc.stderr, re.M)
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_of_every_script(name):
+    proc = run_script(name, "--help")
+    assert proc.stdout.startswith("usage:") and "Traceback" not in proc.stderr
+    assert "(default )" not in proc.stdout and "default runs/<dataset>-<arch>-<time>) (" not in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 2, not 0"),
+    (["--batch-size", "-4"], "--batch-size must be >= 2, not -4"),
+    (["--image-size", "0"], "--image-size must be >= 8, not 0"),
+    (["--lr", "-1"], "--lr must be > 0, not -1.0"),
+    (["--lr", "nan"], "--lr must be a finite number, not nan"),
+    (["--width-multiplier", "0"], "--width-multiplier must be > 0, not 0.0"),
+    (["--epochs", "0"], "--epochs must be >= 1, not 0"),
+    (["--temperature", "0"], "--temperature must be > 0, not 0.0"),
+    (["--momentum", "1"], "--momentum must be < 1, not 1.0"),
+])
+def test_nonsense_values_are_refused_in_one_line(args, message, tiny_folder):
+    proc = run_script("pretrain.py", "--dataset", "folder", "--data-dir", tiny_folder, *args,
+                      check=False)
+    assert proc.returncode == 1 and proc.stderr.strip() == f"pretrain.py: error: {message}"
+
+
+def test_resume_with_another_batch_size_is_refused(pretrained_checkpoint):
+    proc = run_script("pretrain.py", "--resume", pretrained_checkpoint, "--batch-size", 8,
+                      check=False)
+    assert proc.returncode == 1 and "differs from the checkpoint's 16" in proc.stderr
+
+
+def test_unwritable_or_file_out_dir_fails_before_any_work(tiny_folder, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    read_only = tmp_path / "ro"
+    read_only.mkdir(mode=0o555)
+    if os.access(read_only, os.W_OK):  # root ignores permissions: a read-only file system
+        read_only = Path("/sys/simclr-test")
+    for out_dir in (a_file, read_only / "run"):
+        proc = run_script("pretrain.py", *TINY_PRETRAIN, "--data-dir", tiny_folder, "--out-dir",
+                          out_dir, check=False)
+        assert proc.returncode == 1 and "step" not in proc.stdout
+        assert proc.stderr.startswith(f"pretrain.py: error: cannot write to {out_dir}")
+
+
+def test_missing_evaluation_split_fails_before_the_first_step(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=8)
+    for f in (data / "val").rglob("*.png"):
+        f.unlink()
+    for d in sorted((data / "val").iterdir()):
+        d.rmdir()
+    (data / "val").rmdir()
+    proc = run_script("pretrain.py", *TINY_PRETRAIN, "--data-dir", data, "--out-dir",
+                      tmp_path / "run", "--eval-every", 1, check=False)
+    assert proc.returncode == 1 and "no image folder at" in proc.stderr and "step" not in proc.stdout
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path):
+    """A write cut short (disk full; here a file-size limit): one line, no stale .tmp, and the
+    previous checkpoint untouched."""
+    path = tmp_path / "ckpt.pt"
+    code = f"""
+import resource, signal, sys, torch
+from pretrain import UserError, save_checkpoint
+save_checkpoint({str(path)!r}, dict(model={{"w": torch.ones(10)}}, config={{}}))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    save_checkpoint({str(path)!r}, dict(model={{"w": torch.zeros(10**6)}}, config={{}}))
+except UserError as e:
+    sys.exit(str(e))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"cannot write {path}") and "previous one is intact" in proc.stderr
+    assert not (tmp_path / "ckpt.pt.tmp").exists()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(10))
+
+
+def test_a_diverging_run_without_checkpoint_says_so(tiny_folder, tmp_path):
+    proc = run_script("pretrain.py", *TINY_PRETRAIN, "--data-dir", tiny_folder, "--out-dir",
+                      tmp_path, "--lr", 1e30, check=False)
+    assert proc.returncode == 1 and "No checkpoint was written yet" in proc.stderr
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage" * 100, b"PK\x03\x04 not a zip"])
+def test_a_garbage_checkpoint_is_one_line(content, tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(content)
+    proc = run_script("linear_eval.py", "--checkpoint", tmp_path / "ckpt.pt", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("linear_eval.py: error: cannot read checkpoint")
+
+
+def test_linear_eval_of_a_finetuned_checkpoint_names_what_to_pass(pretrained_checkpoint, tmp_path):
+    run_script("finetune.py", "--checkpoint", pretrained_checkpoint, *TINY_FT, "--epochs", 1,
+               "--out-dir", tmp_path)
+    proc = run_script("linear_eval.py", "--checkpoint", tmp_path / "finetuned.pt", check=False)
+    assert proc.returncode == 1
+    assert f"takes the pretraining checkpoint it started from ({pretrained_checkpoint})" in proc.stderr
+
+
+def test_linear_eval_checks_its_output_before_evaluating(pretrained_checkpoint, tmp_path):
+    proc = run_script("linear_eval.py", "--checkpoint", pretrained_checkpoint, "--knn", 5,
+                      "--epochs", 0, "--out", tmp_path, check=False)
+    assert proc.returncode == 1 and "is a folder" in proc.stderr and "features" not in proc.stdout
+
+
+def test_linear_eval_names_a_mid_epoch_checkpoint_by_its_step(tiny_folder, tmp_path):
+    run_script("pretrain.py", *TINY_PRETRAIN, "--data-dir", tiny_folder, "--out-dir", tmp_path,
+               "--max-steps", 2)
+    out = run_script("linear_eval.py", "--checkpoint", tmp_path / "ckpt.pt", "--epochs", 0,
+                     "--knn", 5).stdout
+    assert "(step 2 = epoch 0.67 of 2)" in out and "features: val 24/24 images" in out
+
+
+# ------------------------------------------------------------------------------------ progress
+
+
+def test_progress_is_due_first_every_and_last():
+    lines = []
+    progress = Progress(lines.append, "step", 10, images_per_item=4, every=4)
+    assert [d for d in range(1, 11) if progress.due(d)] == [1, 4, 8, 10]
+    progress.show(4, "loss 1.0")
+    assert re.fullmatch(r"step 4/10 loss 1\.0 \d+ img/s eta \d+:\d\d:\d\d", lines[0])
+    resumed = Progress(lines.append, "step", 10, every=0, seconds=3600, start=6)
+    assert [d for d in range(7, 11) if resumed.due(d)] == [7, 10]  # first after the start, last
+
+
+def test_nothing_points_outside_the_repository():
+    """Users have the repository only: no script or docstring may cite files beside it."""
+    for path in ROOT.glob("*.py"):
+        if not path.name.startswith(("test_", "conftest")):
+            text = path.read_text()
+            assert "REFERENCE.md" not in text and "../shared" not in text, path.name
