@@ -436,7 +436,8 @@ def test_the_two_views_of_an_image_are_independent():
 def test_without_crop_and_colour_a_view_is_the_image_up_to_a_flip():
     images = uint8_batch(64, 32, 32)
     x = images.float() / 255
-    view = A.SimCLRAugmentation(32, crop=False, jitter=False, gray=False)(images)
+    view = A.SimCLRAugmentation(32, crop=False, jitter=False, gray=False)(
+        images, generator=torch.Generator().manual_seed(0))
     same = [(v - x[i]).abs().max() < 1e-7 for i, v in enumerate(view)]
     mirrored = [(v - x[i].flip(-1)).abs().max() < 1e-7 for i, v in enumerate(view)]
     assert all(s or m for s, m in zip(same, mirrored)) and 10 < sum(same) < 54
