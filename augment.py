@@ -1,0 +1,387 @@
+"""SimCLR's data augmentation t ~ T (v1 Sec. 3 and Appendix A), as batched tensor code.
+
+A view is a random crop resized to the output size, a horizontal flip, a colour distortion
+(brightness, contrast, saturation and hue jitter in an order drawn per image, then grayscale)
+and, on ImageNet, a Gaussian blur. Appendix A writes this pipeline as TensorFlow calls and the
+authors' code (data_util.py, and model.py for the blur) calls the same ops, so TensorFlow's
+kernels are the definition: each function reproduces one op, named in its docstring, and
+test_augment.py checks it against float64 loops over the kernel's formulas and against
+TensorFlow's own outputs. torchvision differs where it matters: its crops are larger and more
+often tiny, its contrast and saturation blend with the grayscale image, not TF's channel means
+and HSV.
+
+Each image draws its own parameters, on the input's device, and nothing makes the host wait for
+the device (no .item(), no shapes that depend on random draws), so on CUDA the augmentation is
+queued like the training step:
+
+    augment = SimCLRAugmentation(32, strength=0.5)       # the CIFAR-10 recipe
+    view1, view2 = augment(images), augment(images)      # uint8 n x 3 x H x W -> float [0, 1]
+
+Full-resolution images (ImageNet) are cropped in the loader workers, twice per image (one crop
+per view, random_crop_resize_uint8(image, 224)), and each batch of crops gets the rest on the
+device: SimCLRAugmentation(224, blur=True)(crops, cropped=True).
+
+Where this departs from the authors' code, on purpose: the blur's sigma is drawn per image (the
+paper's wording; their code draws one per batch); worker crops are rounded to uint8 (0.5/255 at
+most); and TF's CPU saturation kernel, which turns a pixel gray when red is the max and green a
+hair (about 1e-7 of the range) below blue, is not copied (2 pixels in 10 million on CIFAR-10).
+"""
+from dataclasses import dataclass
+
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Crop: tf.image.sample_distorted_bounding_box, then tf.image.resize_bicubic
+# ---------------------------------------------------------------------------------------------
+
+AREA_RANGE = (0.08, 1.0)  # fraction of the image (data_util.crop_and_resize)
+ASPECT_RANGE = (3 / 4, 4 / 3)  # crop width / height, for a square output
+MIN_COVERED = 0.1  # min_object_covered: a crop must hold 10% of the image, which beats 0.08
+ATTEMPTS = 100  # max_attempts; the whole image if every attempt fails
+CROP_PROPORTION = 0.875  # evaluation: centre crop of 87.5% of the shorter side (ImageNet)
+CPU_CHUNK_PIXELS = 2 ** 17  # a CPU batch goes through in chunks of 128 32-px or 2 224-px images
+
+
+def _f32(value):
+    """value rounded to float32, as TensorFlow stores a float attribute (0.1 -> 0.100000001)."""
+    return torch.tensor(value, dtype=torch.float32).item()
+
+
+def sample_crop_boxes(n, height, width, generator=None, device=None):
+    """n random crops of a height x width image: n x 4 (top, left, crop height, crop width).
+
+    TensorFlow's sampler (GenerateRandomCrop in sample_distorted_bounding_box_op.cc) with the
+    authors' arguments, its 100 attempts drawn for all n images at once. The areas are not
+    uniform: at 32 px their mean is about 0.43, the median 0.39, and none is under 0.10.
+    """
+    u = torch.rand(2, n, ATTEMPTS, generator=generator, device=device)
+    u_offset = torch.rand(n, 2, generator=generator, device=device)
+    return _crop_boxes(u[0], u[1], u_offset, height, width)
+
+
+def _crop_boxes(u_ratio, u_height, u_offset, height, width):
+    """GenerateRandomCrop on given uniforms (n x attempts, n x attempts, n x 2), in float32 as TF."""
+    min_area = (torch.tensor(AREA_RANGE[0]) * width * height).item()  # float32, as the kernel
+    max_area = (torch.tensor(AREA_RANGE[1]) * width * height).item()
+    lo, hi = _f32(ASPECT_RANGE[0]), _f32(ASPECT_RANGE[1])
+    ratio = u_ratio * _f32(hi - lo) + lo  # aspect ratio of each attempt, uniform
+    # Heights from the area bounds (lrintf rounds half to even, as torch.round); when the
+    # tallest crop's rounded width overflows, TF takes the tallest height whose width fits.
+    h_lo = torch.sqrt(min_area / ratio).round()
+    h_hi = torch.sqrt(max_area / ratio).round()
+    fit = ((width + 0.5 - _f32(1e-7)) / ratio.double()).floor().float()  # double, as in C++
+    fit = fit - ((fit * ratio).round() > width).float()
+    h_hi = torch.where((h_hi * ratio).round() > width, fit, h_hi).clamp(max=height)
+    h_lo = torch.minimum(h_lo, h_hi)
+    h = h_lo + (u_height * (h_hi - h_lo + 1)).floor()  # uniform over the allowed integers
+    w = (h * ratio).round()
+    h = h + (w * h < min_area).float()  # rounding made it too small: one row more,
+    w = (h * ratio).round()
+    h = h - (w * h > max_area).float()  # too large: one row less
+    w = (h * ratio).round()
+    area = w * h
+    valid = ((area >= min_area) & (area <= max_area) & (w <= width) & (h <= height) & (w > 0)
+             & (h > 0) & (area / float(width * height) >= _f32(MIN_COVERED)))
+    first = valid.int().argmax(1, keepdim=True)  # the first valid attempt (argmax: first max)
+    found = valid.any(1)
+    h = torch.where(found, h.gather(1, first)[:, 0], height)
+    w = torch.where(found, w.gather(1, first)[:, 0], width)
+    # random->Uniform(H - h) is in [0, H - h): a smaller crop never touches the bottom or right
+    top = (u_offset[:, 0] * (height - h)).floor()
+    left = (u_offset[:, 1] * (width - w)).floor()
+    return torch.stack([top, left, h, w], 1).long()
+
+
+def center_crop_box(height, width, size, proportion=CROP_PROPORTION):
+    """The evaluation crop (data_util.center_crop) for a square output of side size: a centred
+    square of rint(proportion x the shorter side) in float32, offsets rounded up; the whole
+    image when size <= 32, as data.py turns the crop off there. Returns 4 ints."""
+    if size <= 32:
+        return 0, 0, height, width
+    side = int((torch.tensor(proportion) * min(height, width)).round())
+    return (height - side + 1) // 2, (width - side + 1) // 2, side, side
+
+
+def _keys_cubic(x, a=-0.75):
+    """The cubic convolution kernel at distance 0 <= x <= 2 (Keys 1981; TF's legacy a = -0.75)."""
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x <= 1, near, far)
+
+
+def _resize_matrix(start, length, size, extent):
+    """n x size x extent: row o holds the bicubic weights of output pixel o over the input line,
+    for crops [start, start + length) resized to size, as resize_bicubic_op.cc (legacy scaler)."""
+    scale = length.float() / size  # in / out, float32
+    loc = torch.arange(size, device=start.device) * scale[:, None]  # n x size, no half-pixel
+    base = loc.floor()
+    t = ((loc - base) * 1024).round().double() / 1024  # TF reads a 1024-entry coefficient table
+    weights = _keys_cubic(torch.stack([1 + t, t, 1 - t, 2 - t], -1)).float()  # n x size x 4
+    taps = base.long()[..., None] + torch.arange(-1, 3, device=start.device)  # n x size x 4
+    # TF crops, then clamps taps to the crop: the border pixel repeats, nothing outside is read
+    taps = torch.minimum(taps.clamp(min=0), (length - 1)[:, None, None]) + start[:, None, None]
+    matrix = torch.zeros(len(start), size, extent, device=start.device)
+    return matrix.scatter_add_(2, taps, weights)
+
+
+def crop_resize(images, boxes, size):
+    """Crop each image to its box (top, left, height, width) and resize it to size x size.
+
+    tf.image.crop_to_bounding_box then tf.compat.v1.image.resize_bicubic, as the TF1 code that
+    made the v1 results and the released checkpoints: no half-pixel centres, a = -0.75, taps
+    clamped to the crop, the fractional position quantised to 1/1024. The tf2/ code's
+    tf.image.resize(..., BICUBIC) has half-pixel centres, a = -0.5, and drops the taps outside
+    the crop: on CIFAR-10 crops it differs by 4.7/255 on average, 30/255 at the 99th
+    percentile. Not clipped, as TF. images n x C x H x W float -> n x C x size x size.
+    """
+    _, _, height, width = images.shape
+    rows = _resize_matrix(boxes[:, 0], boxes[:, 2], size, height)  # n x S x H
+    cols = _resize_matrix(boxes[:, 1], boxes[:, 3], size, width)  # n x S x W
+    return _separable(images, rows, cols)
+
+
+def _separable(x, rows, cols):
+    """rows_i @ x_ic @ cols_i^T for every image i and channel c: a separable linear filter, as
+    two batched matrix products (n x C x H x W, n x P x H, n x Q x W -> n x C x P x Q). Needs
+    full float32 matmuls: outside autocast, without TF32 (torch's defaults)."""
+    n, c, height, width = x.shape
+    out = x.reshape(n, c * height, width) @ cols.transpose(1, 2)  # n x (C H) x Q
+    return rows[:, None] @ out.view(n, c, height, cols.shape[1])  # n x C x P x Q
+
+
+def random_crop_resize_uint8(image, size, generator=None):
+    """One full-resolution uint8 image C x H x W -> a random crop as uint8 C x size x size, for
+    loader workers. Rounding to uint8 (and clipping the bicubic overshoot) is the one departure
+    from TF, which keeps floats: at most 0.5/255 per pixel."""
+    _, height, width = image.shape
+    top, left, h, w = sample_crop_boxes(1, height, width, generator, image.device)[0].tolist()
+    return _resize_uint8(image[:, top:top + h, left:left + w], size)
+
+
+def center_crop_resize(image, size, proportion=CROP_PROPORTION):
+    """The evaluation view (data_util.preprocess_for_eval) of a uint8 image C x H x W -> uint8
+    C x size x size; a 32 px CIFAR image comes back as it is (a same-size resize is exact)."""
+    top, left, h, w = center_crop_box(image.shape[1], image.shape[2], size, proportion)
+    return _resize_uint8(image[:, top:top + h, left:left + w], size)
+
+
+def _resize_uint8(crop, size):
+    box = torch.tensor([[0, 0, crop.shape[1], crop.shape[2]]], device=crop.device)
+    out = crop_resize(crop[None].float(), box, size)[0]
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flip: tf.image.random_flip_left_right
+# ---------------------------------------------------------------------------------------------
+
+
+def random_flip(x, generator=None):
+    """Mirror each image left-right with probability 1/2."""
+    flip = torch.rand(len(x), 1, 1, 1, generator=generator, device=x.device) < 0.5
+    return torch.lerp(x, x.flip(-1), flip.to(x.dtype))  # lerp by 0/1: exact, faster than where
+
+
+# ---------------------------------------------------------------------------------------------
+# Colour distortion: data_util.color_jitter (random order) and to_grayscale
+# ---------------------------------------------------------------------------------------------
+
+
+def _per_image(value, x):
+    """The ops take x n x 3 x H x W and n values (one per image) and do not clip, unless the TF
+    op does (adjust_saturation clips S): color_jitter clips after each op, as the authors."""
+    return torch.as_tensor(value, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+
+
+def adjust_brightness(x, factor):
+    """The authors' brightness, x * factor: the default of both codes (the TF1 code's 'simclrv1'
+    option calls itself and multiplies too)."""
+    return x * _per_image(factor, x)
+
+
+def adjust_brightness_additive(x, delta):
+    """tf.image.adjust_brightness, x + delta: the v1 paper's pseudocode, tf2's 'simclrv1'."""
+    return x + _per_image(delta, x)
+
+
+def adjust_contrast(x, factor):
+    """tf.image.adjust_contrast: (x - mean) * factor + mean, each channel's mean over the image
+    (torchvision uses the grayscale mean instead)."""
+    mean = x.mean((2, 3), keepdim=True)  # n x 3 x 1 x 1
+    return (x - mean) * _per_image(factor, x) + mean
+
+
+def adjust_saturation(x, factor):
+    """tf.image.adjust_saturation: to HSV, S * factor clipped to [0, 1], back to RGB.
+
+    Hue and value are kept, so each channel keeps its place between the max V and the min
+    V (1 - S): x' = V - (V - x) * S' / S, without the round trip. As TF, S = 0 where V <= 0.
+    """
+    tiny = torch.finfo(x.dtype).tiny
+    v = x.amax(1, keepdim=True)  # n x 1 x H x W
+    s = (v - x.amin(1, keepdim=True)) / v.clamp(min=tiny)
+    ratio = (s * _per_image(factor, x)).clamp(0, 1) / s.clamp(min=tiny)  # S' / S, 0 where S = 0
+    return v - (v - x) * ratio
+
+
+def adjust_hue(x, delta):
+    """tf.image.adjust_hue: the hue H (in turns) rotated by delta, max and min kept (AdjustHueOp).
+
+    H in sixths of a turn from the max channel, as TF's rgb_to_hv_range; back to RGB with the
+    standard piecewise-linear curves of HSV, each channel between the min and the max.
+    """
+    r, g, b = x.unbind(1)  # n x H x W each
+    v, lo = x.amax(1), x.amin(1)
+    span = v - lo
+    inv = 1 / span.clamp(min=torch.finfo(x.dtype).tiny)  # grays: H = 0, span 0 keeps them gray
+    h = (r - g) * inv + 4  # blue is the max
+    h = h + (g == v) * ((b - r) * inv + 2 - h)  # green (wins over blue, as TF's branches)
+    h = h + (r == v) * ((g - b) * inv - h)  # red
+    h = torch.remainder(h + 6 * _per_image(delta, x)[:, 0], 6)  # rotated, in [0, 6]
+    # red rises from the min where green and blue fall from the max (H = 0 and 6 agree)
+    red = lo + span * ((h - 3).abs() - 1).clamp(0, 1)
+    green = v - span * ((h - 2).abs() - 1).clamp(0, 1)
+    blue = v - span * ((h - 4).abs() - 1).clamp(0, 1)
+    return torch.stack([red, green, blue], 1)
+
+
+def to_grayscale(x):
+    """tf.image.rgb_to_grayscale (weights 0.2989, 0.5870, 0.1140), tiled to 3 channels."""
+    r, g, b = x.unbind(1)
+    return (r * 0.2989 + g * 0.5870 + b * 0.1140)[:, None].expand_as(x)
+
+
+def color_jitter(x, strength, brightness="multiplicative", generator=None, p=1.0):
+    """data_util.color_jitter of strength s on each image with probability p (0.8 in the recipe).
+
+    Brightness, contrast and saturation factors ~ U(1 - 0.8s, 1 + 0.8s) (multiplicative
+    brightness from max(0, 1 - 0.8s); "additive": a shift ~ U(-0.8s, 0.8s), the v1 pseudocode),
+    hue shift ~ U(-0.2s, 0.2s), applied in an order drawn per image, clipping after each op.
+    """
+    if brightness not in ("multiplicative", "additive"):
+        raise ValueError(f"brightness: unknown {brightness!r}; use multiplicative or additive")
+    if not 0 <= strength <= 1.25:  # as tf.image.random_contrast: a factor may not go below 0
+        raise ValueError(f"colour strength {strength} outside [0, 1.25]")
+    u = torch.rand(9, len(x), generator=generator, device=x.device)
+    s = 0.8 * strength
+    factors = [(2 * u[0] - 1) * s if brightness == "additive" else
+               max(1 - s, 0) + (1 + s - max(1 - s, 0)) * u[0],
+               1 - s + 2 * s * u[1], 1 - s + 2 * s * u[2], (2 * u[3] - 1) * 0.2 * strength]
+    order = u[4:8].argsort(0)  # 4 x n: a uniform random permutation of the ops per image
+    return _jitter_in_order(x, factors, order, u[8] < p, brightness)
+
+
+def _jitter_in_order(x, factors, order, applied, brightness="multiplicative", sub_batches=None):
+    """Round r applies op order[r, i] to image i where applied[i], clipping each result.
+
+    On the CPU each op runs on the images that take it in that round (5x less work). Elsewhere
+    that choice would make the host wait for the device (sub-batch sizes depend on the draws), so
+    every op runs on the whole batch and each image keeps its own: lerp by a 0/1 weight is exact.
+    """
+    ops = [adjust_brightness_additive if brightness == "additive" else adjust_brightness,
+           adjust_contrast, adjust_saturation, adjust_hue]
+    if sub_batches is None:
+        sub_batches = x.device.type == "cpu"
+    x = x.clone()
+    for step in order:  # step[i]: the op that image i takes in this round
+        mine = [(step == k) & applied for k in range(len(ops))]
+        if sub_batches:  # in place: the images of a round's ops are disjoint
+            for op, factor, m in zip(ops, factors, mine):
+                i = m.nonzero()[:, 0]
+                x.index_copy_(0, i, op(x.index_select(0, i), factor[i]).clamp(0, 1))
+        else:
+            out = x
+            for op, factor, m in zip(ops, factors, mine):
+                out = torch.lerp(out, op(x, factor).clamp(0, 1), m.to(x.dtype).view(-1, 1, 1, 1))
+            x = out
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Blur: data_util.gaussian_blur / batch_random_blur (ImageNet only)
+# ---------------------------------------------------------------------------------------------
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """data_util.gaussian_blur: a separable Gaussian of std sigma (per image) and 2 * (kernel_size
+    // 2) + 1 taps (the authors pass side // 10), zero 'SAME' padding, so borders darken as in
+    TF. Written as products with banded matrices, where zero padding is the band cut off at the
+    border: 2x faster than a grouped convolution on the CPU at 224 px, and float32 on CUDA,
+    where cuDNN convolutions default to TF32."""
+    radius = kernel_size // 2
+    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-taps ** 2 / (2 * _per_image(sigma, x).view(-1, 1) ** 2))  # n x K
+    kernel = kernel / kernel.sum(1, keepdim=True)
+
+    def band(size):  # n x size x size: output pixel i takes input pixel j with tap j - i
+        i = torch.arange(size, device=x.device)
+        tap = i[None, :] - i[:, None] + radius
+        return kernel[:, tap.clamp(0, 2 * radius)] * ((tap >= 0) & (tap <= 2 * radius))
+
+    return _separable(x, band(x.shape[2]), band(x.shape[3]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline: data_util.preprocess_for_train, then model.py's batch_random_blur
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_augment(augment):
+    """--augment's comma-separated names -> SimCLRAugmentation's switches: crop (random crop and
+    flip), flip, jitter, gray, color (= jitter,gray). Unknown names raise ValueError."""
+    names = set(augment.replace("color", "jitter,gray").split(",")) - {""}
+    unknown = names - {"crop", "flip", "jitter", "gray"}
+    if unknown:
+        raise ValueError(f"--augment: unknown {', '.join(sorted(unknown))}; "
+                         "use crop, flip, jitter, gray, color")
+    return dict(crop="crop" in names, flip=bool(names & {"crop", "flip"}),
+                jitter="jitter" in names, gray="gray" in names)
+
+
+@dataclass
+class SimCLRAugmentation:
+    """One random view of each image of a batch; two calls give Algorithm 1's two views.
+
+    Fine-tuning and linear evaluation use crop and flip only (jitter=False, gray=False).
+    """
+
+    size: int  # output side, px
+    crop: bool = True  # random crop resized to size (sample_distorted_bounding_box, bicubic)
+    flip: bool = True  # left-right with p 0.5
+    jitter: bool = True  # colour jitter with p 0.8
+    gray: bool = True  # grayscale with p 0.2
+    strength: float = 1.0  # colour strength s: 1.0 ImageNet, 0.5 CIFAR-10
+    blur: bool = False  # Gaussian blur with p 0.5, sigma ~ U(0.1, 2.0): ImageNet only
+    brightness: str = "multiplicative"  # the authors' v2 default; "additive" as v1's pseudocode
+
+    def __call__(self, images, cropped=False, generator=None):
+        """uint8 n x 3 x H x W (any device) -> float32 n x 3 x size x size in [0, 1].
+
+        cropped=True: the images were cropped and resized already (random_crop_resize_uint8 in
+        the loader workers); flip, colour and blur still apply.
+        """
+        n, _, height, width = images.shape
+        chunk = max(1, CPU_CHUNK_PIXELS // (height * width))
+        if images.device.type == "cpu" and n > chunk:  # keep the temporaries in cache
+            return torch.cat([self(part, cropped, generator) for part in images.split(chunk)])
+        coin = lambda p: (torch.rand(n, 1, 1, 1, generator=generator, device=images.device)
+                          < p).float()
+        with torch.autocast(images.device.type, enabled=False):  # TF's ops are float32
+            x = images.float() * (1 / 255)  # tf.image.convert_image_dtype
+            if self.crop and not cropped:
+                boxes = sample_crop_boxes(n, height, width, generator, images.device)
+                x = crop_resize(x, boxes, self.size)
+            elif (height, width) != (self.size, self.size):
+                raise ValueError(f"{height} x {width} images make no {self.size} px views "
+                                 "without the crop")
+            if self.flip:
+                x = random_flip(x, generator)
+            if self.jitter:
+                x = color_jitter(x, self.strength, self.brightness, generator, p=0.8)
+            if self.gray:
+                x = torch.lerp(x, to_grayscale(x), coin(0.2))
+            x = x.clamp(0, 1)
+            if self.blur:  # the authors draw one sigma per batch; the paper samples it per image
+                sigma = 0.1 + 1.9 * torch.rand(n, generator=generator, device=images.device)
+                x = torch.lerp(x, gaussian_blur(x, sigma, self.size // 10), coin(0.5)).clamp(0, 1)
+        return x
