@@ -4,7 +4,8 @@ Pretraining is the expensive stage (1000 CIFAR-10 epochs, or ImageNet on many GP
 script measures, for one dataset, architecture, width, batch size and device, in images per
 second (an image is two augmented views) and with peak memory:
 
-    1. the data pipeline alone: decode + two augmented views (Appendix A), DataLoader workers;
+    1. the data pipeline alone: two augmented views (Appendix A) of each image, made on the
+       device from images in memory (CIFAR), or cropped by loader workers (image folders);
     2. one pretraining step on a batch already on the device: forward of both views, NT-Xent
        (Eq. 1), backward, optimizer step (LARS, Sec. 2.2) -- the compute ceiling of the model;
     3. the same step fed by the real pipeline, as pretrain.py runs it;
@@ -39,9 +40,9 @@ import torch
 from einops import rearrange
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain import (PRESETS, Config, TwoViews, UserError, build_dataset, build_model,
-                      build_optimizer, default_workers, git_revision, nt_xent_loss, opt,
-                      parse_config, scaled_lr, setup, simclr_augmentation)
+from pretrain import (PRESETS, Config, InMemory, UserError, ViewLoader, build_augmentation,
+                      build_model, build_optimizer, default_workers, git_revision, load_split,
+                      nt_xent_loss, opt, parse_config, scaled_lr, setup)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -159,24 +160,18 @@ def reset_peak_memory(device):
 # ---------------------------------------------------------------------------------------------
 
 
-def make_loader(dataset, cfg, batches, workers, device):
-    """A loader of `batches` batches, set up as pretrain.py's (drop_last, pinned memory on CUDA;
-    fresh workers for each pass, so their start-up is timed), drawing random images with
-    replacement across passes so that a small dataset still gives enough batches."""
+def view_batches(dataset, augment, cfg, batches, workers, device):
+    """`batches` batches of two views made as pretrain.py makes them (ViewLoader: CIFAR in memory
+    on the device; image folders cropped by fresh loader workers, whose start-up is timed, then
+    the device), of random images drawn with replacement so that a small dataset still gives
+    enough batches."""
     sampler = torch.utils.data.RandomSampler(dataset, num_samples=batches * cfg.batch_size)
-    return torch.utils.data.DataLoader(dataset, cfg.batch_size, sampler=sampler,
-                                       num_workers=workers, drop_last=True,
-                                       pin_memory=device.type == "cuda", persistent_workers=False)
+    return iter(ViewLoader(dataset, sampler, cfg.batch_size, augment, 2, device, workers))
 
 
-def to_device(x1, x2, device):
-    """Both views as one 2n x 3 x H x W batch [views 1; views 2] on the device.
-
-    Each pinned view is copied on its own and the two are joined on the device: torch.cat on the
-    host would first copy them into pageable memory, from which a non_blocking copy makes the host
-    wait for the GPU (and pin_memory=True would be wasted).
-    """
-    x = torch.cat([x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)])
+def joined(views, device):
+    """The two views as one 2n x 3 x H x W batch [views 1; views 2], as pretrain.py joins them."""
+    x = torch.cat(views)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)  # what tensor-core convolutions want
     return x
@@ -249,12 +244,15 @@ def bench(cfg):
     torch.manual_seed(cfg.seed)
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    workers = cfg.workers if cfg.workers >= 0 else default_workers(1)
-    augmentation = simclr_augmentation(cfg.image_size, cfg.augment, cfg.color_strength, cfg.blur)
-    dataset = build_dataset(cfg.dataset, cfg.data_dir, "pretrain", TwoViews(augmentation))
+    augment = build_augmentation(cfg.image_size, cfg.augment, cfg.color_strength, cfg.blur)
+    dataset = load_split(cfg.dataset, cfg.data_dir, "pretrain", cfg.image_size, device,
+                         default_workers(1), views=2, log=lambda *a: None)
+    workers = 0 if isinstance(dataset, InMemory) else (
+        cfg.workers if cfg.workers >= 0 else default_workers(1))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     print(f"bench.py: {cfg.arch} x{cfg.width_multiplier:g}, {cfg.image_size} px, batch "
-          f"{cfg.batch_size}, {device_name}, {precision}, {workers} workers, "
+          f"{cfg.batch_size}, {device_name}, {precision}, "
+          f"{'in memory' if not workers else f'{workers} workers'}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print("config " + json.dumps(dataclasses.asdict(cfg)))
     result = dict(config=dataclasses.asdict(cfg), device=device_name, precision=precision,
@@ -267,7 +265,8 @@ def bench(cfg):
     # batches per worker, over at least one batch per worker.
     if "data" in rows:
         warmup, steps = max(cfg.warmup, 2 * workers), max(cfg.steps, workers)
-        loader = iter(make_loader(dataset, cfg, 1 + warmup + steps * cfg.repeats, workers, device))
+        loader = view_batches(dataset, augment, cfg, 1 + warmup + steps * cfg.repeats, workers,
+                              device)
         start = time.perf_counter()
         next(loader)
         first_batch_s = time.perf_counter() - start
@@ -296,8 +295,8 @@ def bench(cfg):
 
     # Row 2: one real batch of augmented views, on the device, used for every step.
     if "memory" in rows:
-        (x1, x2), _ = next(iter(make_loader(dataset, cfg, 1, 0, device)))
-        x = to_device(x1, x2, device)
+        views, _ = next(view_batches(dataset, augment, cfg, 1, 0, device))
+        x = joined(views, device)
         reset_peak_memory(device)
         result["rows"]["memory"] = row_result(
             measure(lambda: step(x), device, cfg.warmup, cfg.steps, cfg.repeats), cfg.steps,
@@ -309,11 +308,12 @@ def bench(cfg):
     # pipeline slower than the step shows its own rate.
     if "full" in rows:
         warmup = max(cfg.warmup, 2 * workers)
-        loader = iter(make_loader(dataset, cfg, warmup + cfg.steps * cfg.repeats, workers, device))
+        loader = view_batches(dataset, augment, cfg, warmup + cfg.steps * cfg.repeats, workers,
+                              device)
 
         def full_step():
-            (x1, x2), _ = next(loader)
-            step(to_device(x1, x2, device))
+            views, _ = next(loader)
+            step(joined(views, device))
 
         reset_peak_memory(device)
         result["rows"]["full"] = row_result(
@@ -368,7 +368,8 @@ def bench(cfg):
 def report(result):
     """The table, the derived figures and the issue's targets, as text."""
     cfg, rows = result["config"], result["rows"]
-    titles = dict(data=f"1 data pipeline ({result['workers']} workers)",
+    source = f"{result['workers']} workers" if result["workers"] else "in memory"
+    titles = dict(data=f"1 data pipeline ({source})",
                   memory="2 step, batch in memory", full="3 step fed by the pipeline")
     lines = [f"{'row':<30} {'images/s':>10} {'ms/step':>10} {'(min-max)':>15} {'peak MB':>9} "
              f"{'s/epoch':>9}"]
@@ -385,7 +386,10 @@ def report(result):
                  f"{cfg['steps']} or more steps; peak MB: {memory_kind}; s/epoch: "
                  f"{cfg['epoch_images'] // cfg['batch_size']} steps of {cfg['batch_size']}"
                  + ")")
-    if "data" in rows:
+    if "data" in rows and not result["workers"]:
+        lines.append(f"pipeline: images in memory, indexed and augmented on the {result['device']}"
+                     f" ({rows['data']['images_per_s']:.0f} images/s)")
+    elif "data" in rows:
         d = rows["data"]
         lines.append(f"pipeline: {d['images_per_s_per_worker']:.0f} images/s per worker, first "
                      f"batch after {d['first_batch_s']:.2f} s (workers starting)")

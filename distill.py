@@ -28,7 +28,6 @@ teacher 43.9% (two seeds: 44.3%, 44.2%); with Eq. 3 on the teacher's 500 labels 
 """
 import dataclasses
 import datetime
-import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -40,14 +39,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from finetune import (build_classifier, build_finetune_optimizer, choose_labeled, evaluate,
-                      image_names, load_finetuned, set_lr)
-from pretrain import (ARCHS, Progress, ResumableSampler, StopSignal, UserError, build_dataset,
-                      build_model, console, convert_to_global_bn, default_workers,
-                      eval_transform, git_revision, learning_rate, load_checkpoint,
-                      load_model_state, make_loader, opt, parse_config, per_process_batch,
+                      image_names, load_finetuned, set_lr, subset)
+from pretrain import (ARCHS, Progress, ResumableSampler, StopSignal, UserError, ViewLoader,
+                      build_augmentation, build_model, console, convert_to_global_bn,
+                      default_workers, git_revision, learning_rate, load_checkpoint,
+                      load_model_state, load_split, opt, parse_config, per_process_batch,
                       prepare_out_dir, random_states, restore_random_state, resumed_config,
-                      run_cli, save_checkpoint, scaled_lr, setup, simclr_augmentation,
-                      unreadable_images)
+                      run_cli, save_checkpoint, scaled_lr, setup, unreadable_images)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -141,6 +139,27 @@ def resolve_config(argv):
     return cfg, teacher, ckpt, resume
 
 
+class LabelledDraws(torch.utils.data.Sampler):
+    """Eq. 3's labelled batches: `count` indices into the n labelled images per epoch, drawn with
+    replacement from a generator seeded by (seed, epoch), so a run resumed mid-epoch (start:
+    the draws already used, ResumableSampler's interface) continues them exactly."""
+
+    start = 0
+
+    def __init__(self, n, count, seed):
+        self.n, self.count, self.seed, self.epoch = n, count, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.count - self.start
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
+        return iter(torch.randint(self.n, (self.count,), generator=generator)[self.start:].tolist())
+
+
 # ---------------------------------------------------------------------------------------------
 # Model: the student, an encoder and a linear classifier (no projection head)
 # ---------------------------------------------------------------------------------------------
@@ -214,9 +233,11 @@ def train(cfg, teacher, teacher_ckpt, resume):
     num_classes = teacher_ckpt["config"]["num_classes"]
 
     # Data: every training image, its label ignored; crop + flip, one view for both networks
-    augmentation = simclr_augmentation(pre["image_size"], "crop")
-    unlabeled = build_dataset(cfg.dataset, cfg.data_dir, "pretrain", augmentation)
-    val_set = build_dataset(cfg.dataset, cfg.data_dir, "val", eval_transform(pre["image_size"]))
+    size = pre["image_size"]
+    split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, size, device,
+                                             workers, views, log)
+    augment = build_augmentation(size)
+    unlabeled, val_set = split("pretrain", views=1), split("val")
     if len(val_set.classes) != num_classes:
         raise UserError(f"the teacher has {num_classes} classes, {cfg.dataset} "
                         f"{len(val_set.classes)}")
@@ -226,20 +247,16 @@ def train(cfg, teacher, teacher_ckpt, resume):
     total_steps = cfg.epochs * steps_per_epoch
     step = resume["step"] if resume else 0
     sampler = ResumableSampler(unlabeled, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = make_loader(unlabeled, local_batch, device, workers, sampler, drop_last=True,
-                         persistent=True)
-    labeled_batches = None
+    loader = ViewLoader(unlabeled, sampler, local_batch, augment, 1, device, workers)
+    labeled_loader = draws = None
     if cfg.alpha < 1:  # Eq. 3: a labelled batch beside every unlabeled one, drawn with replacement
-        train_set = build_dataset(cfg.dataset, cfg.data_dir, "train", augmentation)
+        train_set = split("train", views=1)
         indices = choose_labeled(cfg, train_set, log)
         if main:
             (out_dir / "subset.txt").write_text("\n".join(image_names(train_set, indices)) + "\n")
-        labeled = torch.utils.data.Subset(train_set, indices)
-        draw = torch.utils.data.RandomSampler(labeled, replacement=True,
-                                              num_samples=total_steps * local_batch,
-                                              generator=torch.Generator().manual_seed(cfg.seed + rank))
-        skip_drawn = itertools.islice(draw, step * local_batch, None)  # a resumed run goes on
-        labeled_batches = iter(make_loader(labeled, local_batch, device, workers, skip_drawn))
+        draws = LabelledDraws(len(indices), steps_per_epoch * local_batch, cfg.seed + 1000 * rank)
+        labeled_loader = ViewLoader(subset(train_set, indices), draws, local_batch, augment, 1,
+                                    device, workers)
 
     # Models: the frozen teacher, the student (encoder + classifier)
     teacher = teacher.to(device).eval().requires_grad_(False)
@@ -271,7 +288,7 @@ def train(cfg, teacher, teacher_ckpt, resume):
         f"x{cfg.width_multiplier:g} ({'from ' + cfg.init if cfg.init else 'random init'}) | "
         f"{sum(p.numel() for p in raw_student.parameters()) / 1e6:.2f}M student parameters")
     log("config " + json.dumps(dataclasses.asdict(cfg)))
-    teacher_top1, teacher_top5 = evaluate(teacher, val_set, 256, device, workers, log)
+    teacher_top1, teacher_top5 = evaluate(teacher, val_set, size, 256, device, workers, log)
     log(f"teacher: top-1 {teacher_top1:.2f}% top-5 {teacher_top5:.2f}%")
     log(f"{len(unlabeled)} unlabeled images, {steps_per_epoch} steps/epoch of {cfg.batch_size}, "
         f"{total_steps} steps, peak lr {peak_lr:.4g}, tau {cfg.temperature:g}, alpha "
@@ -299,19 +316,19 @@ def train(cfg, teacher, teacher_ckpt, resume):
     sums = torch.zeros(3, device=device)  # loss, student-teacher agreement, non-finite losses
     t_start = time.time()
     for epoch in range(step // steps_per_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        sampler.start = (step % steps_per_epoch) * local_batch
-        for x, _ in loader:  # the labels of the unlabeled images are never used
+        for s in (sampler, draws) if draws else (sampler,):
+            s.set_epoch(epoch)
+            s.start = (step % steps_per_epoch) * local_batch
+        labeled_batches = iter(labeled_loader) if labeled_loader else None
+        for (x,), _ in loader:  # the labels of the unlabeled images are never used
             lr = learning_rate(step, total_steps, round(cfg.warmup_epochs * steps_per_epoch), peak_lr)
             set_lr(optimizers, lr)
-            x = x.to(device, non_blocking=True)
             with torch.no_grad(), autocast:
                 teacher_logits = teacher(x).float()  # b x classes, inference mode
             labels, inputs = None, x
             if labeled_batches is not None:
-                x_l, labels = next(labeled_batches)
-                labels = labels.to(device)
-                inputs = torch.cat([x, x_l.to(device)])  # (b + b_l) x 3 x H x W
+                (x_l,), labels = next(labeled_batches)
+                inputs = torch.cat([x, x_l])  # (b + b_l) x 3 x H x W
             with autocast:
                 logits = student(inputs).float()  # BN statistics over both batches
             loss = semi_supervised_loss(logits[:len(x)], teacher_logits, cfg.temperature,
@@ -345,7 +362,8 @@ def train(cfg, teacher, teacher_ckpt, resume):
         sums.zero_()
         record.update(unreadable_images(unlabeled, device, log))
         if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.epochs:
-            record["top1"], record["top5"] = evaluate(raw_student, val_set, 256, device, workers, log)
+            record["top1"], record["top5"] = evaluate(raw_student, val_set, size, 256, device,
+                                                      workers, log)
             log(f"epoch {epoch + 1}: student top-1 {record['top1']:.2f}% top-5 "
                 f"{record['top5']:.2f}% (teacher {teacher_top1:.2f}%)")
         history.append(record)

@@ -36,13 +36,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain import (Config, Progress, ResumableSampler, StopSignal, UserError, build_dataset,
-                      build_model, build_optimizer, console, convert_to_global_bn,
-                      default_workers, eval_transform, git_revision, learning_rate,
-                      load_checkpoint, load_model_state, make_loader, opt, parse_config,
-                      per_process_batch, prepare_out_dir, random_states, restore_random_state,
-                      resumed_config, run_cli, save_checkpoint, scaled_lr, setup,
-                      simclr_augmentation, unreadable_images, world_info)
+from pretrain import (Config, InMemory, Progress, ResumableSampler, StopSignal, UserError,
+                      ViewLoader, build_augmentation, build_model, build_optimizer, console,
+                      convert_to_global_bn, default_workers, eval_batches, git_revision,
+                      learning_rate, load_checkpoint, load_model_state, load_split, opt,
+                      parse_config, per_process_batch, prepare_out_dir, random_states,
+                      restore_random_state, resumed_config, run_cli, save_checkpoint, scaled_lr,
+                      setup, unreadable_images, world_info)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -180,6 +180,13 @@ def dataset_labels(dataset):
     if labels is None:
         labels = getattr(dataset, "labels")
     return [int(y) for y in labels]
+
+
+def subset(dataset, indices):
+    """The images of dataset at indices: an InMemory split's own subset, or a torch Subset."""
+    if isinstance(dataset, InMemory):
+        return dataset.subset(indices)
+    return torch.utils.data.Subset(dataset, indices)
 
 
 def labeled_subset(labels, fraction, seed):
@@ -344,8 +351,8 @@ def set_lr(optimizers, lr):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, batch_size, device, workers=0, log=None):
-    """(top-1 %, top-5 %) of model (BatchNorm in inference mode) on dataset.
+def evaluate(model, dataset, size, batch_size, device, workers=0, log=None):
+    """(top-1 %, top-5 %) of model (BatchNorm in inference mode) on dataset at size px.
 
     Under torchrun each process scores every world-th image and the counts are summed. With
     fewer than 5 classes "top-5" is top-(number of classes), i.e. 100. With `log`, progress
@@ -354,17 +361,15 @@ def evaluate(model, dataset, batch_size, device, workers=0, log=None):
     rank, world = world_info()
     was_training = model.training
     model.eval()
-    part = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    loader = make_loader(part, batch_size, device, workers)
-    progress = Progress(log or (lambda *a: None), "evaluation", len(part))
+    share = len(range(rank, len(dataset), world))
+    progress, done = Progress(log or (lambda *a: None), "evaluation", share), 0
     counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
-    for i, (x, y) in enumerate(loader):
-        done = min(len(part), (i + 1) * batch_size)
+    for x, y in eval_batches(dataset, size, batch_size, device, workers):
+        done += len(y)
         if progress.due(done):
             progress.show(done, "images")
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(x.to(device, non_blocking=True)).float()  # b x classes
-        y = y.to(device)
+            logits = model(x).float()  # b x classes
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # b x 5
         hits = top == y[:, None]
         counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), y.new_tensor(len(y))]).float()
@@ -406,14 +411,14 @@ def train(cfg, pretrain_config, weights, resume):
         prepare_out_dir(out_dir)  # an unwritable folder fails now, not after the training
 
     # Data: crop + flip on the labelled subset (the fine-tuning augmentation)
-    train_set = build_dataset(cfg.dataset, cfg.data_dir, "train",
-                              simclr_augmentation(cfg.image_size, "crop"))
-    val_set = build_dataset(cfg.dataset, cfg.data_dir, "val", eval_transform(cfg.image_size))
+    split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, cfg.image_size,
+                                             device, workers, views, log)
+    train_set, val_set = split("train", views=1), split("val")
     num_classes = len(train_set.classes)
     indices = resume["subset"] if resume else choose_labeled(cfg, train_set, log)
     if main:
         (out_dir / "subset.txt").write_text("\n".join(image_names(train_set, indices)) + "\n")
-    labeled = torch.utils.data.Subset(train_set, indices)
+    labeled = subset(train_set, indices)
     steps_per_epoch = len(labeled) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{len(labeled)} labelled images are fewer than one batch of "
@@ -421,8 +426,8 @@ def train(cfg, pretrain_config, weights, resume):
     total_steps = cfg.epochs * steps_per_epoch
     peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
     sampler = ResumableSampler(labeled, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = make_loader(labeled, local_batch, device, workers, sampler, drop_last=True,
-                         persistent=True)  # persistent: a few steps per epoch on small subsets
+    loader = ViewLoader(labeled, sampler, local_batch, build_augmentation(cfg.image_size), 1,
+                        device, workers)
 
     # Model: pretrained (or fresh) f + K head layers + classifier; all of it is trained
     torch.manual_seed(cfg.seed)  # the same fresh weights on every process
@@ -476,10 +481,9 @@ def train(cfg, pretrain_config, weights, resume):
     for epoch in range(step // steps_per_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         sampler.start = (step % steps_per_epoch) * local_batch
-        for x, y in loader:
+        for (x,), y in loader:  # one augmented view, on the device
             lr = learning_rate(step, total_steps, round(cfg.warmup_epochs * steps_per_epoch), peak_lr)
             set_lr(optimizers, lr)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast:
                 logits = model(x)  # b x classes
             loss = F.cross_entropy(logits.float(), y)
@@ -511,7 +515,8 @@ def train(cfg, pretrain_config, weights, resume):
         sums.zero_()
         record.update(unreadable_images(train_set, device, log))
         if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.epochs:
-            record["top1"], record["top5"] = evaluate(raw_model, val_set, 256, device, workers, log)
+            record["top1"], record["top5"] = evaluate(raw_model, val_set, cfg.image_size, 256,
+                                                      device, workers, log)
             log(f"epoch {epoch + 1}: top-1 {record['top1']:.2f}% top-5 {record['top5']:.2f}%")
         history.append(record)
         if main:

@@ -36,11 +36,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain import (Progress, UserError, build_dataset, build_model, build_optimizer, console,
-                      default_workers, eval_transform, extract_features, git_revision, knn_predict,
-                      learning_rate, load_checkpoint, load_model_state, make_loader, opt,
-                      parse_config, per_process_batch, prepare_out_dir, run_cli, scaled_lr, setup,
-                      simclr_augmentation, world_info)
+from pretrain import (InMemory, Progress, UserError, ViewLoader, build_augmentation, build_model,
+                      build_optimizer, console, default_workers, extract_features, git_revision,
+                      knn_predict, learning_rate, load_checkpoint, load_model_state, load_split,
+                      opt, parse_config, per_process_batch, prepare_out_dir, run_cli, scaled_lr,
+                      setup, world_info)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -142,7 +142,7 @@ class FeatureLoader:
     def __iter__(self):
         order = torch.tensor(list(self.sampler), device=self.features.device)
         for idx in order.split(self.batch_size):
-            yield self.features[idx], self.labels[idx]
+            yield [self.features[idx]], self.labels[idx]  # one "view", as ViewLoader yields
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,11 +219,10 @@ def train_linear(classifier, encoder, loader, epochs, peak_lr, weight_decay=0.0,
     for epoch in range(epochs):
         loader.sampler.set_epoch(epoch)
         sums = torch.zeros(3, device=device)  # loss x n, correct, n
-        for x, y in loader:
+        for (x,), y in loader:  # on the device already
             lr = learning_rate(step, total_steps, 0, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.no_grad(), autocast:
                 h = encoder(x)  # B x d
             logits = classifier(h.float())  # B x C
@@ -328,17 +327,19 @@ def run(cfg, ckpt):
     log("config " + json.dumps(dataclasses.asdict(cfg)))
 
     # Evaluation features: the image as it is (32 px) or a centre crop (ImageNet), gathered.
-    plain = eval_transform(image_size)
-    val = build_dataset(cfg.dataset, cfg.data_dir, "val", plain)
+    split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, image_size, device,
+                                             workers, views, log)
+    val = split("val")
     t_start = time.time()
-    val_f, val_l = extract_features(encoder, val, EXTRACT_BATCH, device, workers, log, "features: val")
+    val_f, val_l = extract_features(encoder, val, image_size, EXTRACT_BATCH, device, workers, log,
+                                    "features: val")
     num_classes = len(val.classes)
-    train_f = train_l = None
+    train_f = train_l = train_plain = None
     if cfg.cached_features or cfg.knn:
-        train_plain = build_dataset(cfg.dataset, cfg.data_dir, "train", plain)
+        train_plain = split("train")
         check_same_classes(train_plain, val, cfg)
-        train_f, train_l = extract_features(encoder, train_plain, EXTRACT_BATCH, device, workers,
-                                            log, "features: train")
+        train_f, train_l = extract_features(encoder, train_plain, image_size, EXTRACT_BATCH,
+                                            device, workers, log, "features: train")
         log(f"features of {len(train_plain)} training and {len(val)} evaluation images in "
             f"{time.time() - t_start:.0f}s")
     results = dict(dataset=cfg.dataset, pretrain_dataset=pre["dataset"], checkpoint=cfg.checkpoint,
@@ -360,11 +361,12 @@ def run(cfg, ckpt):
         if cfg.cached_features:
             loader, trunk = FeatureLoader(train_f, train_l, local_batch, cfg.seed), nn.Identity()
         else:  # the paper's protocol: a new random crop + flip of every image every epoch
-            train = build_dataset(cfg.dataset, cfg.data_dir, "train",
-                                  simclr_augmentation(image_size, "crop"))
+            in_memory = isinstance(train_plain, InMemory)  # then the same images serve
+            train = train_plain if in_memory else split("train", views=1)
             sampler = torch.utils.data.DistributedSampler(train, world, rank, shuffle=True,
                                                           seed=cfg.seed)
-            loader = make_loader(train, local_batch, device, workers, sampler)
+            loader = ViewLoader(train, sampler, local_batch, build_augmentation(image_size), 1,
+                                device, workers)
             trunk = encoder
             check_same_classes(train, val, cfg)
         peak_lr = scaled_lr(cfg.lr, cfg.batch_size, "linear")

@@ -42,9 +42,10 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-import torchvision.transforms as T
 from einops import rearrange
 
+from augment import (SimCLRAugmentation, center_crop_box, center_crop_resize, crop_resize,
+                     parse_augment, random_crop_resize_uint8)
 from lars import LARS
 
 # torch.distributed.nn.functional's differentiable collectives are deprecated in favour of a
@@ -262,60 +263,130 @@ def world_info():
 # ---------------------------------------------------------------------------------------------
 
 
-def blur_kernel_size(image_size):
-    """The official rule: a kernel 10% of the image side, made odd (224 px -> 23, 32 px -> 3)."""
-    return 2 * (image_size // 10 // 2) + 1
+SMALL_IMAGE_DATASETS = ("cifar10", "cifar100", "stl10")  # decoded once into device memory
 
 
-def simclr_augmentation(image_size, augment="crop,color", color_strength=1.0, blur=False):
-    """One random view t(x) of a PIL image, as a float tensor in [0, 1] (Appendix A).
-
-    crop: random resized crop (area 8-100%, aspect 3/4-4/3, bicubic) and horizontal flip;
-    jitter: with p 0.8 brightness, contrast, saturation 0.8s and hue 0.2s in random order
-    (torchvision's ColorJitter permutes them); gray: grayscale with p 0.2; blur: Gaussian blur
-    with p 0.5, sigma in [0.1, 2]. No mean/std normalisation: the official code feeds [0, 1].
-    """
-    names = set(augment.replace("color", "jitter,gray").split(",")) - {""}
-    unknown = names - {"crop", "flip", "jitter", "gray"}
-    if unknown:
-        raise UserError(f"--augment: unknown {', '.join(sorted(unknown))}; "
-                        "use crop, flip, jitter, gray, color")
-    s = color_strength
-    ops = []
-    if "crop" in names:
-        ops += [T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                                    interpolation=T.InterpolationMode.BICUBIC),
-                T.RandomHorizontalFlip()]
-    else:
-        ops += [T.Resize(image_size), T.CenterCrop(image_size)]
-        if "flip" in names:
-            ops.append(T.RandomHorizontalFlip())
-    if "jitter" in names:
-        ops.append(T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8))
-    if "gray" in names:
-        ops.append(T.RandomGrayscale(p=0.2))
-    if blur:
-        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(image_size), (0.1, 2.0))], p=0.5))
-    ops.append(T.ToTensor())
-    return T.Compose(ops)
+def build_augmentation(size, augment="crop", strength=1.0, blur=False):
+    """The authors' augmentation (augment.py) with the --augment switches; the default, crop +
+    flip, is what fine-tuning and linear evaluation train with."""
+    try:
+        return SimCLRAugmentation(size, **parse_augment(augment), strength=strength, blur=blur)
+    except ValueError as e:
+        raise UserError(str(e))
 
 
-def eval_transform(image_size):
-    """Evaluation view: 32 px images as they are; larger ones a centre crop of 87.5% (ImageNet)."""
-    if image_size <= 32:
-        return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor()])
-    return T.Compose([T.Resize(round(image_size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(image_size), T.ToTensor()])
+class WorkerCrops:
+    """What a loader worker does to each full-resolution image of a folder (the part of the
+    augmentation that needs the whole image): `views` random crops resized to size (TF's
+    sampler and bicubic resize), or with views=0 the evaluation's centre crop, uint8 out.
+    random=False (--augment without crop): the centre crop for every view."""
 
-
-class TwoViews:
-    """Two independent augmentations of the same image: the positive pair of Algorithm 1."""
-
-    def __init__(self, transform):
-        self.transform = transform
+    def __init__(self, size, views=0, random=True):
+        self.size, self.views, self.random = size, views, random
 
     def __call__(self, image):
-        return self.transform(image), self.transform(image)
+        x = torchvision.transforms.functional.pil_to_tensor(image)  # uint8 3 x H x W
+        if not self.views:
+            return center_crop_resize(x, self.size)
+        crop = random_crop_resize_uint8 if self.random else center_crop_resize
+        return torch.stack([crop(x, self.size) for _ in range(self.views)])  # V x 3 x S x S
+
+
+class InMemory:
+    """A split of small images decoded once into one uint8 tensor N x 3 x H x W on the training
+    device (CIFAR-10's 50,000 images: 150 MB), with its labels: batches are indexed and augmented
+    there, without loader workers or a copy per step. samples / root: the files, when it was
+    read from an image folder (finetune.py's subset lists name them)."""
+
+    def __init__(self, images, labels, classes, samples=None, root=None):
+        self.images, self.labels, self.classes = images, labels, classes
+        self.samples, self.root = samples, root
+
+    def __len__(self):
+        return len(self.images)
+
+    @property
+    def targets(self):
+        return self.labels.tolist()
+
+    def subset(self, indices):
+        idx = torch.as_tensor(indices, device=self.images.device)
+        return InMemory(self.images[idx], self.labels[idx], self.classes,
+                        self.samples and [self.samples[i] for i in indices], self.root)
+
+
+def load_split(dataset, data_dir, split, size, device, workers=0, views=0, log=print):
+    """A split ready for batches on the device: CIFAR-10/100 and STL-10 as InMemory; image
+    folders (ImageNet) as an ImageFolder whose workers decode and crop (WorkerCrops)."""
+    if dataset not in SMALL_IMAGE_DATASETS:
+        return build_dataset(dataset, data_dir, split, WorkerCrops(size, views))
+    source = build_dataset(dataset, data_dir, split, torchvision.transforms.functional.pil_to_tensor)
+    if not hasattr(source, "samples"):  # torchvision's arrays: N x H x W x 3 (CIFAR), N x 3 x H x W
+        images = torch.as_tensor(source.data)
+        images = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 else images
+        labels = getattr(source, "targets", None) or source.labels
+    else:  # an image-folder export: every file decoded once, by the loader workers
+        progress, parts, done = Progress(log, f"decoding {split}", len(source)), [], 0
+        try:
+            for x, y in make_loader(source, 500, torch.device("cpu"), workers):
+                parts.append((x, y))
+                done += len(y)
+                if progress.due(done):
+                    progress.show(done, "images")
+        except RuntimeError as e:  # torch.stack in the loader: images of different sizes
+            raise UserError(f"the images under {source.root} differ in size ({first_line(e)}); "
+                            f"use --dataset folder for such data")
+        images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        if source.unreadable.value:
+            log(f"{source.unreadable.value} unreadable image(s), each replaced by the next image "
+                f"(named on stderr)")
+    return InMemory(images.contiguous().to(device), torch.as_tensor(labels).to(device),
+                    source.classes, getattr(source, "samples", None), getattr(source, "root", None))
+
+
+class ViewLoader:
+    """One epoch of `views` augmented views of every image in this process's share (sampler),
+    as float batches on the device: yields ([view 1, ...], labels), views n x 3 x S x S. InMemory
+    data is indexed and augmented on the device; image folders come cropped from the loader
+    workers (WorkerCrops), and the device does the rest (flip, colour, blur) on the batch."""
+
+    def __init__(self, data, sampler, batch_size, augment, views, device, workers):
+        self.data, self.sampler, self.batch_size = data, sampler, batch_size
+        self.augment, self.views, self.device = augment, views, device
+        self.loader = None if isinstance(data, InMemory) else make_loader(
+            data, batch_size, device, workers, sampler, drop_last=True, persistent=True)
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        if self.loader is None:
+            order = torch.tensor(list(self.sampler), device=self.device)  # one copy per epoch
+            for idx in order[:len(self) * self.batch_size].view(-1, self.batch_size):
+                images = self.data.images[idx]  # n x 3 x H x W, uint8
+                yield [self.augment(images) for _ in range(self.views)], self.data.labels[idx]
+        else:
+            for crops, labels in self.loader:
+                crops = crops.to(self.device, non_blocking=True)  # n x V x 3 x S x S, uint8
+                yield ([self.augment(crops[:, v], cropped=True) for v in range(self.views)],
+                       labels.to(self.device, non_blocking=True))
+
+
+def eval_batches(data, size, batch_size, device, workers):
+    """Every world-th image of data (this process's share), in order, as the evaluation sees
+    it (the centre crop; 32 px images as they are): yields (float n x 3 x S x S, labels)."""
+    rank, world = world_info()
+    if isinstance(data, InMemory):
+        _, _, height, width = data.images.shape
+        box = torch.tensor([center_crop_box(height, width, size)], device=device)
+        for idx in torch.arange(rank, len(data), world, device=device).split(batch_size):
+            x = data.images[idx].float() / 255
+            same = tuple(box[0].tolist()) == (0, 0, size, size)
+            yield (x if same else crop_resize(x, box.expand(len(idx), 4), size)), data.labels[idx]
+    else:
+        part = torch.utils.data.Subset(data, range(rank, len(data), world))
+        for x, y in make_loader(part, batch_size, device, workers):
+            yield x.to(device, non_blocking=True).float() / 255, y.to(device, non_blocking=True)
 
 
 def build_dataset(dataset, data_dir, split, transform):
@@ -778,23 +849,23 @@ def build_optimizer(model, name, lr, weight_decay, momentum=0.9, nesterov=False)
 
 
 @torch.no_grad()
-def extract_features(encoder, dataset, batch_size, device, workers=0, log=None, name="features"):
-    """h for every image of dataset, in dataset order, and the labels (on device).
+def extract_features(encoder, dataset, size, batch_size, device, workers=0, log=None,
+                     name="features"):
+    """h for every image of dataset (its evaluation view at size px), in dataset order, and the
+    labels (on device).
 
     Under torchrun each process encodes every world-th image and the pieces are gathered, so
     every process returns the whole set. The encoder must be in eval mode. With `log`, progress
     lines (this process's share) go there.
     """
     rank, world = world_info()
-    indices = list(range(rank, len(dataset), world))
-    loader = make_loader(torch.utils.data.Subset(dataset, indices), batch_size, device, workers)
-    progress = Progress(log or (lambda *a: None), name, len(indices))
-    feats, labels = [], []
-    for x, y in loader:
+    progress = Progress(log or (lambda *a: None), name, len(range(rank, len(dataset), world)))
+    feats, labels, done = [], [], 0
+    for x, y in eval_batches(dataset, size, batch_size, device, workers):
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            feats.append(encoder(x.to(device, non_blocking=True)).float())
-        labels.append(y.to(device))
-        done = sum(map(len, labels))
+            feats.append(encoder(x).float())
+        labels.append(y)
+        done += len(y)
         if progress.due(done):
             progress.show(done, "images")
     feats, labels = torch.cat(feats), torch.cat(labels)
@@ -828,8 +899,10 @@ def knn_accuracy(encoder, train, val, cfg, device, workers, log):
     """kNN top-1 (%) of the evaluation split val, with the training split train as memory."""
     was_training = encoder.training
     encoder.eval()
-    train_f, train_l = extract_features(encoder, train, 512, device, workers, log, "kNN: train")
-    val_f, val_l = extract_features(encoder, val, 512, device, workers, log, "kNN: val")
+    train_f, train_l = extract_features(encoder, train, cfg.image_size, 512, device, workers, log,
+                                        "kNN: train")
+    val_f, val_l = extract_features(encoder, val, cfg.image_size, 512, device, workers, log,
+                                    "kNN: val")
     encoder.train(was_training)
     scores = knn_predict(train_f, train_l, val_f, len(train.classes), cfg.knn_k, cfg.knn_temperature)
     return 100.0 * (scores.argmax(1) == val_l).float().mean().item()
@@ -993,15 +1066,18 @@ class StopSignal:
 # ---------------------------------------------------------------------------------------------
 
 
-def show_augmentations(cfg, dataset, out_dir):
+def show_augmentations(cfg, data, augment, out_dir, device):
     """Save a grid: each row an image as evaluation sees it, then its two augmented views."""
-    views, rows = dataset.transform, []
-    for i in torch.randperm(len(dataset))[:cfg.show_augmentations].tolist():
-        dataset.transform = eval_transform(cfg.image_size)
-        original, _ = dataset[i]
-        dataset.transform = views
-        (v1, v2), _ = dataset[i]
-        rows += [original, v1, v2]
+    idx = torch.randperm(len(data))[:cfg.show_augmentations].tolist()
+    if isinstance(data, InMemory):
+        part = data.subset(idx)
+        originals, _ = next(eval_batches(part, cfg.image_size, len(idx), device, 0))
+    else:
+        part = torch.utils.data.Subset(data, idx)
+        originals = torch.stack([WorkerCrops(cfg.image_size)(data.loader(data.samples[i][0]))
+                                 for i in idx]).to(device) / 255
+    views, _ = next(iter(ViewLoader(part, range(len(idx)), len(idx), augment, 2, device, 0)))
+    rows = torch.stack([originals, *views], 1).flatten(0, 1)  # 3n x 3 x S x S: image, v1, v2
     path = Path(out_dir) / "augmentations.png"
     torchvision.utils.save_image(rows, path, nrow=3, padding=2, pad_value=1.0)
     return path
@@ -1021,17 +1097,20 @@ def train(cfg):
         prepare_out_dir(out_dir)  # an unwritable folder fails now, not after an epoch
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
 
-    # Data: two views per image (Algorithm 1, lines 3-9)
-    augmentation = simclr_augmentation(cfg.image_size, cfg.augment, cfg.color_strength, cfg.blur)
-    dataset = build_dataset(cfg.dataset, cfg.data_dir, "pretrain", TwoViews(augmentation))
+    # Data: two views per image (Algorithm 1, lines 3-9), made on the device (augment.py)
+    augment = build_augmentation(cfg.image_size, cfg.augment, cfg.color_strength, cfg.blur)
+    dataset = load_split(cfg.dataset, cfg.data_dir, "pretrain", cfg.image_size, device, workers,
+                         views=2, log=log)
     if cfg.show_augmentations:
         if main:
-            log(f"saved {show_augmentations(cfg, dataset, out_dir)}")
+            log(f"saved {show_augmentations(cfg, dataset, augment, out_dir, device)}")
         return
     knn_sets = None
     if cfg.eval_every:  # read now: a missing evaluation split fails before the first step
-        knn_sets = [build_dataset(cfg.dataset, cfg.data_dir, split, eval_transform(cfg.image_size))
-                    for split in ("train", "val")]
+        split = lambda name: load_split(cfg.dataset, cfg.data_dir, name, cfg.image_size, device,
+                                        workers, log=log)
+        # CIFAR pretrains on its training split, already in memory
+        knn_sets = (dataset if cfg.dataset.startswith("cifar") else split("train"), split("val"))
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{len(dataset)} images are fewer than one batch of {cfg.batch_size}")
@@ -1043,8 +1122,7 @@ def train(cfg):
     warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
     peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
     sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = make_loader(dataset, local_batch, device, workers, sampler, drop_last=True,
-                         persistent=True)
+    loader = ViewLoader(dataset, sampler, local_batch, augment, 2, device, workers)
 
     # Model, optimizer
     torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): let cuDNN pick its kernels
@@ -1119,8 +1197,7 @@ def train(cfg):
             lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # 2n x 3 x H x W: [views 1; views 2], joined on the device (pinned, asynchronous copies)
-            x = torch.cat([x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)])
+            x = torch.cat([x1, x2])  # 2n x 3 x H x W: [views 1; views 2]
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:

@@ -9,7 +9,6 @@ boxes drawn by TensorFlow (chi-square). The last section tests the whole view.
 """
 import collections
 import math
-import random
 
 import numpy as np
 import pytest

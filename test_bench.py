@@ -75,22 +75,23 @@ def test_peak_table_picks_the_right_gpu():
     assert bench.bf16_peak_tflops("Tesla T4") is None
 
 
-def test_views_reach_the_device_in_order():
+def test_views_are_joined_in_order():
     x1, x2 = torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8)
-    x = bench.to_device(x1, x2, CPU)
+    x = bench.joined([x1, x2], CPU)
     assert torch.equal(x[:3], x1) and torch.equal(x[3:], x2)  # [views 1; views 2], as the loss expects
 
 
-def test_bench_runs_on_cpu_and_reports_every_row(tiny_folder, tmp_path):
+@pytest.mark.parametrize("dataset, source", [("folder", "1 workers"), ("cifar10", "in memory")])
+def test_bench_runs_on_cpu_and_reports_every_row(dataset, source, tiny_folder, tmp_path):
     out = tmp_path / "bench.json"
     # One compute thread: on a small shared CPU, threads that wait for each other are what slows.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.time()
-    proc = run_script("bench.py", "--dataset", "folder", "--data-dir", tiny_folder, *TINY_MODEL,
+    proc = run_script("bench.py", "--dataset", dataset, "--data-dir", tiny_folder, *TINY_MODEL,
                       "--no-blur", "--batch-size", "8", "--workers", "1", "--warmup", "1",
                       "--steps", "2", "--repeats", "2", "--out", out, env=env)
     assert time.time() - start < 60
-    for title in ("1 data pipeline", "2 step, batch in memory", "3 step fed by the pipeline",
+    for title in (f"1 data pipeline ({source})", "2 step, batch in memory", "3 step fed by the pipeline",
                   "loss (NT-Xent", "GFLOPs forward per view"):
         assert title in proc.stdout
     result = json.loads(out.read_text())

@@ -16,7 +16,7 @@ from conftest import run_script
 from finetune import (build_classifier, build_finetune_optimizer, evaluate, image_names,
                       labeled_subset, load_finetuned, read_subset_file)
 from lars import LARS
-from pretrain import Config, UserError, build_model, load_checkpoint
+from pretrain import Config, InMemory, UserError, build_model, load_checkpoint
 
 TINY = dict(arch="resnet18", width_multiplier=0.125, image_size=32)
 
@@ -154,10 +154,11 @@ def test_the_new_classifier_is_outside_lars_adaptation():
 
 def test_evaluate_matches_a_naive_top1_top5():
     torch.manual_seed(0)
-    x, y = torch.randn(300, 12), torch.randint(0, 12, (300,))
-    model = nn.Linear(12, 12)
-    top1, top5 = evaluate(model, torch.utils.data.TensorDataset(x, y), 64, torch.device("cpu"))
-    logits = model(x).detach().double().numpy()
+    images, y = torch.randint(0, 256, (300, 3, 2, 2), dtype=torch.uint8), torch.randint(0, 12, (300,))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 12))
+    data = InMemory(images, y, [str(c) for c in range(12)])
+    top1, top5 = evaluate(model, data, 2, 64, torch.device("cpu"))
+    logits = model.double()(images.double() / 255).detach().numpy()  # after evaluate: float64
     ranks = (-logits).argsort(axis=1)
     assert top1 == pytest.approx(100 * np.mean(ranks[:, 0] == y.numpy()), abs=1e-4)
     assert top5 == pytest.approx(100 * np.mean([y[i].item() in ranks[i, :5] for i in range(300)]),
@@ -185,8 +186,9 @@ def test_finetune_end_to_end_from_a_pretraining_checkpoint(tiny_folder, pretrain
     ckpt = load_checkpoint(out / "finetuned.pt")
     assert ckpt["config"]["num_classes"] == 4 and ckpt["config"]["pretrain"]["proj_layers"] == 2
     teacher, _ = load_finetuned(out / "finetuned.pt")
-    val = torchvision.datasets.ImageFolder(str(tiny_folder / "val"), torchvision.transforms.ToTensor())
-    assert evaluate(teacher, val, 16, torch.device("cpu")) == \
+    val = torchvision.datasets.ImageFolder(str(tiny_folder / "val"),
+                                           torchvision.transforms.functional.pil_to_tensor)
+    assert evaluate(teacher, val, 32, 16, torch.device("cpu")) == \
         pytest.approx((results["top1"], results["top5"]))
     # the saved list repeats the run's labelled images
     again = tmp_path / "again"

@@ -14,7 +14,7 @@ from conftest import ROOT, make_image_folder, run_script
 from linear_eval import (FeatureLoader, check_encoder_unchanged, encoder_snapshot,
                          evaluate_linear, knn_accuracy, linear_classifier, load_encoder, main,
                          train_linear)
-from pretrain import build_dataset, build_encoder, eval_transform, extract_features, load_checkpoint
+from pretrain import build_encoder, extract_features, load_checkpoint, load_split
 
 CPU = torch.device("cpu")
 
@@ -215,10 +215,9 @@ def test_random_init_transfer_and_knn_end_to_end(pretrained_checkpoint, tmp_path
 
     torch.manual_seed(0)  # --seed 0: the script's random initialisation
     encoder = load_encoder(load_checkpoint(pretrained_checkpoint), "", random_init=True)
-    train, val = (build_dataset("folder", other, split, eval_transform(32))
-                  for split in ("train", "val"))
-    train_f, train_l = extract_features(encoder, train, 64, CPU)
-    val_f, val_l = extract_features(encoder, val, 64, CPU)
+    train, val = (load_split("folder", other, split, 32, CPU) for split in ("train", "val"))
+    train_f, train_l = extract_features(encoder, train, 32, 64, CPU)
+    val_f, val_l = extract_features(encoder, val, 32, 64, CPU)
     assert train_f.shape == (30, 64)
     expected = naive_knn_top1(train_f, train_l, val_f, val_l, 3, 3, 0.1)
     assert abs(result["knn_top1"] - expected) < 1e-4, (result["knn_top1"], expected)

@@ -9,44 +9,37 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, TINY_PRETRAIN, run_script
-from pretrain import (ARCHS, PRESETS, Config, ProjectionHead, UserError, blur_kernel_size,
-                      build_encoder, build_model, parse_config, simclr_augmentation)
+from pretrain import (ARCHS, PRESETS, Config, InMemory, ProjectionHead, ResumableSampler, UserError,
+                      ViewLoader, build_augmentation, build_encoder, build_model, load_split,
+                      parse_config)
 
-# ---------------------------------------------------------------------------------- augmentation
-
-
-def test_blur_kernel_is_ten_percent_of_the_side_and_odd():
-    assert [blur_kernel_size(s) for s in (224, 96, 32)] == [23, 9, 3]
-    t = simclr_augmentation(224, "crop,color", 1.0, blur=True)
-    blur = [op for op in t.transforms[-2].transforms]  # RandomApply([GaussianBlur])
-    assert blur[0].kernel_size == (23, 23) and blur[0].sigma == (0.1, 2.0)
+# ---------------------------------------------------------------------------------- data
 
 
-def test_two_views_are_valid_and_differ():
-    image = Image.open(sorted((ROOT.parent / "shared/data/cifar10/train/cat").glob("*.jpg"))[0]) \
-        if (ROOT.parent / "shared/data/cifar10").is_dir() else \
-        Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy())
-    t = simclr_augmentation(32, "crop,color", 0.5)
-    v1, v2 = t(image), t(image)
-    assert v1.shape == v2.shape == (3, 32, 32) and v1.dtype == torch.float32
-    assert v1.min() >= 0 and v1.max() <= 1  # no mean/std normalisation, as the official code
-    assert not torch.equal(v1, v2)
-
-
-def test_colour_only_augmentation_keeps_geometry():
-    """With --augment color the view has the original's layout: grayscale it and compare ranks."""
-    torch.manual_seed(0)
-    x = torch.linspace(0, 1, 32).repeat(3, 32, 1)  # a horizontal ramp
-    image = Image.fromarray((x.permute(1, 2, 0) * 255).byte().numpy())
-    for _ in range(5):
-        v = simclr_augmentation(32, "color", 0.5)(image)
-        row = v.mean(0)[16]
-        assert (row[1:] >= row[:-1] - 0.05).all() or (row[1:] <= row[:-1] + 0.05).all()
+@pytest.mark.parametrize("dataset", ["cifar10", "folder"])
+def test_both_data_paths_make_two_views_on_the_device(dataset, tiny_folder):
+    """CIFAR (here its image-folder export) is decoded once into memory and augmented there;
+    a folder is cropped by the loader workers. Either way: two float views in [0, 1] per image,
+    different from each other, and the labels."""
+    data = load_split(dataset, tiny_folder, "pretrain", 32, torch.device("cpu"), workers=1,
+                      views=2, log=lambda *a: None)
+    assert isinstance(data, InMemory) == (dataset == "cifar10") and len(data) == 48
+    if dataset == "cifar10":
+        assert data.images.dtype == torch.uint8 and data.images.shape == (48, 3, 32, 32)
+    sampler = ResumableSampler(data, 1, 0, shuffle=True, seed=0, drop_last=True)
+    views = ViewLoader(data, sampler, 16, build_augmentation(32, "crop,color", 0.5), 2,
+                       torch.device("cpu"), workers=1)
+    batches = list(views)
+    assert len(batches) == len(views) == 3
+    (v1, v2), labels = batches[0]
+    assert v1.shape == v2.shape == (16, 3, 32, 32) and v1.dtype == torch.float32
+    assert 0 <= v1.min() and v1.max() <= 1 and not torch.equal(v1, v2)
+    assert labels.shape == (16,) and set(labels.tolist()) <= {0, 1, 2, 3}
 
 
 def test_unknown_augmentation_is_refused():
     with pytest.raises(UserError, match="unknown cutout"):
-        simclr_augmentation(32, "crop,cutout")
+        build_augmentation(32, "crop,cutout")
 
 
 # ---------------------------------------------------------------------------------- networks
