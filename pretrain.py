@@ -348,14 +348,45 @@ def default_workers(world_size):
 # ---------------------------------------------------------------------------------------------
 # Model: ResNet encoder f (v1 post-activation blocks, width multiplier, selective kernels)
 # ---------------------------------------------------------------------------------------------
+# The network is the authors' resnet.py, detail for detail, so that their released checkpoints
+# load (tf_checkpoint.py) and compute the same h. Where it departs from textbook ResNet: the stem
+# max-pool and the SK average pools use TensorFlow's 'SAME' padding (SamePool), and the first
+# block of every stage has a projection shortcut, also where the shapes already match.
 
 
 def conv(c_in, c_out, kernel, stride=1):
+    """Bias-free convolution. The authors pad stride-1 convolutions 'SAME' and strided ones
+    (k - 1) // 2 before and the rest after: for odd k both are torch's symmetric k // 2."""
     return nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False)
 
 
 def conv_bn_relu(c_in, c_out, kernel, stride=1):
     return nn.Sequential(conv(c_in, c_out, kernel, stride), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class SamePool(nn.Module):
+    """Max or average pooling with TensorFlow's padding='SAME', as the authors' code pools.
+
+    The output has ceil(size / stride) rows; the padding is split total // 2 before, the rest
+    after, so the stem's 3x3 stride-2 max-pool pads 0 before and 1 after an even size (where
+    nn.MaxPool2d(3, 2, 1) pads 1 and 1, shifting every window by a pixel). Padded cells never
+    win a max and are left out of an average's count.
+    """
+
+    def __init__(self, kind, kernel, stride):
+        super().__init__()
+        self.kind, self.kernel, self.stride = kind, kernel, stride
+
+    def forward(self, x):
+        k, s = self.kernel, self.stride
+        pads = []
+        for size in (x.shape[3], x.shape[2]):  # F.pad lists the last dimension first
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        if self.kind == "max":
+            return F.max_pool2d(F.pad(x, pads, value=-math.inf), k, s)
+        valid = F.avg_pool2d(F.pad(torch.ones_like(x[:1, :1]), pads), k, s)  # share of real cells
+        return F.avg_pool2d(F.pad(x, pads), k, s) / valid
 
 
 class SelectiveKernel(nn.Module):
@@ -379,20 +410,23 @@ class SelectiveKernel(nn.Module):
 
 
 def shortcut(c_in, c_out, stride, sk):
-    """Projection shortcut; with SK (ResNet-D) a strided one average-pools before a 1x1 conv."""
-    if sk and stride > 1:
-        return nn.Sequential(nn.AvgPool2d(2, 2), conv(c_in, c_out, 1), nn.BatchNorm2d(c_out))
-    return nn.Sequential(conv(c_in, c_out, 1, stride), nn.BatchNorm2d(c_out))
+    """The projection shortcut of a stage's first block: 1x1 conv + BN. With SK (ResNet-D) the
+    1x1 conv has stride 1 after an average pool: strided, it pads 0 before and 1 after (zeros
+    that count, so an odd size rounds up like the main path); at stride 1, a 2x2 'SAME' pool."""
+    if not sk:
+        return nn.Sequential(conv(c_in, c_out, 1, stride), nn.BatchNorm2d(c_out))
+    pool = (nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.AvgPool2d(2)) if stride > 1
+            else SamePool("avg", 2, 1))
+    return nn.Sequential(pool, conv(c_in, c_out, 1), nn.BatchNorm2d(c_out))
 
 
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, c_in, c, stride, sk_ratio):
+    def __init__(self, c_in, c, stride, sk_ratio, projection):
         super().__init__()
+        self.shortcut = shortcut(c_in, c, stride, sk_ratio > 0) if projection else nn.Identity()
         self.body = nn.Sequential(conv_bn_relu(c_in, c, 3, stride), conv(c, c, 3), nn.BatchNorm2d(c))
-        self.shortcut = (shortcut(c_in, c, stride, sk_ratio > 0)
-                         if stride != 1 or c_in != c else nn.Identity())
 
     def forward(self, x):
         return F.relu(self.body(x) + self.shortcut(x))
@@ -401,14 +435,13 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, c_in, c, stride, sk_ratio):
+    def __init__(self, c_in, c, stride, sk_ratio, projection):
         super().__init__()
+        self.shortcut = shortcut(c_in, 4 * c, stride, sk_ratio > 0) if projection else nn.Identity()
         middle = (SelectiveKernel(c, c, stride, sk_ratio) if sk_ratio > 0
                   else conv_bn_relu(c, c, 3, stride))  # stride on the 3x3, as the official code
         self.body = nn.Sequential(conv_bn_relu(c_in, c, 1), middle, conv(c, 4 * c, 1),
                                   nn.BatchNorm2d(4 * c))
-        self.shortcut = (shortcut(c_in, 4 * c, stride, sk_ratio > 0)
-                         if stride != 1 or c_in != 4 * c else nn.Identity())
 
     def forward(self, x):
         return F.relu(self.body(x) + self.shortcut(x))
@@ -430,22 +463,23 @@ class ResNet(nn.Module):
         elif sk_ratio > 0:  # ResNet-D stem, as the v2 code uses with SK
             self.stem = nn.Sequential(conv_bn_relu(3, w(64) // 2, 3, 2),
                                       conv_bn_relu(w(64) // 2, w(64) // 2, 3),
-                                      conv_bn_relu(w(64) // 2, w(64), 3), nn.MaxPool2d(3, 2, 1))
+                                      conv_bn_relu(w(64) // 2, w(64), 3), SamePool("max", 3, 2))
         else:
-            self.stem = nn.Sequential(conv_bn_relu(3, w(64), 7, 2), nn.MaxPool2d(3, 2, 1))
+            self.stem = nn.Sequential(conv_bn_relu(3, w(64), 7, 2), SamePool("max", 3, 2))
         stages, c_in = [], w(64)
         for i, n in enumerate(layers):
             c = w(64 * 2 ** i)
             blocks = []
-            for j in range(n):
-                blocks.append(block(c_in, c, 2 if (i > 0 and j == 0) else 1, sk_ratio))
+            for j in range(n):  # the first block of a stage: stride (after stage 1), projection
+                blocks.append(block(c_in, c, 2 if (i > 0 and j == 0) else 1, sk_ratio, j == 0))
                 c_in = c * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.out_dim = c_in
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # variance scaling, fan-in (official initialiser)
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
+            if isinstance(m, nn.Conv2d):  # the official variance scaling: fan-in, truncated at 2 std
+                std = (m.weight[0].numel() ** -0.5) / 0.87962566103423978  # std after truncation
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
         for blk in self.stages.modules():
             if isinstance(blk, (BasicBlock, Bottleneck)):
                 nn.init.zeros_(blk.body[-1].weight)  # last BN gamma = 0: each block starts as identity
