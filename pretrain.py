@@ -617,7 +617,9 @@ def nt_xent_loss(z1, z2, temperature, negatives=None):
     with gradient), so with DDP averaging the gradient equals the single-process one on the whole
     batch. `negatives` (K x d, e.g. a MoCo memory) are extra candidates for every anchor.
     The official code's loss is loss_a + loss_b, each a mean over N anchors: 2 x this L.
-    Returns (L over this process's anchors, contrastive accuracy: the positive ranked first).
+    Returns (L over this process's anchors, contrast_acc). contrast_acc is the authors' metric
+    (metrics.py): the share of first-view anchors whose second view scores highest among the N
+    second views of the global batch (not among all 2N - 1 views, nor the memory).
     """
     n = z1.shape[0]
     z = torch.cat([z1, z2])  # 2n x d: [view 1; view 2]
@@ -626,14 +628,15 @@ def nt_xent_loss(z1, z2, temperature, negatives=None):
     if negatives is not None:
         candidates = torch.cat([candidates, F.normalize(negatives.to(z.dtype), dim=1)])  # (2N+K) x d
     logits = z @ candidates.T / temperature  # 2n x (2N+K)
-    rank, _ = world_info()
+    rank, world = world_info()
     anchor = torch.arange(2 * n, device=z.device)
     self_index = rank * 2 * n + anchor
     positive = rank * 2 * n + (anchor + n) % (2 * n)  # view 1 <-> view 2 of the same image
     logits = logits.masked_fill(F.one_hot(self_index, logits.shape[1]).bool(), float("-inf"))
     loss = F.cross_entropy(logits, positive)
-    accuracy = (logits.argmax(dim=1) == positive).float().mean()
-    return loss, accuracy
+    second_views = (2 * n * torch.arange(world, device=z.device)[:, None] + n + anchor[:n]).flatten()  # N
+    contrast_acc = (logits[:n, second_views].argmax(dim=1) == rank * n + anchor[:n]).float().mean()
+    return loss, contrast_acc
 
 
 class Memory(nn.Module):
@@ -930,7 +933,7 @@ def train(cfg):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
                               enabled=precision in ("bf16", "fp16"))
     model.train()
-    sums = torch.zeros(3, device=device)  # loss, accuracy, non-finite losses since the last log
+    sums = torch.zeros(3, device=device)  # loss, contrast_acc, non-finite losses since the last log
     epoch_sums = torch.zeros(3, device=device)
     t_start, step_start, since_log = time.time(), step, 0
     for epoch in range(step // steps_per_epoch, cfg.epochs):
@@ -982,7 +985,7 @@ def train(cfg):
                 rate = (step - step_start) * cfg.batch_size / (now - t_start)
                 eta = (last_step - step) * cfg.batch_size / max(rate, 1e-9)
                 log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{last_step} loss {loss_avg:.4f} "
-                    f"acc {100 * acc_avg:.1f}% lr {lr:.4g} {rate:.0f} img/s "
+                    f"contrast_acc {100 * acc_avg:.1f}% lr {lr:.4g} {rate:.0f} img/s "
                     f"eta {datetime.timedelta(seconds=round(eta))}")
                 if world > 1:
                     flag = torch.tensor([float(stop["signal"] is not None)], device=device)
@@ -999,7 +1002,7 @@ def train(cfg):
         # end of epoch: log line, optional kNN monitor, checkpoint
         epoch_steps = step - epoch_step_start
         record = dict(epoch=epoch + 1, step=step, loss=epoch_sums[0].item() / max(1, epoch_steps),
-                      contrastive_acc=epoch_sums[1].item() / max(1, epoch_steps), lr=lr,
+                      contrast_acc=epoch_sums[1].item() / max(1, epoch_steps), lr=lr,
                       images_per_s=epoch_steps * cfg.batch_size / (time.time() - t_epoch),
                       time=time.time() - t_start)
         if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or step >= last_step):

@@ -144,7 +144,7 @@ def test_pretraining_writes_a_checkpoint_and_a_log(pretrained_checkpoint):
     assert {"model", "optimizer", "scaler", "rng"} <= set(ckpt)
     log = [json.loads(line) for line in open(pretrained_checkpoint.parent / "log.jsonl")]
     assert [r["epoch"] for r in log] == [1, 2]
-    assert all(r["loss"] > 0 and 0 <= r["contrastive_acc"] <= 1 for r in log)
+    assert all(r["loss"] > 0 and 0 <= r["contrast_acc"] <= 1 for r in log)
 
 
 def test_resume_continues_exactly(pretrained_checkpoint, tiny_folder, tmp_path):
