@@ -348,15 +348,11 @@ def default_workers(world_size):
 # ---------------------------------------------------------------------------------------------
 # Model: ResNet encoder f (v1 post-activation blocks, width multiplier, selective kernels)
 # ---------------------------------------------------------------------------------------------
-# The network is the authors' resnet.py, detail for detail, so that their released checkpoints
-# load (tf_checkpoint.py) and compute the same h. Where it departs from textbook ResNet: the stem
-# max-pool and the SK average pools use TensorFlow's 'SAME' padding (SamePool), and the first
-# block of every stage has a projection shortcut, also where the shapes already match.
+# The authors' resnet.py detail for detail (their checkpoints load: tf_checkpoint.py), also where
+# it is not textbook ResNet: TensorFlow's 'SAME' pools, a projection in every stage's first block.
 
 
-def conv(c_in, c_out, kernel, stride=1):
-    """Bias-free convolution. The authors pad stride-1 convolutions 'SAME' and strided ones
-    (k - 1) // 2 before and the rest after: for odd k both are torch's symmetric k // 2."""
+def conv(c_in, c_out, kernel, stride=1):  # theirs pads (k - 1) // 2 and the rest: k // 2, k odd
     return nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False)
 
 
@@ -365,28 +361,23 @@ def conv_bn_relu(c_in, c_out, kernel, stride=1):
 
 
 class SamePool(nn.Module):
-    """Max or average pooling with TensorFlow's padding='SAME', as the authors' code pools.
-
-    The output has ceil(size / stride) rows; the padding is split total // 2 before, the rest
-    after, so the stem's 3x3 stride-2 max-pool pads 0 before and 1 after an even size (where
-    nn.MaxPool2d(3, 2, 1) pads 1 and 1, shifting every window by a pixel). Padded cells never
-    win a max and are left out of an average's count.
-    """
+    """TensorFlow's padding='SAME' max or average pooling: ceil(size / stride) outputs, the
+    padding split total // 2 before and the rest after (the stem's max-pool: 0 and 1 on an even
+    size, where nn.MaxPool2d(3, 2, 1) pads 1 and 1); padded cells never count."""
 
     def __init__(self, kind, kernel, stride):
         super().__init__()
         self.kind, self.kernel, self.stride = kind, kernel, stride
 
     def forward(self, x):
-        k, s = self.kernel, self.stride
-        pads = []
-        for size in (x.shape[3], x.shape[2]):  # F.pad lists the last dimension first
-            total = max((-(-size // s) - 1) * s + k - size, 0)
+        k, s, pads = self.kernel, self.stride, []
+        for n in (x.shape[3], x.shape[2]):  # F.pad lists the last dimension first
+            total = max((-(-n // s) - 1) * s + k - n, 0)
             pads += [total // 2, total - total // 2]
         if self.kind == "max":
             return F.max_pool2d(F.pad(x, pads, value=-math.inf), k, s)
-        valid = F.avg_pool2d(F.pad(torch.ones_like(x[:1, :1]), pads), k, s)  # share of real cells
-        return F.avg_pool2d(F.pad(x, pads), k, s) / valid
+        real = F.avg_pool2d(F.pad(torch.ones_like(x[:1, :1]), pads), k, s)  # share of real cells
+        return F.avg_pool2d(F.pad(x, pads), k, s) / real
 
 
 class SelectiveKernel(nn.Module):
@@ -410,9 +401,9 @@ class SelectiveKernel(nn.Module):
 
 
 def shortcut(c_in, c_out, stride, sk):
-    """The projection shortcut of a stage's first block: 1x1 conv + BN. With SK (ResNet-D) the
-    1x1 conv has stride 1 after an average pool: strided, it pads 0 before and 1 after (zeros
-    that count, so an odd size rounds up like the main path); at stride 1, a 2x2 'SAME' pool."""
+    """A stage's first block projects: 1x1 conv + BN. With SK (ResNet-D) an average pool comes
+    first: strided, after zeros padded 0 before, 1 after (an odd size rounds up as the main path
+    does); at stride 1, a 2x2 'SAME' pool. The 1x1 conv then has stride 1."""
     if not sk:
         return nn.Sequential(conv(c_in, c_out, 1, stride), nn.BatchNorm2d(c_out))
     pool = (nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.AvgPool2d(2)) if stride > 1
@@ -508,7 +499,7 @@ class ProjectionHead(nn.Module):
         super().__init__()
         dims = {"none": [], "linear": [out_dim],
                 "nonlinear": [in_dim] * (num_layers - 1) + [out_dim]}[kind]
-        self.layers = nn.ModuleList()
+        self.layers = nn.Sequential()
         for i, d in enumerate(dims):
             last = i == len(dims) - 1
             linear = nn.Linear(in_dim, d, bias=False)
@@ -522,9 +513,7 @@ class ProjectionHead(nn.Module):
         self.out_dim = in_dim
 
     def forward(self, h):
-        for layer in self.layers:
-            h = layer(h)
-        return h
+        return self.layers(h)
 
 
 class SimCLR(nn.Module):
@@ -617,9 +606,8 @@ def nt_xent_loss(z1, z2, temperature, negatives=None):
     with gradient), so with DDP averaging the gradient equals the single-process one on the whole
     batch. `negatives` (K x d, e.g. a MoCo memory) are extra candidates for every anchor.
     The official code's loss is loss_a + loss_b, each a mean over N anchors: 2 x this L.
-    Returns (L over this process's anchors, contrast_acc). contrast_acc is the authors' metric
-    (metrics.py): the share of first-view anchors whose second view scores highest among the N
-    second views of the global batch (not among all 2N - 1 views, nor the memory).
+    Returns (L over this process's anchors, contrast_acc: the authors' metric, the share of
+    first views whose second view ranks first among the N second views of the global batch).
     """
     n = z1.shape[0]
     z = torch.cat([z1, z2])  # 2n x d: [view 1; view 2]
