@@ -19,7 +19,7 @@ model/resnet_model/block_groups/0/layers/0/...). Optimizer slots, global_step an
 queue are skipped. Anything else left unmapped, a missing shard, a damaged file, or shapes that
 no network explains ends the run with one line and nothing written. Checked on networks built
 and saved by the authors' TF1 and tf2 code (fixtures/): h, z and logits equal TensorFlow's to
-1e-13 in float64 (test_tf_checkpoint.py).
+1e-12 in float64 (test_tf_checkpoint.py).
 
 The supervised head becomes a classifier on h or on the first projection-head layer
 (--ft-proj-layer; by default 1 for the authors' finetuned_1pct and finetuned_10pct folders, as the
@@ -401,8 +401,8 @@ def find_prefix(path):
         state = p / "checkpoint"
         if state.is_file():
             match = re.search(r'^model_checkpoint_path: "(.*)"', state.read_text(), re.M)
-            if match:
-                return p / match.group(1)
+            if match:  # the path it records may be absolute, from the machine that trained
+                return p / Path(match.group(1)).name
         indexes = sorted(p.glob("*.index"))
         if len(indexes) == 1:
             return indexes[0].with_suffix("")
