@@ -318,6 +318,7 @@ def rewrite_bundle(src_prefix, dst_prefix, change):
     ("missing_head_bn", "head_contrastive/nl_0/batch_normalization/beta is missing"),
     ("ema_on_tf2", "--ema: the authors' tf2 checkpoints keep no moving average"),
     ("no_classifier", "has no supervised head"),
+    ("wrong_classes", "the supervised head has 10 classes"),
 ])
 def test_bad_checkpoints_give_one_clear_line(problem, message, tmp_path):
     shutil.copytree(FIXTURES / "tf1_r18_cifar", tmp_path / "c")
@@ -346,6 +347,9 @@ def test_bad_checkpoints_give_one_clear_line(problem, message, tmp_path):
             n: v for n, v in t.items() if n != "head_contrastive/nl_0/batch_normalization/beta"})
     elif problem == "ema_on_tf2":
         prefix, extra = FIXTURES / "tf2_r50_ft", ["--ema"]
+    elif problem == "wrong_classes":
+        extra = ["--evaluate", str(make_image_folder(tmp_path / "data", classes=3,
+                                                     train_per_class=1, val_per_class=1))]
     elif problem == "no_classifier":
         prefix = rewrite_bundle(prefix, tmp_path / "d" / "model.ckpt-1", lambda t: {
             n: v for n, v in t.items() if not n.startswith("head_supervised")})

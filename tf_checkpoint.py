@@ -577,6 +577,9 @@ def main(argv=None):
         results = None
         if args.evaluate:
             val = build_dataset("folder", args.evaluate, "val", eval_transform(cfg.image_size))
+            if len(val.classes) != classifier.fc.out_features:
+                raise UserError(f"the supervised head has {classifier.fc.out_features} classes, "
+                                f"{args.evaluate}/val has {len(val.classes)}")
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             top1, top5 = evaluate(classifier.to(device), val, 256, device, default_workers(1))
             classifier.cpu()
@@ -595,6 +598,7 @@ def main(argv=None):
             if classifier is not None:  # kept beside the network, as distill.py's student.pt
                 state.update(classifier=classifier.fc.state_dict(), ft_proj_layer=k,
                              num_classes=classifier.fc.out_features)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(args.out, dict(state, converted_from=meta))
         head = f"{cfg.proj_layers if cfg.proj_head == 'nonlinear' else 1} head layer(s) -> " \
                f"{cfg.proj_dim}" if cfg.proj_head != "none" else "no projection head"
