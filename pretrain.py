@@ -521,14 +521,36 @@ def default_workers(world_size):
 # ---------------------------------------------------------------------------------------------
 # Model: ResNet encoder f (v1 post-activation blocks, width multiplier, selective kernels)
 # ---------------------------------------------------------------------------------------------
+# The authors' resnet.py detail for detail (their checkpoints load: tf_checkpoint.py), also where
+# it is not textbook ResNet: TensorFlow's 'SAME' pools, a projection in every stage's first block.
 
 
-def conv(c_in, c_out, kernel, stride=1):
+def conv(c_in, c_out, kernel, stride=1):  # theirs pads (k - 1) // 2 and the rest: k // 2, k odd
     return nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False)
 
 
 def conv_bn_relu(c_in, c_out, kernel, stride=1):
     return nn.Sequential(conv(c_in, c_out, kernel, stride), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class SamePool(nn.Module):
+    """TensorFlow's padding='SAME' max or average pooling: ceil(size / stride) outputs, the
+    padding split total // 2 before and the rest after (the stem's max-pool: 0 and 1 on an even
+    size, where nn.MaxPool2d(3, 2, 1) pads 1 and 1); padded cells never count."""
+
+    def __init__(self, kind, kernel, stride):
+        super().__init__()
+        self.kind, self.kernel, self.stride = kind, kernel, stride
+
+    def forward(self, x):
+        k, s, pads = self.kernel, self.stride, []
+        for n in (x.shape[3], x.shape[2]):  # F.pad lists the last dimension first
+            total = max((-(-n // s) - 1) * s + k - n, 0)
+            pads += [total // 2, total - total // 2]
+        if self.kind == "max":
+            return F.max_pool2d(F.pad(x, pads, value=-math.inf), k, s)
+        real = F.avg_pool2d(F.pad(torch.ones_like(x[:1, :1]), pads), k, s)  # share of real cells
+        return F.avg_pool2d(F.pad(x, pads), k, s) / real
 
 
 class SelectiveKernel(nn.Module):
@@ -552,20 +574,23 @@ class SelectiveKernel(nn.Module):
 
 
 def shortcut(c_in, c_out, stride, sk):
-    """Projection shortcut; with SK (ResNet-D) a strided one average-pools before a 1x1 conv."""
-    if sk and stride > 1:
-        return nn.Sequential(nn.AvgPool2d(2, 2), conv(c_in, c_out, 1), nn.BatchNorm2d(c_out))
-    return nn.Sequential(conv(c_in, c_out, 1, stride), nn.BatchNorm2d(c_out))
+    """A stage's first block projects: 1x1 conv + BN. With SK (ResNet-D) an average pool comes
+    first: strided, after zeros padded 0 before, 1 after (an odd size rounds up as the main path
+    does); at stride 1, a 2x2 'SAME' pool. The 1x1 conv then has stride 1."""
+    if not sk:
+        return nn.Sequential(conv(c_in, c_out, 1, stride), nn.BatchNorm2d(c_out))
+    pool = (nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.AvgPool2d(2)) if stride > 1
+            else SamePool("avg", 2, 1))
+    return nn.Sequential(pool, conv(c_in, c_out, 1), nn.BatchNorm2d(c_out))
 
 
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, c_in, c, stride, sk_ratio):
+    def __init__(self, c_in, c, stride, sk_ratio, projection):
         super().__init__()
+        self.shortcut = shortcut(c_in, c, stride, sk_ratio > 0) if projection else nn.Identity()
         self.body = nn.Sequential(conv_bn_relu(c_in, c, 3, stride), conv(c, c, 3), nn.BatchNorm2d(c))
-        self.shortcut = (shortcut(c_in, c, stride, sk_ratio > 0)
-                         if stride != 1 or c_in != c else nn.Identity())
 
     def forward(self, x):
         return F.relu(self.body(x) + self.shortcut(x))
@@ -574,14 +599,13 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, c_in, c, stride, sk_ratio):
+    def __init__(self, c_in, c, stride, sk_ratio, projection):
         super().__init__()
+        self.shortcut = shortcut(c_in, 4 * c, stride, sk_ratio > 0) if projection else nn.Identity()
         middle = (SelectiveKernel(c, c, stride, sk_ratio) if sk_ratio > 0
                   else conv_bn_relu(c, c, 3, stride))  # stride on the 3x3, as the official code
         self.body = nn.Sequential(conv_bn_relu(c_in, c, 1), middle, conv(c, 4 * c, 1),
                                   nn.BatchNorm2d(4 * c))
-        self.shortcut = (shortcut(c_in, 4 * c, stride, sk_ratio > 0)
-                         if stride != 1 or c_in != 4 * c else nn.Identity())
 
     def forward(self, x):
         return F.relu(self.body(x) + self.shortcut(x))
@@ -603,22 +627,23 @@ class ResNet(nn.Module):
         elif sk_ratio > 0:  # ResNet-D stem, as the v2 code uses with SK
             self.stem = nn.Sequential(conv_bn_relu(3, w(64) // 2, 3, 2),
                                       conv_bn_relu(w(64) // 2, w(64) // 2, 3),
-                                      conv_bn_relu(w(64) // 2, w(64), 3), nn.MaxPool2d(3, 2, 1))
+                                      conv_bn_relu(w(64) // 2, w(64), 3), SamePool("max", 3, 2))
         else:
-            self.stem = nn.Sequential(conv_bn_relu(3, w(64), 7, 2), nn.MaxPool2d(3, 2, 1))
+            self.stem = nn.Sequential(conv_bn_relu(3, w(64), 7, 2), SamePool("max", 3, 2))
         stages, c_in = [], w(64)
         for i, n in enumerate(layers):
             c = w(64 * 2 ** i)
             blocks = []
-            for j in range(n):
-                blocks.append(block(c_in, c, 2 if (i > 0 and j == 0) else 1, sk_ratio))
+            for j in range(n):  # the first block of a stage: stride (after stage 1), projection
+                blocks.append(block(c_in, c, 2 if (i > 0 and j == 0) else 1, sk_ratio, j == 0))
                 c_in = c * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.out_dim = c_in
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # variance scaling, fan-in (official initialiser)
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="linear")
+            if isinstance(m, nn.Conv2d):  # the official variance scaling: fan-in, truncated at 2 std
+                std = (m.weight[0].numel() ** -0.5) / 0.87962566103423978  # std after truncation
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
         for blk in self.stages.modules():
             if isinstance(blk, (BasicBlock, Bottleneck)):
                 nn.init.zeros_(blk.body[-1].weight)  # last BN gamma = 0: each block starts as identity
@@ -647,7 +672,7 @@ class ProjectionHead(nn.Module):
         super().__init__()
         dims = {"none": [], "linear": [out_dim],
                 "nonlinear": [in_dim] * (num_layers - 1) + [out_dim]}[kind]
-        self.layers = nn.ModuleList()
+        self.layers = nn.Sequential()
         for i, d in enumerate(dims):
             last = i == len(dims) - 1
             linear = nn.Linear(in_dim, d, bias=False)
@@ -661,9 +686,7 @@ class ProjectionHead(nn.Module):
         self.out_dim = in_dim
 
     def forward(self, h):
-        for layer in self.layers:
-            h = layer(h)
-        return h
+        return self.layers(h)
 
 
 class SimCLR(nn.Module):
@@ -756,7 +779,8 @@ def nt_xent_loss(z1, z2, temperature, negatives=None):
     with gradient), so with DDP averaging the gradient equals the single-process one on the whole
     batch. `negatives` (K x d, e.g. a MoCo memory) are extra candidates for every anchor.
     The official code's loss is loss_a + loss_b, each a mean over N anchors: 2 x this L.
-    Returns (L over this process's anchors, contrastive accuracy: the positive ranked first).
+    Returns (L over this process's anchors, contrast_acc: the authors' metric, the share of
+    first views whose second view ranks first among the N second views of the global batch).
     """
     n = z1.shape[0]
     z = torch.cat([z1, z2])  # 2n x d: [view 1; view 2]
@@ -765,14 +789,15 @@ def nt_xent_loss(z1, z2, temperature, negatives=None):
     if negatives is not None:
         candidates = torch.cat([candidates, F.normalize(negatives.to(z.dtype), dim=1)])  # (2N+K) x d
     logits = z @ candidates.T / temperature  # 2n x (2N+K)
-    rank, _ = world_info()
+    rank, world = world_info()
     anchor = torch.arange(2 * n, device=z.device)
     self_index = rank * 2 * n + anchor
     positive = rank * 2 * n + (anchor + n) % (2 * n)  # view 1 <-> view 2 of the same image
     logits = logits.masked_fill(F.one_hot(self_index, logits.shape[1]).bool(), float("-inf"))
     loss = F.cross_entropy(logits, positive)
-    accuracy = (logits.argmax(dim=1) == positive).float().mean()
-    return loss, accuracy
+    second_views = (2 * n * torch.arange(world, device=z.device)[:, None] + n + anchor[:n]).flatten()  # N
+    contrast_acc = (logits[:n, second_views].argmax(dim=1) == rank * n + anchor[:n]).float().mean()
+    return loss, contrast_acc
 
 
 class Memory(nn.Module):
@@ -1182,7 +1207,7 @@ def train(cfg):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
                               enabled=precision in ("bf16", "fp16"))
     model.train()
-    sums = torch.zeros(3, device=device)  # loss, accuracy, non-finite losses since the last log
+    sums = torch.zeros(3, device=device)  # loss, contrast_acc, non-finite losses since the last log
     epoch_sums = torch.zeros(3, device=device)
     progress = Progress(log, "step", last_step, cfg.batch_size, every=cfg.log_every, start=step)
     since_log, t_start = 0, time.time()
@@ -1230,8 +1255,8 @@ def train(cfg):
                     raise UserError(f"loss is not finite at step {step}; stopped. " + (
                         f"The last good checkpoint is {ckpt_path}" if ckpt_path.exists() else
                         "No checkpoint was written yet") + " (try a lower --lr)")
-                progress.show(step, f"epoch {epoch + 1}/{cfg.epochs} loss {loss_avg:.4f} acc "
-                                    f"{100 * acc_avg:.1f}% lr {lr:.4g}")
+                progress.show(step, f"epoch {epoch + 1}/{cfg.epochs} loss {loss_avg:.4f} "
+                                    f"contrast_acc {100 * acc_avg:.1f}% lr {lr:.4g}")
             if step >= last_step or stop():
                 break
 
@@ -1242,7 +1267,7 @@ def train(cfg):
             return
         epoch_steps = step - epoch_step_start
         record = dict(epoch=epoch + 1, step=step, loss=epoch_sums[0].item() / max(1, epoch_steps),
-                      contrastive_acc=epoch_sums[1].item() / max(1, epoch_steps), lr=lr,
+                      contrast_acc=epoch_sums[1].item() / max(1, epoch_steps), lr=lr,
                       images_per_s=epoch_steps * cfg.batch_size / (time.time() - t_epoch),
                       time=time.time() - t_start)
         record.update(unreadable_images(dataset, device, log))

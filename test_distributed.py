@@ -13,6 +13,7 @@ from einops import rearrange
 
 from conftest import ROOT, TINY_PRETRAIN
 from pretrain import Config, build_model, convert_to_global_bn, nt_xent_loss
+from test_loss import naive_contrast_acc
 
 WORLD, N = 2, 6  # two processes, six images each
 
@@ -28,6 +29,14 @@ def make_model_and_batch():
     return model, x1, x2
 
 
+def crossed_views():
+    """Second views e_k; rank 1's first views e_k too, rank 0's lean towards rank 1's e_(k+N)."""
+    e = torch.eye(WORLD * N, dtype=torch.float64)
+    z1 = e.clone()
+    z1[:N] = 0.5 * e[:N] + e[N:]
+    return z1, e
+
+
 def forward_loss(model, x1, x2):
     _, z = model(torch.cat([x1, x2]))
     z1, z2 = rearrange(z, "(v b) d -> v b d", v=2)
@@ -39,14 +48,15 @@ def reference(global_bn):
     statistics (what per-GPU BN does) while the negatives still come from the whole batch."""
     model, x1, x2 = make_model_and_batch()
     if global_bn:
-        loss, acc = forward_loss(model, x1, x2)
+        z1, z2 = rearrange(model(torch.cat([x1, x2]))[1], "(v b) d -> v b d", v=2)
     else:
         zs = []
         for r in range(WORLD):
             s = slice(r * N, (r + 1) * N)
             zs.append(rearrange(model(torch.cat([x1[s], x2[s]]))[1], "(v b) d -> v b d", v=2))
         z1, z2 = torch.cat([z[0] for z in zs]), torch.cat([z[1] for z in zs])
-        loss, acc = nt_xent_loss(z1, z2, 0.2)
+    loss, acc = nt_xent_loss(z1, z2, 0.2)
+    assert acc.item() == pytest.approx(naive_contrast_acc(z1.detach(), z2.detach()))
     loss.backward()
     return dict(loss=loss.item(), acc=acc.item(),
                 grads={k: p.grad for k, p in model.named_parameters() if p.grad is not None},
@@ -62,10 +72,12 @@ def worker(rank, init_file, global_bn, out):
     s = slice(rank * N, (rank + 1) * N)
     loss, acc = forward_loss(ddp, x1[s], x2[s])
     loss.backward()  # DDP averages the gradients over the two processes
-    stats = torch.stack([loss.detach(), acc.detach()])
+    z1, z2 = crossed_views()
+    stats = torch.stack([loss.detach(), acc.detach(), nt_xent_loss(z1[s], z2[s], 0.5)[1]])
     dist.all_reduce(stats)
     if rank == 0:
         torch.save(dict(loss=stats[0].item() / WORLD, acc=stats[1].item() / WORLD,
+                        crossed_acc=stats[2].item() / WORLD,
                         grads={k: p.grad for k, p in model.named_parameters() if p.grad is not None},
                         buffers={k: b for k, b in model.named_buffers() if "running" in k}), out)
     dist.destroy_process_group()
@@ -77,6 +89,10 @@ def test_two_processes_equal_one_process_on_the_whole_batch(global_bn, tmp_path)
     got, want = torch.load(tmp_path / "out.pt"), reference(global_bn)
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-10)
     assert got["acc"] == pytest.approx(want["acc"])
+    # each rank's first views against the second views of all ranks: rank 0's first views point
+    # at rank 1's second views, so a rank that looked only at its own would score 1, not 0.5
+    z1, z2 = crossed_views()
+    assert got["crossed_acc"] == naive_contrast_acc(z1, z2) == 0.5
     assert got["grads"].keys() == want["grads"].keys() and len(want["grads"]) > 40
     for k in want["grads"]:
         torch.testing.assert_close(got["grads"][k], want["grads"][k], rtol=1e-8, atol=1e-12, msg=k)

@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 from lars import LARS
 from pretrain import learning_rate, nt_xent_loss, scaled_lr
 
@@ -11,7 +13,7 @@ from pretrain import learning_rate, nt_xent_loss, scaled_lr
 def naive_nt_xent(z1, z2, tau, negatives=()):
     """Algorithm 1 literally, in float64: z_{2k-1}, z_{2k} are the two views of image k, and
     L = 1/(2N) sum_k [l(2k-1, 2k) + l(2k, 2k-1)] with l from Eq. 1; `negatives` (v2's memory)
-    join every denominator. Returns (L, accuracy)."""
+    join every denominator. Returns (L, the authors' contrast_acc)."""
     z = []
     for a, b in zip(z1.double(), z2.double()):
         z += [a, b]
@@ -23,14 +25,19 @@ def naive_nt_xent(z1, z2, tau, negatives=()):
         denominator = denominator + sum(torch.exp(sim(z[i], q) / tau) for q in negatives)
         return -torch.log(torch.exp(sim(z[i], z[j]) / tau) / denominator)
 
-    def ranked_first(i, j):
-        return (all(sim(z[i], z[j]) > sim(z[i], z[k]) for k in range(len(z)) if k not in (i, j))
-                and all(sim(z[i], z[j]) > sim(z[i], q) for q in negatives))
-
     n = len(z1)
     loss = sum(l(2 * k, 2 * k + 1) + l(2 * k + 1, 2 * k) for k in range(n)) / (2 * n)
-    acc = sum(ranked_first(2 * k, 2 * k + 1) + ranked_first(2 * k + 1, 2 * k) for k in range(n)) / (2 * n)
-    return loss, acc
+    return loss, naive_contrast_acc(z1, z2)
+
+
+def naive_contrast_acc(z1, z2):
+    """The authors' contrastive accuracy (metrics.py, on logits_ab), in float64: the share of
+    first views z1[k] whose cosine similarity is higher with z2[k] than with every other z2[j]."""
+    z1, z2 = z1.double(), z2.double()
+    sim = lambda u, v: (u @ v) / (u.norm() * v.norm())
+    n = len(z1)
+    return sum(all(sim(z1[k], z2[k]) > sim(z1[k], z2[j]) for j in range(n) if j != k)
+               for k in range(n)) / n
 
 
 @pytest.mark.parametrize("n,d,tau", [(1, 3, 0.5), (4, 8, 0.1), (7, 16, 0.5), (16, 5, 1.0)])
@@ -84,6 +91,18 @@ def test_nt_xent_invariant_to_permuting_pairs_and_swapping_views():
     assert nt_xent_loss(z2, z1, 0.2)[0].item() == pytest.approx(loss.item(), rel=1e-6)
     # but breaking the pairing changes it: the loss really depends on which views are positives
     assert nt_xent_loss(z1, z2[perm], 0.2)[0].item() != pytest.approx(loss.item(), rel=1e-3)
+
+
+def test_contrast_acc_is_the_authors_metric_not_the_2n_anchor_one():
+    """First views crowded around one direction u, each a little towards its own second view:
+    among the N second views every first view finds its positive (the authors' metric: 1), but
+    among all 2N - 1 views the first views find each other (that metric: 0.5)."""
+    e = torch.eye(8)
+    z1, z2 = e[7] + 0.1 * e[:6], e[:6]  # u = e_7, orthogonal to every second view
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    over_2n_anchors = ((z @ z.T - 1e9 * torch.eye(12)).argmax(1) == (torch.arange(12) + 6) % 12)
+    assert over_2n_anchors.float().mean().item() == 0.5
+    assert nt_xent_loss(z1, z2, 0.5)[1].item() == 1.0 == naive_contrast_acc(z1, z2)
 
 
 def test_nt_xent_perfect_pairs_are_ranked_first():

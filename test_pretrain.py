@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, TINY_PRETRAIN, run_script
-from pretrain import (ARCHS, PRESETS, Config, InMemory, ProjectionHead, ResumableSampler, UserError,
-                      ViewLoader, build_augmentation, build_encoder, build_model, load_split,
-                      parse_config)
+from pretrain import (ARCHS, PRESETS, Config, InMemory, ProjectionHead, ResumableSampler, SamePool,
+                      UserError, ViewLoader, build_augmentation, build_encoder, build_model,
+                      load_split, parse_config)
 
 # ---------------------------------------------------------------------------------- data
 
@@ -56,6 +56,17 @@ def test_resnet50_parameter_counts_match_the_official_table(width):
     assert h_dim == 2048 * width  # every layer is widened, so h is 4096-d at 2x
 
 
+def test_resnet18_has_the_authors_projection_shortcut_in_stage_1():
+    """Their first block of every stage projects, even at 64 -> 64 channels: the CIFAR-10
+    ResNet-18 has 4,224 parameters (a 64x64 conv and a BN) more than the textbook 11,168,832."""
+    with torch.device("meta"):
+        encoder, h_dim = build_encoder("resnet18", 1, 32)
+    assert sum(p.numel() for p in encoder.parameters()) == 11_173_056 and h_dim == 512
+    firsts = [stage[0] for stage in encoder.stages]
+    assert all(not isinstance(b.shortcut, torch.nn.Identity) for b in firsts)
+    assert all(isinstance(b.shortcut, torch.nn.Identity) for stage in encoder.stages for b in stage[1:])
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_every_depth_runs_at_a_fractional_width(arch):
     encoder, h_dim = build_encoder(arch, 0.125, 32)
@@ -67,7 +78,7 @@ def test_cifar_stem_for_small_images_only():
     small, _ = build_encoder("resnet18", 0.25, 32)
     large, _ = build_encoder("resnet18", 0.25, 64)
     assert small.stem[0].kernel_size == (3, 3) and small.stem[0].stride == (1, 1)
-    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in small.modules())
+    assert not any(isinstance(m, SamePool) for m in small.modules())  # no max-pool
     assert large.stem[0][0].kernel_size == (7, 7)
     # the CIFAR stem keeps 32 px: the last stage sees 4x4, ImageNet's would see 1x1
     assert small.stages(small.stem(torch.rand(1, 3, 32, 32))).shape[-1] == 4
@@ -126,7 +137,7 @@ def test_pretraining_writes_a_checkpoint_and_a_log(pretrained_checkpoint):
     assert {"model", "optimizer", "scaler", "rng"} <= set(ckpt)
     log = [json.loads(line) for line in open(pretrained_checkpoint.parent / "log.jsonl")]
     assert [r["epoch"] for r in log] == [1, 2]
-    assert all(r["loss"] > 0 and 0 <= r["contrastive_acc"] <= 1 for r in log)
+    assert all(r["loss"] > 0 and 0 <= r["contrast_acc"] <= 1 for r in log)
 
 
 def test_resume_continues_exactly(pretrained_checkpoint, tiny_folder, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import TINY_PRETRAIN, run_script
-from pretrain import Config, Memory, SelectiveKernel, build_encoder, build_model
+from pretrain import Config, Memory, SamePool, SelectiveKernel, build_encoder, build_model
 
 # The official table of encoder sizes (millions of parameters, projection head excluded):
 # (depth, width multiplier, selective kernels) -> M
@@ -45,8 +45,10 @@ def test_sk_networks_run_with_both_stems(arch, image_size):
     assert encoder(torch.rand(2, 3, image_size, image_size)).shape == (2, h_dim)
     has_sk = any(isinstance(m, SelectiveKernel) for m in encoder.modules())
     assert has_sk == (arch == "resnet50")  # SK replaces the 3x3 of bottlenecks only
-    pooled = [m for m in encoder.modules() if isinstance(m, torch.nn.AvgPool2d)]
-    assert len(pooled) == 3  # ResNet-D: strided shortcuts average-pool, in every block type
+    # ResNet-D: each stage's first shortcut average-pools, also stage 1's at stride 1 (the
+    # authors' code), in every block type
+    pools = [type(stage[0].shortcut[0]) for stage in encoder.stages]
+    assert pools == [SamePool, torch.nn.Sequential, torch.nn.Sequential, torch.nn.Sequential]
 
 
 def make_memory(size=10, dim=4, momentum=0.9):
