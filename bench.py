@@ -40,9 +40,9 @@ import torch
 from einops import rearrange
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain import (PRESETS, Config, InMemory, UserError, ViewLoader, build_augmentation,
-                      build_model, build_optimizer, default_workers, git_revision, load_split,
-                      nt_xent_loss, opt, parse_config, scaled_lr, setup)
+from cli import UserError, git_revision, opt, parse_config, setup
+from pretrain import (PRESETS, Config, InMemory, ViewLoader, build_augmentation, build_model,
+                      build_optimizer, default_workers, load_split, nt_xent_loss, scaled_lr)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration

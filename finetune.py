@@ -36,13 +36,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain import (Config, InMemory, Progress, ResumableSampler, StopSignal, UserError,
-                      ViewLoader, build_augmentation, build_model, build_optimizer, console,
-                      convert_to_global_bn, default_workers, eval_batches, git_revision,
-                      learning_rate, load_checkpoint, load_model_state, load_split, opt,
-                      parse_config, per_process_batch, prepare_out_dir, random_states,
-                      restore_random_state, resumed_config, run_cli, save_checkpoint, scaled_lr,
-                      setup, unreadable_images, world_info)
+from cli import (Progress, StopSignal, UserError, console, git_revision, load_checkpoint,
+                 load_model_state, opt, parse_config, per_process_batch, prepare_out_dir,
+                 random_states, restore_random_state, resumed_config, run_cli, save_checkpoint,
+                 setup, world_info)
+from pretrain import (Config, InMemory, ResumableSampler, ViewLoader, build_augmentation,
+                      build_model, build_optimizer, convert_to_global_bn, default_workers,
+                      eval_batches, learning_rate, load_split, scaled_lr, unreadable_images)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration

@@ -36,11 +36,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain import (InMemory, Progress, UserError, ViewLoader, build_augmentation, build_model,
-                      build_optimizer, console, default_workers, extract_features, git_revision,
-                      knn_predict, learning_rate, load_checkpoint, load_model_state, load_split,
-                      opt, parse_config, per_process_batch, prepare_out_dir, run_cli, scaled_lr,
-                      setup, world_info)
+from cli import (Progress, UserError, console, git_revision, load_checkpoint, load_model_state, opt,
+                 parse_config, per_process_batch, prepare_out_dir, run_cli, setup, world_info)
+from pretrain import (InMemory, ViewLoader, build_augmentation, build_model, build_optimizer,
+                      default_workers, extract_features, knn_predict, learning_rate, load_split,
+                      scaled_lr)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration

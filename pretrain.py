@@ -4,7 +4,9 @@ Each image is augmented twice (Sec. 3, Appendix A), both views go through a ResN
 a projection head g (Sec. 2.1, Fig. 2), and NT-Xent (Eq. 1) pulls the two views of an image
 together while pushing away the other 2(N-1) views of the batch. The encoder output h = f(x) is
 the representation the other scripts evaluate (linear_eval.py), fine-tune (finetune.py) and
-distill (distill.py); they import the model, data and helpers from this file.
+distill (distill.py); they import the model and the data from this file. The encoder is in
+resnet.py, the augmentation in augment.py, the command-line plumbing (flags, errors,
+checkpoints, stopping) in cli.py.
 
     python pretrain.py --dataset cifar10 --data-dir data/cifar10      # laptop or 1 GPU
     torchrun --nproc_per_node=8 pretrain.py --dataset imagenet --data-dir /data/imagenet
@@ -16,7 +18,6 @@ runs/<dataset>-<arch>-<time>/ckpt.pt) every epoch and on Ctrl-C; --resume contin
 The CIFAR-10 preset is the authors' recipe (ResNet-18, 1000 epochs, batch 512, LARS);
 README.md lists what this code measured and what the papers report.
 """
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -26,14 +27,12 @@ import itertools
 import json
 import math
 import multiprocessing
-import operator
 import os
 import signal
-import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,7 +45,12 @@ from einops import rearrange
 
 from augment import (SimCLRAugmentation, center_crop_box, center_crop_resize, crop_resize,
                      parse_augment, random_crop_resize_uint8)
+from cli import (Progress, StopSignal, UserError, console, first_line, git_revision,
+                 load_checkpoint, load_model_state, opt, parse_config, per_process_batch,
+                 prepare_out_dir, random_states, restore_random_state, resumed_config, run_cli,
+                 save_checkpoint, setup, world_info)
 from lars import LARS
+from resnet import build_encoder
 
 # torch.distributed.nn.functional's differentiable collectives are deprecated in favour of a
 # private module; they are still the public way to gather with gradients, so keep logs clean.
@@ -55,12 +59,6 @@ warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.
 # ---------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------
-
-
-def opt(default, help, choices=None, **bounds):
-    """A configuration field: its default, the help text that --help shows, and the range of
-    valid values (min / max inclusive, above / below exclusive), checked by parse_config."""
-    return field(default=default, metadata=dict(help=help, choices=choices, **bounds))
 
 
 @dataclass
@@ -149,113 +147,6 @@ PRESETS = {
 }
 PRESETS["cifar100"] = PRESETS["cifar10"]
 PRESETS["folder"] = PRESETS["imagenet"]
-
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line, with a non-zero exit."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + error
-        raise UserError(message)
-
-
-def parse_config(cls, argv, presets=None, description=None):
-    """Build cls from the command line: its defaults, then presets[dataset], then the flags.
-
-    Returns the config and the dict of flags given explicitly (a resumed run puts those on top of
-    the stored configuration). Every field of cls becomes --field-name; booleans get --no-x.
-    """
-    presets = presets or {}
-    parser = _Parser(description=description, argument_default=argparse.SUPPRESS)
-    for f in dataclasses.fields(cls):
-        per_dataset = {d: p[f.name] for d, p in presets.items() if p.get(f.name, f.default) != f.default}
-        help = f.metadata["help"]
-        if f.default != "":  # an empty default is explained by the help text itself
-            help += f" (default {f.default}" + "".join(f", {d}: {v}" for d, v in per_dataset.items()) + ")"
-        help = help.replace("%", "%%")  # argparse formats help strings with %
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
-        else:
-            parser.add_argument(flag, type=f.type, choices=f.metadata["choices"], help=help)
-    given = vars(parser.parse_args(argv))
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    dataset = given.get("dataset", defaults.get("dataset"))
-    return checked(cls(**{**defaults, **presets.get(dataset, {}), **given})), given
-
-
-BOUNDS = {"min": (">=", operator.ge), "above": (">", operator.gt), "max": ("<=", operator.le),
-          "below": ("<", operator.lt)}
-
-
-def checked(cfg):
-    """cfg, if every numeric option is finite and within its field's bounds; else a UserError."""
-    for f in dataclasses.fields(cfg):
-        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"{flag} must be a finite number, not {value}")
-        for key, (sign, holds) in BOUNDS.items():
-            if key in f.metadata and not holds(value, f.metadata[key]):
-                raise UserError(f"{flag} must be {sign} {f.metadata[key]}, not {value}")
-    return cfg
-
-
-def resumed_config(cls, stored, given):
-    """The configuration stored in a checkpoint (fields of cls only), with the flags given now
-    on top, checked."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    return checked(cls(**{**{k: v for k, v in stored.items() if k in known}, **given}))
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed setup: one code path, a world of one without torchrun
-# ---------------------------------------------------------------------------------------------
-
-
-def setup(device_name="auto"):
-    """Pick the device and, under torchrun (RANK, WORLD_SIZE set), join the process group.
-
-    Returns (device, rank, world_size). NCCL on CUDA, gloo on CPU.
-    """
-    if device_name == "auto":
-        device_name = ("cuda" if torch.cuda.is_available() else
-                       "mps" if torch.backends.mps.is_available() else "cpu")
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but torch sees no CUDA GPU")
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return torch.device(device_name), 0, 1
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device_name == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, timeout=datetime.timedelta(minutes=30))
-    elif device_name == "cpu":
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
-    else:
-        raise UserError(f"torchrun needs --device cuda or cpu, not {device_name}")
-    return device, rank, world
-
-
-def per_process_batch(batch_size, world):
-    """--batch-size is the global batch: each of the world processes takes an equal share."""
-    if batch_size % world:
-        raise UserError(f"--batch-size {batch_size} is not divisible by {world} processes")
-    return batch_size // world
-
-
-def console(main):
-    """print on the main process (flushed: runs are often redirected to a file), nothing elsewhere."""
-    return (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
-
-
-def world_info():
-    """(rank, world_size): (0, 1) outside torchrun."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,145 +410,8 @@ def default_workers(world_size):
 
 
 # ---------------------------------------------------------------------------------------------
-# Model: ResNet encoder f (v1 post-activation blocks, width multiplier, selective kernels)
+# Model: encoder f (resnet.py), projection head g, global BatchNorm
 # ---------------------------------------------------------------------------------------------
-# The authors' resnet.py detail for detail (their checkpoints load: tf_checkpoint.py), also where
-# it is not textbook ResNet: TensorFlow's 'SAME' pools, a projection in every stage's first block.
-
-
-def conv(c_in, c_out, kernel, stride=1):  # theirs pads (k - 1) // 2 and the rest: k // 2, k odd
-    return nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False)
-
-
-def conv_bn_relu(c_in, c_out, kernel, stride=1):
-    return nn.Sequential(conv(c_in, c_out, kernel, stride), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
-
-
-class SamePool(nn.Module):
-    """TensorFlow's padding='SAME' max or average pooling: ceil(size / stride) outputs, the
-    padding split total // 2 before and the rest after (the stem's max-pool: 0 and 1 on an even
-    size, where nn.MaxPool2d(3, 2, 1) pads 1 and 1); padded cells never count."""
-
-    def __init__(self, kind, kernel, stride):
-        super().__init__()
-        self.kind, self.kernel, self.stride = kind, kernel, stride
-
-    def forward(self, x):
-        k, s, pads = self.kernel, self.stride, []
-        for n in (x.shape[3], x.shape[2]):  # F.pad lists the last dimension first
-            total = max((-(-n // s) - 1) * s + k - n, 0)
-            pads += [total // 2, total - total // 2]
-        if self.kind == "max":
-            return F.max_pool2d(F.pad(x, pads, value=-math.inf), k, s)
-        real = F.avg_pool2d(F.pad(torch.ones_like(x[:1, :1]), pads), k, s)  # share of real cells
-        return F.avg_pool2d(F.pad(x, pads), k, s) / real
-
-
-class SelectiveKernel(nn.Module):
-    """SK convolution (Li et al. 2019, as SimCLRv2's code does it), replacing a 3x3 convolution.
-
-    One 3x3 convolution makes two streams of c channels; their sum, pooled and squeezed to
-    max(c * ratio, 32) channels, gives per-channel softmax weights across the two streams.
-    """
-
-    def __init__(self, c_in, c, stride, ratio):
-        super().__init__()
-        self.streams = conv_bn_relu(c_in, 2 * c, 3, stride)
-        mid = max(int(c * ratio), 32)
-        self.attention = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(c, mid, 1),
-                                       conv(mid, 2 * c, 1))
-
-    def forward(self, x):
-        streams = rearrange(self.streams(x), "b (s c) h w -> s b c h w", s=2)
-        weights = rearrange(self.attention(streams.sum(0)), "b (s c) 1 1 -> s b c 1 1", s=2)
-        return (streams * weights.softmax(dim=0)).sum(0)  # b c h w
-
-
-def shortcut(c_in, c_out, stride, sk):
-    """A stage's first block projects: 1x1 conv + BN. With SK (ResNet-D) an average pool comes
-    first: strided, after zeros padded 0 before, 1 after (an odd size rounds up as the main path
-    does); at stride 1, a 2x2 'SAME' pool. The 1x1 conv then has stride 1."""
-    if not sk:
-        return nn.Sequential(conv(c_in, c_out, 1, stride), nn.BatchNorm2d(c_out))
-    pool = (nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.AvgPool2d(2)) if stride > 1
-            else SamePool("avg", 2, 1))
-    return nn.Sequential(pool, conv(c_in, c_out, 1), nn.BatchNorm2d(c_out))
-
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, c_in, c, stride, sk_ratio, projection):
-        super().__init__()
-        self.shortcut = shortcut(c_in, c, stride, sk_ratio > 0) if projection else nn.Identity()
-        self.body = nn.Sequential(conv_bn_relu(c_in, c, 3, stride), conv(c, c, 3), nn.BatchNorm2d(c))
-
-    def forward(self, x):
-        return F.relu(self.body(x) + self.shortcut(x))
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, c_in, c, stride, sk_ratio, projection):
-        super().__init__()
-        self.shortcut = shortcut(c_in, 4 * c, stride, sk_ratio > 0) if projection else nn.Identity()
-        middle = (SelectiveKernel(c, c, stride, sk_ratio) if sk_ratio > 0
-                  else conv_bn_relu(c, c, 3, stride))  # stride on the 3x3, as the official code
-        self.body = nn.Sequential(conv_bn_relu(c_in, c, 1), middle, conv(c, 4 * c, 1),
-                                  nn.BatchNorm2d(4 * c))
-
-    def forward(self, x):
-        return F.relu(self.body(x) + self.shortcut(x))
-
-
-ARCHS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
-         "resnet50": (Bottleneck, [3, 4, 6, 3]), "resnet101": (Bottleneck, [3, 4, 23, 3]),
-         "resnet152": (Bottleneck, [3, 8, 36, 3])}
-
-
-class ResNet(nn.Module):
-    """f(x): a ResNet whose output h is the global average pool (Sec. 2.1, "base encoder")."""
-
-    def __init__(self, block, layers, width_multiplier=1.0, cifar_stem=False, sk_ratio=0.0):
-        super().__init__()
-        w = lambda c: max(1, round(c * width_multiplier))  # every layer is widened, stem included
-        if cifar_stem:  # 32 px: 3x3 stride-1 stem, no max-pool (paper, Appendix B.9)
-            self.stem = conv_bn_relu(3, w(64), 3)
-        elif sk_ratio > 0:  # ResNet-D stem, as the v2 code uses with SK
-            self.stem = nn.Sequential(conv_bn_relu(3, w(64) // 2, 3, 2),
-                                      conv_bn_relu(w(64) // 2, w(64) // 2, 3),
-                                      conv_bn_relu(w(64) // 2, w(64), 3), SamePool("max", 3, 2))
-        else:
-            self.stem = nn.Sequential(conv_bn_relu(3, w(64), 7, 2), SamePool("max", 3, 2))
-        stages, c_in = [], w(64)
-        for i, n in enumerate(layers):
-            c = w(64 * 2 ** i)
-            blocks = []
-            for j in range(n):  # the first block of a stage: stride (after stage 1), projection
-                blocks.append(block(c_in, c, 2 if (i > 0 and j == 0) else 1, sk_ratio, j == 0))
-                c_in = c * block.expansion
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.Sequential(*stages)
-        self.out_dim = c_in
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # the official variance scaling: fan-in, truncated at 2 std
-                std = (m.weight[0].numel() ** -0.5) / 0.87962566103423978  # std after truncation
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
-        for blk in self.stages.modules():
-            if isinstance(blk, (BasicBlock, Bottleneck)):
-                nn.init.zeros_(blk.body[-1].weight)  # last BN gamma = 0: each block starts as identity
-
-    def forward(self, x):
-        x = self.stages(self.stem(x))  # B x C x H' x W'
-        return x.mean(dim=(2, 3))  # B x C: h
-
-
-def build_encoder(arch="resnet50", width_multiplier=1.0, image_size=224, sk_ratio=0.0):
-    """f: returns (module, dimension of h). Images of 32 px or less get the CIFAR stem."""
-    block, layers = ARCHS[arch]
-    encoder = ResNet(block, layers, width_multiplier, cifar_stem=image_size <= 32, sk_ratio=sk_ratio)
-    return encoder, encoder.out_dim
 
 
 class ProjectionHead(nn.Module):
@@ -934,159 +688,6 @@ def knn_accuracy(encoder, train, val, cfg, device, workers, log):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: atomic writes, plain data, loadable with weights_only=True
-# ---------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint, and
-    a failed write (disk full) leaves the previous checkpoint as it was."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a short write as a RuntimeError
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {getattr(e, 'strerror', None) or first_line(e)} "
-                        f"(disk full?); {'the previous one is intact' if path.exists() else 'none written'}")
-
-
-def load_checkpoint(path):
-    """torch.load with weights_only=True; a missing or unreadable file is a one-line error."""
-    if not Path(path).is_file():
-        raise UserError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: not a checkpoint of this project, or a "
-                        f"damaged one ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint of this project (no model and config)")
-    return ckpt
-
-
-def load_model_state(model, state, path):
-    """load_state_dict(strict=True), with a mismatch reported as one line."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"{path} does not match the model (architecture or width differs): "
-                        f"{first_line(e)}")
-
-
-def git_revision():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-# ---------------------------------------------------------------------------------------------
-# Running a job: output folder, random state, progress lines, stopping on a signal
-# ---------------------------------------------------------------------------------------------
-
-
-def first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def prepare_out_dir(path, flag="--out-dir"):
-    """Create the output folder and check that it takes files, before any work is done."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to {path}: {e.strerror}; choose another {flag}")
-    return path
-
-
-def random_states(device):
-    """The random state of every process, in rank order (each resumes its own stream): the CPU
-    generator, and the GPU's, which draws the augmentations on CUDA."""
-    state = dict(cpu=torch.get_rng_state(),
-                 **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
-    _, world = world_info()
-    states = [None] * world
-    if world > 1:
-        dist.all_gather_object(states, state)
-    return states if world > 1 else [state]
-
-
-def restore_random_state(states, device):
-    rank, _ = world_info()
-    state = states[rank] if rank < len(states) else states[0]
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-class Progress:
-    """The progress line of every long loop in every script:
-
-        <name> <done>/<total> [<what>] <images/s> img/s eta <h:mm:ss>
-
-    due(done) is true after the first item (a line within seconds of the start), then every
-    `every` items, or with every=0 every `seconds`, and at the last item. With every > 0 the
-    answer depends on `done` alone, so all processes of a torchrun job agree (the caller may
-    synchronise there); the time rule is for loops that only print.
-    """
-
-    def __init__(self, log, name, total, images_per_item=1, every=0, seconds=30.0, start=0):
-        self.log, self.name, self.total, self.per_item = log, name, total, images_per_item
-        self.every, self.seconds, self.start = every, seconds, start
-        self.t_start = self.t_shown = time.time()
-
-    def due(self, done):
-        if done in (self.start + 1, self.total):
-            return True
-        return done % self.every == 0 if self.every else time.time() - self.t_shown >= self.seconds
-
-    def show(self, done, what=""):
-        now = time.time()
-        rate = (done - self.start) * self.per_item / max(now - self.t_start, 1e-9)
-        eta = (self.total - done) * self.per_item / max(rate, 1e-9)
-        self.log(f"{self.name} {done}/{self.total}{' ' + what if what else ''} {rate:.0f} img/s "
-                 f"eta {datetime.timedelta(seconds=round(eta))}")
-        self.t_shown = now
-
-
-class StopSignal:
-    """Ctrl-C (SIGINT) and SIGTERM (a scheduler's preemption, `timeout`, torchrun's agent, a kill
-    of the process group) ask the job to stop after the current step and write a checkpoint.
-    The signal reaches the processes of a torchrun job at slightly different moments, so
-    calling the object makes them agree, every step, on whether any was asked: an all-reduce
-    over a gloo group on the CPU, which never waits for the GPU. Loader workers ignore both
-    signals (make_loader) and are shut down by their process."""
-
-    def __init__(self):
-        self.signum = None
-        signal.signal(signal.SIGINT, self.request)
-        signal.signal(signal.SIGTERM, self.request)
-        _, world = world_info()
-        self.group = dist.new_group(backend="gloo") if world > 1 else None
-
-    def request(self, signum, frame):
-        self.signum = signum
-
-    def __call__(self):
-        """Whether any process was asked to stop: the same answer on every process."""
-        if self.group is None:
-            return self.signum is not None
-        flag = torch.tensor([self.signum or 0])  # a signal arriving after this counts next time
-        dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.group)
-        self.signum = int(flag) or self.signum
-        return bool(flag)
-
-
-# ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
 
@@ -1294,28 +895,6 @@ def resolve_config(argv):
         if not given.get("out_dir"):
             cfg.out_dir = str(Path(cfg.resume).parent)
     return cfg
-
-
-def run_cli(script, fn):
-    """Run a script's work: bad input (UserError) ends it with one line and exit status 1, and
-    a torchrun job always leaves its process group. Shared by every script's main()."""
-    try:
-        fn()
-    except UserError as e:
-        # raised in a loader worker, the message carries the worker's traceback: its last line
-        message = str(e).strip().splitlines()[-1].split("UserError: ")[-1]
-        sys.exit(f"{script}: error: {message}")
-    except KeyboardInterrupt:  # Ctrl-C before the training loop: nothing to save yet
-        sys.exit(f"{script}: interrupted")
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        # Loader workers ignore SIGTERM (make_loader), which is how multiprocessing would stop
-        # them at exit: workers still alive after an error are killed instead (their loader's
-        # SIGCHLD check first switched off), or the exit would wait for them forever.
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for worker in multiprocessing.active_children():
-            worker.kill()
 
 
 def main(argv=None):

@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from conftest import run_script
 from distill import distillation_loss, semi_supervised_loss
-from pretrain import build_model, load_checkpoint, load_model_state
+from cli import load_checkpoint, load_model_state
+from pretrain import build_model
 
 
 # --- Eq. 2 and Eq. 3 --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_PRETRAIN, make_image_folder, run_script
-from pretrain import Progress, load_checkpoint
+from cli import Progress, load_checkpoint
 
 SCRIPTS = ["pretrain.py", "linear_eval.py", "finetune.py", "distill.py", "bench.py"]
 TINY_FT = ["--batch-size", "8", "--workers", "0", "--log-every", "1", "--label-fraction", "1.0"]

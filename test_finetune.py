@@ -16,7 +16,8 @@ from conftest import run_script
 from finetune import (build_classifier, build_finetune_optimizer, evaluate, image_names,
                       labeled_subset, load_finetuned, read_subset_file)
 from lars import LARS
-from pretrain import Config, InMemory, UserError, build_model, load_checkpoint
+from cli import UserError, load_checkpoint
+from pretrain import Config, InMemory, build_model
 
 TINY = dict(arch="resnet18", width_multiplier=0.125, image_size=32)
 

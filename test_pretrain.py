@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, TINY_PRETRAIN, run_script
-from pretrain import (ARCHS, PRESETS, Config, InMemory, ProjectionHead, ResumableSampler, SamePool,
-                      UserError, ViewLoader, build_augmentation, build_encoder, build_model,
-                      load_split, parse_config)
+from cli import UserError, parse_config
+from pretrain import (PRESETS, Config, InMemory, ProjectionHead, ResumableSampler, ViewLoader,
+                      build_augmentation, build_model, load_split)
+from resnet import ARCHS, SamePool, build_encoder
 
 # ---------------------------------------------------------------------------------- data
 

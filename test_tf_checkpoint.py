@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from conftest import ROOT, make_image_folder, run_script
 import tf_checkpoint
-from pretrain import SamePool, build_encoder
+from resnet import SamePool, build_encoder
 from tf_checkpoint import (CorruptFile, TFCheckpoint, convert, masked_crc32c, parse_proto,
                            read_block, read_table, read_varint)
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import TINY_PRETRAIN, run_script
-from pretrain import Config, Memory, SamePool, SelectiveKernel, build_encoder, build_model
+from pretrain import Config, Memory, build_model
+from resnet import SamePool, SelectiveKernel, build_encoder
 
 # The official table of encoder sizes (millions of parameters, projection head excluded):
 # (depth, width multiplier, selective kernels) -> M

@@ -37,9 +37,9 @@ import torch
 import torch.nn as nn
 
 from finetune import Classifier, FinetuneConfig, evaluate
-from pretrain import (ARCHS, PRESETS, Bottleneck, Config, SamePool, SelectiveKernel, UserError,
-                      _Parser, build_model, default_workers, load_split, prepare_out_dir, run_cli,
-                      save_checkpoint)
+from cli import UserError, _Parser, prepare_out_dir, run_cli, save_checkpoint
+from pretrain import PRESETS, Config, build_model, default_workers, load_split
+from resnet import ARCHS, Bottleneck, SamePool, SelectiveKernel
 
 # ---------------------------------------------------------------------------------------------
 # The file format: an SSTable of BundleEntryProto records, the tensors' bytes in data shards
