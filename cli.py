@@ -234,19 +234,21 @@ class Progress:
 
         <name> <done>/<total> [<what>] <images/s> img/s eta <h:mm:ss>
 
-    due(done) is true after the first item (a line within seconds of the start), then every
-    `every` items, or with every=0 every `seconds`, and at the last item. With every > 0 the
-    answer depends on `done` alone, so all processes of a torchrun job agree (the caller may
-    synchronise there); the time rule is for loops that only print.
+    due(done) is true the first time it is asked (a line within seconds of the start), then
+    every `every` items, or with every=0 every `seconds`, and at the last item. With every > 0
+    the answer depends on `done` and the calls alone, so all processes of a torchrun job agree
+    (the caller may synchronise there); the time rule is for loops that only print.
     """
 
     def __init__(self, log, name, total, images_per_item=1, every=0, seconds=30.0, start=0):
         self.log, self.name, self.total, self.per_item = log, name, total, images_per_item
         self.every, self.seconds, self.start = every, seconds, start
         self.t_start = self.t_shown = time.time()
+        self.asked = False
 
     def due(self, done):
-        if done in (self.start + 1, self.total):
+        first, self.asked = not self.asked, True
+        if first or done >= self.total:
             return True
         return done % self.every == 0 if self.every else time.time() - self.t_shown >= self.seconds
 

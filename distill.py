@@ -278,7 +278,7 @@ def train(cfg, teacher, teacher_ckpt, resume):
         history = resume["history"]
         restore_random_state(resume["rng"], device)
     student = raw_student
-    if world > 1:
+    if dist.is_initialized():  # under torchrun, even with one process
         if cfg.global_bn:
             student = convert_to_global_bn(student)
         student = nn.parallel.DistributedDataParallel(

@@ -444,7 +444,7 @@ def train(cfg, pretrain_config, weights, resume):
         step, history = resume["step"], resume["history"]
         restore_random_state(resume["rng"], device)
     model = raw_model
-    if world > 1:
+    if dist.is_initialized():  # under torchrun, even with one process
         if cfg.global_bn:
             model = convert_to_global_bn(model)
         model = nn.parallel.DistributedDataParallel(

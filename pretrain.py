@@ -766,7 +766,8 @@ def train(cfg):
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
         restore_random_state(ckpt["rng"], device)
-    if world > 1 and cfg.global_bn:
+    under_torchrun = dist.is_initialized()  # even one process: the path of eight
+    if under_torchrun and cfg.global_bn:
         model = convert_to_global_bn(model)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -779,7 +780,7 @@ def train(cfg):
         memory = Memory(raw_model, cfg.memory_size, raw_model.head.out_dim, cfg.memory_momentum).to(device)
         if ckpt and "memory" in ckpt:
             memory.load_state_dict(ckpt["memory"])
-    if world > 1:
+    if under_torchrun:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None)
     if cfg.compile:
@@ -787,6 +788,7 @@ def train(cfg):
 
     n_params = sum(p.numel() for p in raw_model.encoder.parameters())
     log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | {precision} | "
+        f"{'global BN | ' if under_torchrun and cfg.global_bn else ''}"
         f"encoder {n_params / 1e6:.2f}M parameters, h {raw_model.encoder.out_dim}-d")
     log("config " + json.dumps(dataclasses.asdict(cfg)))
     log(f"{len(dataset)} images, {steps_per_epoch} steps/epoch of {cfg.batch_size} "

@@ -259,6 +259,8 @@ def test_progress_is_due_first_every_and_last():
     assert re.fullmatch(r"step 4/10 loss 1\.0 \d+ img/s eta \d+:\d\d:\d\d", lines[0])
     resumed = Progress(lines.append, "step", 10, every=0, seconds=3600, start=6)
     assert [d for d in range(7, 11) if resumed.due(d)] == [7, 10]  # first after the start, last
+    batches = Progress(lines.append, "images", 1000, seconds=3600)  # counted 300 at a time
+    assert [d for d in (300, 600, 900, 1000) if batches.due(d)] == [300, 1000]
 
 
 def test_nothing_points_outside_the_repository():
