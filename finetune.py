@@ -210,7 +210,7 @@ def labeled_subset(labels, fraction, seed):
 
 def image_names(dataset, indices):
     """What subset.txt stores: <class>/<file> for image folders, the index for other datasets."""
-    if not hasattr(dataset, "samples"):
+    if getattr(dataset, "samples", None) is None:  # torchvision arrays (in memory or not)
         return [str(i) for i in indices]
     return [Path(dataset.samples[i][0]).relative_to(dataset.root).as_posix() for i in indices]
 
@@ -229,7 +229,7 @@ def read_subset_file(path, dataset):
     lines = [s for s in lines if s and not s.startswith("#")]
     if not lines:
         raise UserError(f"--subset-file {path} names no images")
-    if not hasattr(dataset, "samples"):
+    if getattr(dataset, "samples", None) is None:  # torchvision arrays (in memory or not)
         try:
             indices = [int(s) for s in lines]
         except ValueError:

@@ -206,11 +206,12 @@ class InMemory:
                         self.samples and [self.samples[i] for i in indices], self.root)
 
 
-def load_split(dataset, data_dir, split, size, device, workers=0, views=0, log=print):
+def load_split(dataset, data_dir, split, size, device, workers=0, views=0, log=print, crop=True):
     """A split ready for batches on the device: CIFAR-10/100 and STL-10 as InMemory; image
-    folders (ImageNet) as an ImageFolder whose workers decode and crop (WorkerCrops)."""
+    folders (ImageNet) as an ImageFolder whose workers decode and crop (WorkerCrops; crop=False:
+    the centre crop for every view, --augment without crop)."""
     if dataset not in SMALL_IMAGE_DATASETS:
-        return build_dataset(dataset, data_dir, split, WorkerCrops(size, views))
+        return build_dataset(dataset, data_dir, split, WorkerCrops(size, views, crop))
     source = build_dataset(dataset, data_dir, split, torchvision.transforms.functional.pil_to_tensor)
     if not hasattr(source, "samples"):  # torchvision's arrays: N x H x W x 3 (CIFAR), N x 3 x H x W
         images = torch.as_tensor(source.data)
@@ -268,12 +269,13 @@ def eval_batches(data, size, batch_size, device, workers):
     it (the centre crop; 32 px images as they are): yields (float n x 3 x S x S, labels)."""
     rank, world = world_info()
     if isinstance(data, InMemory):
-        _, _, height, width = data.images.shape
-        box = torch.tensor([center_crop_box(height, width, size)], device=device)
+        box = center_crop_box(*data.images.shape[2:], size)
+        boxes = torch.tensor([box], device=device)
         for idx in torch.arange(rank, len(data), world, device=device).split(batch_size):
-            x = data.images[idx].float() / 255
-            same = tuple(box[0].tolist()) == (0, 0, size, size)
-            yield (x if same else crop_resize(x, box.expand(len(idx), 4), size)), data.labels[idx]
+            x = data.images[idx].float() / 255  # n x 3 x H x W
+            if box != (0, 0, size, size):
+                x = crop_resize(x, boxes.expand(len(idx), 4), size)
+            yield x, data.labels[idx]
     else:
         part = torch.utils.data.Subset(data, range(rank, len(data), world))
         for x, y in make_loader(part, batch_size, device, workers):
@@ -726,7 +728,10 @@ def train(cfg):
     # Data: two views per image (Algorithm 1, lines 3-9), made on the device (augment.py)
     augment = build_augmentation(cfg.image_size, cfg.augment, cfg.color_strength, cfg.blur)
     dataset = load_split(cfg.dataset, cfg.data_dir, "pretrain", cfg.image_size, device, workers,
-                         views=2, log=log)
+                         views=2, log=log, crop=augment.crop)
+    if isinstance(dataset, InMemory) and not augment.crop and dataset.images.shape[-1] != cfg.image_size:
+        raise UserError(f"--augment without crop keeps the images' {dataset.images.shape[-1]} px: "
+                        f"set --image-size {dataset.images.shape[-1]}")
     if cfg.show_augmentations:
         if main:
             log(f"saved {show_augmentations(cfg, dataset, augment, out_dir, device)}")

@@ -73,6 +73,11 @@ def test_subset_file_round_trip_and_authors_style_names(tiny_folder, tmp_path):
     indices = read_subset_file(tmp_path / "1percent.txt", imnet)
     assert [imnet.samples[i][0].split("/")[-1] for i in indices] == \
         ["n01440764_0.JPEG", "n01443537_2.JPEG"]
+    # torchvision's CIFAR in memory has no files: a subset is written and read as indices
+    arrays = InMemory(torch.zeros(10, 3, 2, 2, dtype=torch.uint8), torch.arange(10), list("ab"))
+    assert image_names(arrays, [3, 7]) == ["3", "7"]
+    (tmp_path / "indices.txt").write_text("7\n3\n")
+    assert read_subset_file(tmp_path / "indices.txt", arrays) == [3, 7]
 
 
 # --- the network: encoder + K head layers + classifier ----------------------------------------
