@@ -80,11 +80,18 @@ def checked(cfg):
     return cfg
 
 
-def resumed_config(cls, stored, given):
-    """The configuration stored in a checkpoint (fields of cls only), with the flags given now
-    on top, checked."""
+def resumed_config(cls, stored, given, path):
+    """The configuration stored in the checkpoint at path (fields of cls only) with the flags
+    given now on top, checked; the output folder defaults to the checkpoint's. The batch size
+    cannot change: the checkpoint's steps and schedule count batches of its size."""
+    if given.get("batch_size", stored["batch_size"]) != stored["batch_size"]:
+        raise UserError(f"--batch-size {given['batch_size']} differs from the checkpoint's "
+                        f"{stored['batch_size']}: its steps and schedule count batches of "
+                        f"{stored['batch_size']}; resume with that batch size")
     known = {f.name for f in dataclasses.fields(cls)}
-    return checked(cls(**{**{k: v for k, v in stored.items() if k in known}, **given}))
+    return checked(cls(**{**{k: v for k, v in stored.items() if k in known},
+                          "out_dir": str(Path(path).parent), **given}))
+
 
 # ---------------------------------------------------------------------------------------------
 # Processes: one code path, a world of one without torchrun
@@ -278,6 +285,14 @@ class StopSignal:
 
     def request(self, signum, frame):
         self.signum = signum
+
+    def stopped_at(self, step, checkpoint_path, log):
+        """Whether the job stops now, after its checkpoint; if so, says how to continue."""
+        if not self():
+            return False
+        log(f"stopped by signal {self.signum} at step {step}; continue with --resume "
+            f"{checkpoint_path}")
+        return True
 
     def __call__(self):
         """Whether any process was asked to stop: the same answer on every process."""

@@ -111,14 +111,9 @@ def resolve_config(argv):
     resume = None
     if cfg.resume:
         resume = load_checkpoint(cfg.resume)
-        stored = resume.get("distill_config", {})
-        if "optimizers" not in resume:
+        if "optimizers" not in resume or "distill_config" not in resume:
             raise UserError(f"{cfg.resume} is not a student.pt of this version of distill.py")
-        if given.get("batch_size", stored["batch_size"]) != stored["batch_size"]:
-            raise UserError(f"--batch-size {given['batch_size']} differs from the checkpoint's "
-                            f"{stored['batch_size']}: resume with the batch size its steps count")
-        cfg = resumed_config(DistillConfig, stored, given)
-        cfg.out_dir = given.get("out_dir") or str(Path(cfg.resume).parent)
+        cfg = resumed_config(DistillConfig, resume["distill_config"], given, cfg.resume)
     if not cfg.teacher:
         raise UserError("--teacher is required (a finetuned.pt written by finetune.py)")
     teacher, ckpt = load_finetuned(cfg.teacher)
@@ -354,9 +349,7 @@ def train(cfg, teacher, teacher_ckpt, resume):
         if sums[2] > 0:  # before the checkpoint, which keeps the last good weights
             raise UserError(f"loss is not finite in epoch {epoch + 1}; try a lower --lr")
         checkpoint()  # then the evaluation: a stop or a failure there loses nothing
-        if stop():
-            log(f"stopped by signal {stop.signum} at step {step}; continue with --resume "
-                f"{ckpt_path}")
+        if stop.stopped_at(step, ckpt_path, log):
             return None
         record = dict(epoch=epoch + 1, step=step, loss=sums[0].item() / steps_per_epoch,
                       agreement=100 * sums[1].item() / steps_per_epoch, lr=lr,

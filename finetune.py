@@ -131,11 +131,7 @@ def resolve_config(argv):
         stored = resume["config"]
         if "pretrain" not in stored or "optimizers" not in resume:
             raise UserError(f"{cfg.resume} is not a finetuned.pt of this version of finetune.py")
-        if given.get("batch_size", stored["batch_size"]) != stored["batch_size"]:
-            raise UserError(f"--batch-size {given['batch_size']} differs from the checkpoint's "
-                            f"{stored['batch_size']}: resume with the batch size its steps count")
-        cfg = resumed_config(FinetuneConfig, stored, given)
-        cfg.out_dir = given.get("out_dir") or str(Path(cfg.resume).parent)
+        cfg = resumed_config(FinetuneConfig, stored, given, cfg.resume)
         return cfg, stored["pretrain"], None, resume
     ckpt, pre = None, {}
     if cfg.checkpoint:
@@ -505,9 +501,7 @@ def train(cfg, pretrain_config, weights, resume):
         if sums[2] > 0:  # before the checkpoint, which keeps the last good weights
             raise UserError(f"loss is not finite in epoch {epoch + 1}; try a lower --lr")
         checkpoint()  # then the evaluation: a stop or a failure there loses nothing
-        if stop():
-            log(f"stopped by signal {stop.signum} at step {step}; continue with --resume "
-                f"{ckpt_path}")
+        if stop.stopped_at(step, ckpt_path, log):
             return None
         seen = steps_per_epoch * cfg.batch_size
         record = dict(epoch=epoch + 1, step=step, loss=sums[0].item() / seen,

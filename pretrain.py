@@ -870,8 +870,7 @@ def train(cfg):
 
         # end of epoch (or stop): checkpoint first, then the log line and the optional kNN
         checkpoint()
-        if stop():
-            log(f"stopped by signal {stop.signum} at step {step}; continue with --resume {ckpt_path}")
+        if stop.stopped_at(step, ckpt_path, log):
             return
         epoch_steps = step - epoch_step_start
         record = dict(epoch=epoch + 1, step=step, loss=epoch_sums[0].item() / max(1, epoch_steps),
@@ -893,14 +892,7 @@ def resolve_config(argv):
     """Flags over presets; with --resume, flags over the checkpoint's stored configuration."""
     cfg, given = parse_config(Config, argv, PRESETS, __doc__.splitlines()[0])
     if cfg.resume:
-        stored = load_checkpoint(cfg.resume)["config"]
-        if given.get("batch_size", stored["batch_size"]) != stored["batch_size"]:
-            raise UserError(f"--batch-size {given['batch_size']} differs from the checkpoint's "
-                            f"{stored['batch_size']}: its steps and schedule count batches of "
-                            f"{stored['batch_size']}; resume with that batch size")
-        cfg = resumed_config(Config, stored, given)
-        if not given.get("out_dir"):
-            cfg.out_dir = str(Path(cfg.resume).parent)
+        cfg = resumed_config(Config, load_checkpoint(cfg.resume)["config"], given, cfg.resume)
     return cfg
 
 
