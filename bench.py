@@ -35,12 +35,13 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from einops import rearrange
 from torch.utils.flop_counter import FlopCounterMode
 
-from cli import UserError, git_revision, opt, parse_config, setup
+from cli import UserError, git_revision, opt, parse_config, prepare_out_dir, run_cli, setup
 from pretrain import (PRESETS, Config, InMemory, ViewLoader, build_augmentation, build_model,
                       build_optimizer, default_workers, load_split, nt_xent_loss, scaled_lr)
 
@@ -90,11 +91,12 @@ class BenchConfig:
                     "alone), memory (step on a batch in memory, with the loss and optimizer "
                     "shares), full (step fed by the pipeline)")
     warmup: int = opt(3, "untimed steps before each row (cuDNN autotuning, torch.compile); rows "
-                      "fed by the pipeline take at least 2 per worker (prefetched batches)")
-    steps: int = opt(10, "steps (batches) per timed repeat")
-    repeats: int = opt(5, "timed repeats per row; the table shows the median")
+                      "fed by the pipeline take at least 2 per worker (prefetched batches)",
+                      min=0)
+    steps: int = opt(10, "steps (batches) per timed repeat", min=1)
+    repeats: int = opt(5, "timed repeats per row; the table shows the median", min=1)
     epoch_images: int = opt(50000, "images per epoch for the seconds-per-epoch figure "
-                            "(CIFAR-10's training set: 50,000)")
+                            "(CIFAR-10's training set: 50,000)", min=1)
     out: str = opt("", "also write the results as JSON to this file")
 
 
@@ -236,8 +238,6 @@ def bench(cfg):
     rows = [r for r in cfg.rows.split(",") if r]
     if not rows or set(rows) - set(ROWS):
         raise UserError(f"--rows {cfg.rows!r}: choose from {', '.join(ROWS)}, comma-separated")
-    if cfg.batch_size < 1 or cfg.steps < 1 or cfg.repeats < 1 or cfg.warmup < 0:
-        raise UserError("--batch-size, --steps and --repeats must be >= 1, --warmup >= 0")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         raise UserError("bench.py measures one process; run it with python, not torchrun")
     device, _, _ = setup(cfg.device)
@@ -425,8 +425,10 @@ def report(result):
 
 
 def main(argv=None):
-    try:
+    def run():
         cfg, _ = parse_config(BenchConfig, argv, BENCH_PRESETS, __doc__.splitlines()[0])
+        if cfg.out:  # checked before the measurements, not after
+            prepare_out_dir(Path(cfg.out).parent, "--out")
         result = bench(cfg)
         print(report(result))
         if cfg.out:
@@ -436,8 +438,8 @@ def main(argv=None):
             except OSError as e:
                 raise UserError(f"cannot write --out {cfg.out}: {e.strerror}")
             print(f"wrote {cfg.out}")
-    except UserError as e:
-        sys.exit(f"bench.py: error: {e}")
+
+    run_cli("bench.py", run)
 
 
 if __name__ == "__main__":
