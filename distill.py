@@ -38,12 +38,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from finetune import (build_classifier, build_finetune_optimizer, choose_labeled, evaluate,
-                      image_names, load_finetuned, set_lr, subset)
 from cli import (Progress, StopSignal, UserError, console, git_revision, load_checkpoint,
                  load_model_state, opt, parse_config, per_process_batch, prepare_out_dir,
                  random_states, restore_random_state, resumed_config, run_cli, save_checkpoint,
                  setup)
+from finetune import (build_classifier, build_finetune_optimizer, choose_labeled, evaluate,
+                      image_names, load_finetuned, set_lr, subset)
 from pretrain import (ResumableSampler, ViewLoader, build_augmentation, build_model,
                       convert_to_global_bn, default_workers, learning_rate, load_split, scaled_lr,
                       unreadable_images)

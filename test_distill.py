@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from cli import load_checkpoint, load_model_state
 from conftest import run_script
 from distill import distillation_loss, semi_supervised_loss
-from cli import load_checkpoint, load_model_state
 from pretrain import build_model
 
 

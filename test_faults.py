@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli import Progress, UserError, load_checkpoint, parse_config
 from conftest import ROOT, TINY_PRETRAIN, make_image_folder, run_script
-from cli import Progress, load_checkpoint
+from pretrain import PRESETS, Config
 
 SCRIPTS = ["pretrain.py", "linear_eval.py", "finetune.py", "distill.py", "bench.py"]
 TINY_FT = ["--batch-size", "8", "--workers", "0", "--log-every", "1", "--label-fraction", "1.0"]
@@ -152,10 +153,17 @@ def test_help_of_every_script(name):
     (["--temperature", "0"], "--temperature must be > 0, not 0.0"),
     (["--momentum", "1"], "--momentum must be < 1, not 1.0"),
 ])
-def test_nonsense_values_are_refused_in_one_line(args, message, tiny_folder):
-    proc = run_script("pretrain.py", "--dataset", "folder", "--data-dir", tiny_folder, *args,
-                      check=False)
-    assert proc.returncode == 1 and proc.stderr.strip() == f"pretrain.py: error: {message}"
+def test_nonsense_values_are_refused(args, message):
+    with pytest.raises(UserError) as error:
+        parse_config(Config, args, PRESETS)
+    assert str(error.value) == message
+
+
+def test_a_refused_value_is_one_line_before_any_work(tiny_folder):
+    proc = run_script("pretrain.py", "--dataset", "folder", "--data-dir", tiny_folder,
+                      "--batch-size", "0", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == "pretrain.py: error: --batch-size must be >= 2, not 0\n"
 
 
 def test_resume_with_another_batch_size_is_refused(pretrained_checkpoint):
@@ -196,7 +204,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path):
     path = tmp_path / "ckpt.pt"
     code = f"""
 import resource, signal, sys, torch
-from pretrain import UserError, save_checkpoint
+from cli import UserError, save_checkpoint
 save_checkpoint({str(path)!r}, dict(model={{"w": torch.ones(10)}}, config={{}}))
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
@@ -219,8 +227,14 @@ def test_a_diverging_run_without_checkpoint_says_so(tiny_folder, tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00garbage" * 100, b"PK\x03\x04 not a zip"])
-def test_a_garbage_checkpoint_is_one_line(content, tmp_path):
+def test_a_garbage_checkpoint_is_refused(content, tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(content)
+    with pytest.raises(UserError, match="cannot read checkpoint .*: not a checkpoint of this"):
+        load_checkpoint(tmp_path / "ckpt.pt")
+
+
+def test_a_garbage_checkpoint_is_one_line(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"")  # an empty file once gave IndexError
     proc = run_script("linear_eval.py", "--checkpoint", tmp_path / "ckpt.pt", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("linear_eval.py: error: cannot read checkpoint")

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+from cli import UserError, load_checkpoint
 from conftest import run_script
 from finetune import (build_classifier, build_finetune_optimizer, evaluate, image_names,
                       labeled_subset, load_finetuned, read_subset_file)
 from lars import LARS
-from cli import UserError, load_checkpoint
 from pretrain import Config, InMemory, build_model
 
 TINY = dict(arch="resnet18", width_multiplier=0.125, image_size=32)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY_PRETRAIN, run_script
 from cli import UserError, parse_config
+from conftest import ROOT, TINY_PRETRAIN, run_script
 from pretrain import (PRESETS, Config, InMemory, ProjectionHead, ResumableSampler, ViewLoader,
                       build_augmentation, build_model, load_split)
 from resnet import ARCHS, SamePool, build_encoder

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 from conftest import ROOT, make_image_folder, run_script
-import tf_checkpoint
 from resnet import SamePool, build_encoder
+import tf_checkpoint
 from tf_checkpoint import (CorruptFile, TFCheckpoint, convert, masked_crc32c, parse_proto,
                            read_block, read_table, read_varint)
 

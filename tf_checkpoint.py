@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from finetune import Classifier, FinetuneConfig, evaluate
 from cli import UserError, _Parser, prepare_out_dir, run_cli, save_checkpoint
+from finetune import Classifier, FinetuneConfig, evaluate
 from pretrain import PRESETS, Config, build_model, default_workers, load_split
 from resnet import ARCHS, Bottleneck, SamePool, SelectiveKernel
 
