@@ -194,6 +194,7 @@ def git_revision():
     except (OSError, subprocess.SubprocessError):
         return ""
 
+
 # ---------------------------------------------------------------------------------------------
 # Running a job: output folder, random state, progress lines, stopping on a signal, errors
 # ---------------------------------------------------------------------------------------------

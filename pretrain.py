@@ -851,7 +851,9 @@ def train(cfg):
             since_log += 1
             sums += torch.stack([loss.detach(), acc.detach(), (~torch.isfinite(loss.detach())).float()])
 
-            if progress.due(step) or step % steps_per_epoch == 0:  # the same step on every process
+            stopping = stop()  # asked every step, the same answer on every process
+            # the log line, and the check for a non-finite loss before any checkpoint is written
+            if progress.due(step) or step % steps_per_epoch == 0 or stopping:
                 if world > 1:
                     dist.all_reduce(sums)
                     sums /= world
@@ -865,7 +867,7 @@ def train(cfg):
                         "No checkpoint was written yet") + " (try a lower --lr)")
                 progress.show(step, f"epoch {epoch + 1}/{cfg.epochs} loss {loss_avg:.4f} "
                                     f"contrast_acc {100 * acc_avg:.1f}% lr {lr:.4g}")
-            if step >= last_step or stop():
+            if step >= last_step or stopping:
                 break
 
         # end of epoch (or stop): checkpoint first, then the log line and the optional kNN
