@@ -711,7 +711,8 @@ def show_augmentations(cfg, data, augment, out_dir, device):
     return path
 
 
-def train(cfg):
+def train(cfg, ckpt=None):
+    """Pretrain as cfg says; ckpt: the checkpoint of --resume, read by resolve_config."""
     device, rank, world = setup(cfg.device)
     torch.manual_seed(cfg.seed + rank)  # ranks differ in augmentations; DDP syncs the weights
     main = rank == 0
@@ -723,7 +724,6 @@ def train(cfg):
     out_dir = Path(cfg.out_dir or f"runs/{cfg.dataset}-{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
     if main:
         prepare_out_dir(out_dir)  # an unwritable folder fails now, not after an epoch
-    ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
 
     # Data: two views per image (Algorithm 1, lines 3-9), made on the device (augment.py)
     augment = build_augmentation(cfg.image_size, cfg.augment, cfg.color_strength, cfg.blur)
@@ -891,15 +891,17 @@ def train(cfg):
 
 
 def resolve_config(argv):
-    """Flags over presets; with --resume, flags over the checkpoint's stored configuration."""
+    """Flags over presets; with --resume, flags over the checkpoint's stored configuration.
+    Returns (config, the checkpoint of --resume or None)."""
     cfg, given = parse_config(Config, argv, PRESETS, __doc__.splitlines()[0])
-    if cfg.resume:
-        cfg = resumed_config(Config, load_checkpoint(cfg.resume)["config"], given, cfg.resume)
-    return cfg
+    if not cfg.resume:
+        return cfg, None
+    ckpt = load_checkpoint(cfg.resume)
+    return resumed_config(Config, ckpt["config"], given, cfg.resume), ckpt
 
 
 def main(argv=None):
-    run_cli("pretrain.py", lambda: train(resolve_config(argv)))
+    run_cli("pretrain.py", lambda: train(*resolve_config(argv)))
 
 
 if __name__ == "__main__":
