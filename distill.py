@@ -316,6 +316,7 @@ def train(cfg, teacher, teacher_ckpt, resume):
         for s in (sampler, draws) if draws else (sampler,):
             s.set_epoch(epoch)
             s.start = (step % steps_per_epoch) * local_batch
+        epoch_start = step  # a resumed epoch counts only the steps run now
         labeled_batches = iter(labeled_loader) if labeled_loader else None
         for (x,), _ in loader:  # the labels of the unlabeled images are never used
             lr = learning_rate(step, total_steps, round(cfg.warmup_epochs * steps_per_epoch), peak_lr)
@@ -351,8 +352,9 @@ def train(cfg, teacher, teacher_ckpt, resume):
         checkpoint()  # then the evaluation: a stop or a failure there loses nothing
         if stop.stopped_at(step, ckpt_path, log):
             return None
-        record = dict(epoch=epoch + 1, step=step, loss=sums[0].item() / steps_per_epoch,
-                      agreement=100 * sums[1].item() / steps_per_epoch, lr=lr,
+        epoch_steps = step - epoch_start
+        record = dict(epoch=epoch + 1, step=step, loss=sums[0].item() / epoch_steps,
+                      agreement=100 * sums[1].item() / epoch_steps, lr=lr,
                       time=time.time() - t_start)
         sums.zero_()
         record.update(unreadable_images(unlabeled, device, log))

@@ -477,6 +477,7 @@ def train(cfg, pretrain_config, weights, resume):
     for epoch in range(step // steps_per_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         sampler.start = (step % steps_per_epoch) * local_batch
+        epoch_start = step  # a resumed epoch counts only the steps run now
         for (x,), y in loader:  # one augmented view, on the device
             lr = learning_rate(step, total_steps, round(cfg.warmup_epochs * steps_per_epoch), peak_lr)
             set_lr(optimizers, lr)
@@ -503,7 +504,7 @@ def train(cfg, pretrain_config, weights, resume):
         checkpoint()  # then the evaluation: a stop or a failure there loses nothing
         if stop.stopped_at(step, ckpt_path, log):
             return None
-        seen = steps_per_epoch * cfg.batch_size
+        seen = (step - epoch_start) * cfg.batch_size
         record = dict(epoch=epoch + 1, step=step, loss=sums[0].item() / seen,
                       train_top1=100 * sums[1].item() / seen, lr=lr, time=time.time() - t_start)
         sums.zero_()

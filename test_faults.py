@@ -74,6 +74,18 @@ def test_sigterm_to_a_torchrun_job_stops_every_process_at_the_same_step(tiny_fol
     assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == ckpt["step"] + 1
 
 
+def check_resumed_epoch_loss(out, log_path, stopped_step, per_epoch=6, total=18):
+    """The record of the epoch a run resumed in averages the steps run after the resume (the
+    losses of its progress lines, --log-every 1), not a whole epoch's."""
+    epoch_end = (stopped_step // per_epoch + 1) * per_epoch
+    losses = [float(loss) for step, loss in re.findall(rf"step (\d+)/{total} .*? loss (\S+)", out)
+              if stopped_step < int(step) <= epoch_end]
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    record = next(r for r in records if r["step"] == epoch_end)
+    assert len(losses) == epoch_end - stopped_step
+    assert abs(record["loss"] - sum(losses) / len(losses)) < 1e-3
+
+
 def test_finetune_stopped_and_resumed_equals_the_uninterrupted_run(pretrained_checkpoint, tmp_path):
     args = ["--checkpoint", pretrained_checkpoint, *TINY_FT, "--epochs", 3]
     run_script("finetune.py", *args, "--out-dir", tmp_path / "straight")
@@ -83,7 +95,8 @@ def test_finetune_stopped_and_resumed_equals_the_uninterrupted_run(pretrained_ch
     assert re.search(r"step 1/18 .* img/s eta \d+:\d\d:\d\d", out)  # progress: rate and ETA
     stopped = load_checkpoint(tmp_path / "cut" / "finetuned.pt")
     assert 3 <= stopped["step"] < 18 and stopped["results"] is None
-    run_script("finetune.py", "--resume", tmp_path / "cut" / "finetuned.pt")
+    out = run_script("finetune.py", "--resume", tmp_path / "cut" / "finetuned.pt").stdout
+    check_resumed_epoch_loss(out, tmp_path / "cut" / "log.jsonl", stopped["step"])
     straight = load_checkpoint(tmp_path / "straight" / "finetuned.pt")
     resumed = load_checkpoint(tmp_path / "cut" / "finetuned.pt")
     assert resumed["step"] == 18 and resumed["results"]["top1"] == straight["results"]["top1"]
@@ -101,6 +114,7 @@ def test_distill_stopped_by_sigterm_resumes(pretrained_checkpoint, tmp_path):
     step = load_checkpoint(tmp_path / "d" / "student.pt")["step"]
     out = run_script("distill.py", "--resume", tmp_path / "d" / "student.pt").stdout
     assert f"step {step + 1}/18" in out
+    check_resumed_epoch_loss(out, tmp_path / "d" / "log.jsonl", step)
     assert load_checkpoint(tmp_path / "d" / "student.pt")["results"]["student_top1"] >= 0
 
 
