@@ -245,10 +245,11 @@ def bench(cfg):
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     augment = build_augmentation(cfg.image_size, cfg.augment, cfg.color_strength, cfg.blur)
-    dataset = load_split(cfg.dataset, cfg.data_dir, "pretrain", cfg.image_size, device,
-                         default_workers(1), views=2, log=lambda *a: None)
-    workers = 0 if isinstance(dataset, InMemory) else (
-        cfg.workers if cfg.workers >= 0 else default_workers(1))
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(1)
+    dataset = load_split(cfg.dataset, cfg.data_dir, "pretrain", cfg.image_size, device, workers,
+                         views=2, log=lambda *a: None)
+    if isinstance(dataset, InMemory):  # no loader workers in the measured pipeline
+        workers = 0
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     print(f"bench.py: {cfg.arch} x{cfg.width_multiplier:g}, {cfg.image_size} px, batch "
           f"{cfg.batch_size}, {device_name}, {precision}, "
