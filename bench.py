@@ -12,7 +12,7 @@ second (an image is two augmented views) and with peak memory:
 
 and the share of the step spent in the loss and in the optimizer, the model's FLOPs per image,
 the achieved fraction of the GPU's bf16 peak, and seconds per CIFAR-10 epoch from row 3. The
-model, loss and optimizer are pretrain.py's own (build_model, nt_xent_loss, build_optimizer);
+model, loss, optimizer and step are pretrain.py's own (build_model, build_optimizer, train_step);
 the flags are pretrain.py's flags with the same presets, plus the measurement flags below.
 Every time is wall-clock between two device synchronisations, after warm-up steps (which also
 absorb cuDNN autotuning and torch.compile), and the table shows the median over --repeats.
@@ -42,8 +42,10 @@ from einops import rearrange
 from torch.utils.flop_counter import FlopCounterMode
 
 from cli import UserError, git_revision, opt, parse_config, prepare_out_dir, run_cli, setup
-from pretrain import (PRESETS, Config, InMemory, ViewLoader, build_augmentation, build_model,
-                      build_optimizer, default_workers, load_split, nt_xent_loss, scaled_lr)
+from data import InMemory, ViewLoader, default_workers, load_split
+from objective import build_objective
+from pretrain import (PRESETS, Config, build_model, build_optimizer, scaled_lr, train_step,
+                      view_augmentations)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -66,6 +68,7 @@ class BenchConfig:
     augment: str = pretrain_option("augment")
     color_strength: float = pretrain_option("color_strength")
     blur: bool = pretrain_option("blur")
+    one_branch: bool = pretrain_option("one_branch")
     arch: str = pretrain_option("arch")
     width_multiplier: float = pretrain_option("width_multiplier")
     sk_ratio: float = pretrain_option("sk_ratio")
@@ -84,6 +87,8 @@ class BenchConfig:
     compile: bool = pretrain_option("compile")
     seed: int = pretrain_option("seed")
     # how it is measured
+    channels_last: bool = opt(True, "NHWC activations and weights, as pretrain.py runs; "
+                              "--no-channels-last measures the NCHW layout it replaced")
     cudnn_benchmark: bool = opt(False, "torch.backends.cudnn.benchmark: let cuDNN time its "
                                 "convolution algorithms for the fixed batch shape (pretrain.py "
                                 "leaves it off); measure with and without")
@@ -162,40 +167,13 @@ def reset_peak_memory(device):
 # ---------------------------------------------------------------------------------------------
 
 
-def view_batches(dataset, augment, cfg, batches, workers, device):
+def view_batches(dataset, augments, cfg, batches, workers, device):
     """`batches` batches of two views made as pretrain.py makes them (ViewLoader: CIFAR in memory
     on the device; image folders cropped by fresh loader workers, whose start-up is timed, then
     the device), of random images drawn with replacement so that a small dataset still gives
     enough batches."""
     sampler = torch.utils.data.RandomSampler(dataset, num_samples=batches * cfg.batch_size)
-    return iter(ViewLoader(dataset, sampler, cfg.batch_size, augment, 2, device, workers))
-
-
-def joined(views, device):
-    """The two views as one 2n x 3 x H x W batch [views 1; views 2], as pretrain.py joins them."""
-    x = torch.cat(views)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)  # what tensor-core convolutions want
-    return x
-
-
-# ---------------------------------------------------------------------------------------------
-# Training step: the body of pretrain.train()'s loop
-# ---------------------------------------------------------------------------------------------
-
-
-def training_step(model, optimizer, scaler, autocast, x, temperature):
-    """Forward of both views, NT-Xent, backward, optimizer step. Nothing here reads a value back
-    to the host, so the host can queue the next step while the device runs this one (except
-    under fp16, whose GradScaler checks the gradients for infinities on the host)."""
-    with autocast:
-        _, z = model(x)  # 2n x d
-    z1, z2 = rearrange(z, "(v b) d -> v b d", v=2)
-    loss, _ = nt_xent_loss(z1, z2, temperature)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    return iter(ViewLoader(dataset, sampler, cfg.batch_size, augments, device, workers))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +222,7 @@ def bench(cfg):
     torch.manual_seed(cfg.seed)
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    augment = build_augmentation(cfg.image_size, cfg.augment, cfg.color_strength, cfg.blur)
+    augments = view_augmentations(cfg)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(1)
     dataset = load_split(cfg.dataset, cfg.data_dir, "pretrain", cfg.image_size, device, workers,
                          views=2, log=lambda *a: None)
@@ -266,7 +244,7 @@ def bench(cfg):
     # batches per worker, over at least one batch per worker.
     if "data" in rows:
         warmup, steps = max(cfg.warmup, 2 * workers), max(cfg.steps, workers)
-        loader = view_batches(dataset, augment, cfg, 1 + warmup + steps * cfg.repeats, workers,
+        loader = view_batches(dataset, augments, cfg, 1 + warmup + steps * cfg.repeats, workers,
                               device)
         start = time.perf_counter()
         next(loader)
@@ -284,37 +262,38 @@ def bench(cfg):
     optimizer = build_optimizer(model, cfg.optimizer, scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling),
                                 cfg.weight_decay, cfg.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
     model.train()
-    step = lambda x: training_step(model, optimizer, scaler, autocast, x, cfg.temperature)
+    objective = build_objective("nt-xent", cfg.temperature)
+    step = lambda views: train_step(model, *views, optimizer, objective, scaler, autocast,
+                                    memory_format=memory_format)
 
     # Row 2: one real batch of augmented views, on the device, used for every step.
     if "memory" in rows:
-        views, _ = next(view_batches(dataset, augment, cfg, 1, 0, device))
-        x = joined(views, device)
+        views, _ = next(view_batches(dataset, augments, cfg, 1, 0, device))
         reset_peak_memory(device)
         result["rows"]["memory"] = row_result(
-            measure(lambda: step(x), device, cfg.warmup, cfg.steps, cfg.repeats), cfg.steps,
+            measure(lambda: step(views), device, cfg.warmup, cfg.steps, cfg.repeats), cfg.steps,
             cfg.batch_size, device)
-        del x
+        del views
 
     # Row 3: the step fed by a fresh loader, as in an epoch of pretrain.py. The warm-up also
     # drains the batches the workers had prefetched while the first steps ran, so that a
     # pipeline slower than the step shows its own rate.
     if "full" in rows:
         warmup = max(cfg.warmup, 2 * workers)
-        loader = view_batches(dataset, augment, cfg, warmup + cfg.steps * cfg.repeats, workers,
+        loader = view_batches(dataset, augments, cfg, warmup + cfg.steps * cfg.repeats, workers,
                               device)
 
         def full_step():
             views, _ = next(loader)
-            step(joined(views, device))
+            step(views)
 
         reset_peak_memory(device)
         result["rows"]["full"] = row_result(
@@ -327,9 +306,9 @@ def bench(cfg):
         z = torch.randn(2 * cfg.batch_size, raw_model.head.out_dim, device=device,
                         dtype=amp_dtype or torch.float32, requires_grad=True)  # as autocast gives it
 
-        def loss_step():  # NT-Xent forward and backward, as in the step
+        def loss_step():  # the loss forward and backward, as in the step
             z1, z2 = rearrange(z, "(v b) d -> v b d", v=2)
-            torch.autograd.grad(nt_xent_loss(z1, z2, cfg.temperature)[0], z)
+            torch.autograd.grad(objective(z1, z2)[0], z)
 
         for p in raw_model.parameters():
             p.grad = torch.randn_like(p) * 1e-3 if p.requires_grad else None

@@ -42,11 +42,11 @@ from cli import (Progress, StopSignal, UserError, console, git_revision, load_ch
                  load_model_state, opt, parse_config, per_process_batch, prepare_out_dir,
                  random_states, restore_random_state, resumed_config, run_cli, save_checkpoint,
                  setup)
+from data import (ResumableSampler, ViewLoader, build_augmentation, default_workers, load_split,
+                  unreadable_images)
 from finetune import (build_classifier, build_finetune_optimizer, choose_labeled, evaluate,
                       image_names, load_finetuned, set_lr, subset)
-from pretrain import (ResumableSampler, ViewLoader, build_augmentation, build_model,
-                      convert_to_global_bn, default_workers, learning_rate, load_split, scaled_lr,
-                      unreadable_images)
+from pretrain import build_model, convert_to_global_bn, learning_rate, scaled_lr
 from resnet import ARCHS
 
 # ---------------------------------------------------------------------------------------------
@@ -175,11 +175,7 @@ def build_student(config, num_classes, init=""):
     student = build_classifier(config, num_classes, 0)
     if init:
         ckpt = load_checkpoint(init)
-        try:
-            source = build_model(ckpt["config"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"--init {init} is not a pretraining-format checkpoint")
-        load_model_state(source, ckpt["model"], init)
+        source = build_model(ckpt["config"], ckpt["model"], init)
         load_model_state(student.encoder, source.encoder.state_dict(), init)
     return student
 
@@ -244,7 +240,7 @@ def train(cfg, teacher, teacher_ckpt, resume):
     total_steps = cfg.epochs * steps_per_epoch
     step = resume["step"] if resume else 0
     sampler = ResumableSampler(unlabeled, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = ViewLoader(unlabeled, sampler, local_batch, augment, 1, device, workers)
+    loader = ViewLoader(unlabeled, sampler, local_batch, [augment], device, workers)
     labeled_loader = draws = None
     if cfg.alpha < 1:  # Eq. 3: a labelled batch beside every unlabeled one, drawn with replacement
         train_set = split("train", views=1)
@@ -252,7 +248,7 @@ def train(cfg, teacher, teacher_ckpt, resume):
         if main:
             (out_dir / "subset.txt").write_text("\n".join(image_names(train_set, indices)) + "\n")
         draws = LabelledDraws(len(indices), steps_per_epoch * local_batch, cfg.seed + 1000 * rank)
-        labeled_loader = ViewLoader(subset(train_set, indices), draws, local_batch, augment, 1,
+        labeled_loader = ViewLoader(subset(train_set, indices), draws, local_batch, [augment],
                                     device, workers)
 
     # Models: the frozen teacher, the student (encoder + classifier)

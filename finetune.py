@@ -40,9 +40,10 @@ from cli import (Progress, StopSignal, UserError, console, git_revision, load_ch
                  load_model_state, opt, parse_config, per_process_batch, prepare_out_dir,
                  random_states, restore_random_state, resumed_config, run_cli, save_checkpoint,
                  setup, world_info)
-from pretrain import (Config, InMemory, ResumableSampler, ViewLoader, build_augmentation,
-                      build_model, build_optimizer, convert_to_global_bn, default_workers,
-                      eval_batches, learning_rate, load_split, scaled_lr, unreadable_images)
+from data import (InMemory, ResumableSampler, ViewLoader, build_augmentation, default_workers,
+                  eval_batches, load_split, unreadable_images)
+from pretrain import (Config, Representation, build_model, build_optimizer, convert_to_global_bn,
+                      learning_rate, scaled_lr)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -262,43 +263,28 @@ def read_subset_file(path, dataset):
 # ---------------------------------------------------------------------------------------------
 
 
-class Classifier(nn.Module):
+class Classifier(Representation):
     """x -> logits through f, the kept head layers and a linear layer (v2 Sec. 2, Eq. 4).
 
     v2 writes the head as g(h) = W3 s(W2 s(W1 h)) and fine-tunes from s(W1 h) (K = 1): the kept
-    layers are part of the network being fine-tuned, not a frozen feature extractor.
+    layers are part of the network being fine-tuned, not a frozen feature extractor. The last
+    head layer's BatchNorm keeps its frozen shift (requires_grad False) when all are kept.
     """
 
-    def __init__(self, encoder, head_layers, in_dim, num_classes):
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Sequential(*head_layers)
-        self.fc = nn.Linear(in_dim, num_classes)
+    def __init__(self, model, ft_proj_layer, num_classes):
+        super().__init__(model, ft_proj_layer, "--ft-proj-layer")
+        self.fc = nn.Linear(self.out_dim, num_classes)
         nn.init.normal_(self.fc.weight, std=0.01)  # official LinearLayer (tf2/model.py)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x):
-        return self.fc(self.head(self.encoder(x)))  # B x classes
+        return self.fc(super().forward(x))  # B x classes
 
 
 def build_classifier(pretrain_config, num_classes, ft_proj_layer, state=None, path=""):
-    """The SimCLR network of pretrain_config, loaded strictly from state (unless None), cut after
-    ft_proj_layer head layers, with a new classifier. The last head layer's BatchNorm keeps its
-    frozen shift (requires_grad False) when all layers are kept, as in pretraining."""
-    try:
-        simclr = build_model(pretrain_config)
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path or 'the configuration'} does not describe a model of this project "
-                        f"({type(e).__name__}: {e})")
-    if state is not None:
-        load_model_state(simclr, state, path)
-    layers = list(simclr.head.layers)
-    if ft_proj_layer > len(layers):
-        raise UserError(f"--ft-proj-layer {ft_proj_layer}: the checkpoint's projection head has "
-                        f"{len(layers)} layer(s); use --ft-proj-layer 0"
-                        f"{f' to {len(layers)}' if layers else ''}")
-    in_dim = layers[ft_proj_layer - 1][0].out_features if ft_proj_layer else simclr.encoder.out_dim
-    return Classifier(simclr.encoder, layers[:ft_proj_layer], in_dim, num_classes)
+    """The SimCLR network of pretrain_config (loaded strictly from state unless None), cut after
+    ft_proj_layer head layers, with a new classifier."""
+    return Classifier(build_model(pretrain_config, state, path), ft_proj_layer, num_classes)
 
 
 def load_finetuned(path):
@@ -422,7 +408,7 @@ def train(cfg, pretrain_config, weights, resume):
     total_steps = cfg.epochs * steps_per_epoch
     peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
     sampler = ResumableSampler(labeled, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = ViewLoader(labeled, sampler, local_batch, build_augmentation(cfg.image_size), 1,
+    loader = ViewLoader(labeled, sampler, local_batch, [build_augmentation(cfg.image_size)],
                         device, workers)
 
     # Model: pretrained (or fresh) f + K head layers + classifier; all of it is trained

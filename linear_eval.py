@@ -36,11 +36,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import (Progress, UserError, console, git_revision, load_checkpoint, load_model_state, opt,
+from cli import (Progress, UserError, console, git_revision, load_checkpoint, opt,
                  parse_config, per_process_batch, prepare_out_dir, run_cli, setup, world_info)
-from pretrain import (InMemory, ViewLoader, build_augmentation, build_model, build_optimizer,
-                      default_workers, extract_features, knn_predict, learning_rate, load_split,
-                      scaled_lr)
+from data import InMemory, ViewLoader, build_augmentation, default_workers, load_split
+from pretrain import (Representation, build_model, build_optimizer, extract_features, knn_predict,
+                      learning_rate, scaled_lr)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -66,6 +66,8 @@ class LinearConfig:
     cached_features: bool = opt(False, "compute h once without augmentation and train on the "
                                 "stored features (fast; not the paper's augmented protocol)")
     random_init: bool = opt(False, "evaluate the same architecture untrained: the baseline")
+    layer: int = opt(0, "the representation: 0 h = f(x) (v1); K the output of the projection "
+                     "head's layer K (v2 Sec. 2; the last layer is z, Fig. 8's h vs z)", min=0)
     knn: int = opt(0, "also report weighted kNN top-1 with K neighbours on normalised h (200 is "
                    "the common value, Wu et al. 2018); 0: off", min=0)
     knn_temperature: float = opt(0.1, "temperature of the kNN weights exp(sim / t)", above=0)
@@ -150,21 +152,16 @@ class FeatureLoader:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_encoder(ckpt, path, random_init=False):
-    """f from a pretraining checkpoint, frozen: no gradients, BatchNorm in inference mode.
+def load_encoder(ckpt, path, random_init=False, layer=0):
+    """f from a pretraining checkpoint, with the first `layer` layers of g (--layer), frozen: no
+    gradients, BatchNorm in inference mode.
 
     The whole SimCLR model (encoder and head) is loaded strictly, so a checkpoint of another
     architecture fails here; the linear classifier is a separate module, so it is the only
     weight the checkpoint lacks. --random-init keeps the fresh initialisation instead.
     """
-    try:
-        model = build_model(ckpt["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: its configuration does not describe a model of this project "
-                        f"({type(e).__name__}: {e})")
-    if not random_init:
-        load_model_state(model, ckpt["model"], path)
-    encoder = model.encoder
+    model = build_model(ckpt["config"], None if random_init else ckpt["model"], path)
+    encoder = Representation(model, layer)
     encoder.requires_grad_(False)
     encoder.eval()
     return encoder
@@ -285,6 +282,7 @@ def results_path(cfg, pretrain_dataset):
     if cfg.out:
         return Path(cfg.out)
     name = "linear_eval" + ("_random" if cfg.random_init else "") + (
+        f"_layer{cfg.layer}" if cfg.layer else "") + (
         f"_{cfg.dataset}" if cfg.dataset != pretrain_dataset else "")
     return Path(cfg.checkpoint).parent / f"{name}.json"
 
@@ -312,16 +310,17 @@ def run(cfg, ckpt):
     image_size = pre["image_size"]  # the encoder's input size, also for transfer datasets
 
     torch.manual_seed(cfg.seed)  # the same --random-init weights on every rank
-    encoder = load_encoder(ckpt, cfg.checkpoint, cfg.random_init).to(device)
+    encoder = load_encoder(ckpt, cfg.checkpoint, cfg.random_init, cfg.layer).to(device)
     torch.manual_seed(cfg.seed + rank)  # ranks differ in augmentations
     # What the encoder must still be after training: the checkpoint's weights and BN statistics
     # (for --random-init, its initial state).
     reference = (encoder_snapshot(encoder) if cfg.random_init else
-                 {k.removeprefix("encoder."): v for k, v in ckpt["model"].items()
-                  if k.startswith("encoder.")})
+                 {k.replace("head.layers.", "head.", 1): v for k, v in ckpt["model"].items()
+                  if k.startswith(("encoder.", *(f"head.layers.{i}." for i in range(cfg.layer))))})
 
     log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | "
-        f"encoder {pre['arch']} x{pre['width_multiplier']} {image_size}px, h {encoder.out_dim}-d, "
+        f"encoder {pre['arch']} x{pre['width_multiplier']} {image_size}px, "
+        f"{f'head layer {cfg.layer}' if cfg.layer else 'h'} {encoder.out_dim}-d, "
         f"{'random init' if cfg.random_init else 'pretrained'} on {pre['dataset']} "
         f"({trained_for(ckpt)})")
     log("config " + json.dumps(dataclasses.asdict(cfg)))
@@ -346,7 +345,7 @@ def run(cfg, ckpt):
                    checkpoint_epoch=ckpt.get("epoch"), random_init=cfg.random_init,
                    encoder=dict(arch=pre["arch"], width_multiplier=pre["width_multiplier"],
                                 sk_ratio=pre["sk_ratio"], image_size=image_size,
-                                h_dim=encoder.out_dim),
+                                layer=cfg.layer, dim=encoder.out_dim),
                    protocol="cached-features" if cfg.cached_features else "augmented",
                    num_classes=num_classes, world_size=world, device=device.type,
                    git=git_revision(), config=dataclasses.asdict(cfg))
@@ -365,7 +364,7 @@ def run(cfg, ckpt):
             train = train_plain if in_memory else split("train", views=1)
             sampler = torch.utils.data.DistributedSampler(train, world, rank, shuffle=True,
                                                           seed=cfg.seed)
-            loader = ViewLoader(train, sampler, local_batch, build_augmentation(image_size), 1,
+            loader = ViewLoader(train, sampler, local_batch, [build_augmentation(image_size)],
                                 device, workers)
             trunk = encoder
             check_same_classes(train, val, cfg)

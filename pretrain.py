@@ -22,14 +22,8 @@ import contextlib
 import copy
 import dataclasses
 import datetime
-import io
-import itertools
 import json
 import math
-import multiprocessing
-import os
-import signal
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -43,13 +37,14 @@ import torch.nn.functional as F
 import torchvision
 from einops import rearrange
 
-from augment import (SimCLRAugmentation, center_crop_box, center_crop_resize, crop_resize,
-                     parse_augment, random_crop_resize_uint8)
-from cli import (Progress, StopSignal, UserError, console, first_line, git_revision,
+from cli import (Progress, StopSignal, UserError, console, git_revision,
                  load_checkpoint, load_model_state, opt, parse_config, per_process_batch,
                  prepare_out_dir, random_states, restore_random_state, resumed_config, run_cli,
                  save_checkpoint, setup, world_info)
+from data import (InMemory, ResumableSampler, ViewLoader, WorkerCrops, build_augmentation,
+                  default_workers, eval_batches, load_split, unreadable_images)
 from lars import LARS
+from objective import LOSSES, build_objective, gather_with_grad
 from resnet import build_encoder
 
 # torch.distributed.nn.functional's differentiable collectives are deprecated in favour of a
@@ -78,6 +73,8 @@ class Config:
     color_strength: float = opt(0.5, "colour distortion strength s (Appendix A): 1.0 ImageNet, "
                                 "0.5 CIFAR-10", min=0)
     blur: bool = opt(False, "Gaussian blur with p 0.5 (on for ImageNet, off for 32 px images)")
+    one_branch: bool = opt(False, "Fig. 5's protocol: both views are random crops, then "
+                           "--augment's transformations (and --blur) go on view 1 only")
     # model (Sec. 2.1; v2 Sec. 2)
     arch: str = opt("resnet18", "encoder f", ["resnet18", "resnet34", "resnet50", "resnet101",
                                               "resnet152"])
@@ -88,8 +85,14 @@ class Config:
                          ["none", "linear", "nonlinear"])
     proj_layers: int = opt(2, "layers of the nonlinear head: 2 in v1, 3 in v2", min=1)
     proj_dim: int = opt(128, "output dimension of g", min=1)
-    # loss (Eq. 1)
+    # loss (Eq. 1; Sec. 5.1)
     temperature: float = opt(0.5, "NT-Xent temperature tau: 0.5 CIFAR-10, 0.1 ImageNet", above=0)
+    l2_norm: bool = opt(True, "cosine similarity in the loss (--no-l2-norm: the dot product, "
+                        "Table 5's ablation)")
+    loss: str = opt("nt-xent", "the contrastive loss (Table 4's comparison; objective.py)",
+                    list(LOSSES))
+    semi_hard: bool = opt(False, "nt-logistic and margin: one semi-hard negative per anchor")
+    margin: float = opt(0.5, "the margin m of --loss margin, in cosine similarity", above=0)
     # optimisation (Sec. 2.2, Appendix B)
     batch_size: int = opt(512, "global batch size N in images (each gives 2 views)", min=2)
     epochs: int = opt(1000, "training epochs; the schedule spans them", min=1)
@@ -150,268 +153,6 @@ PRESETS["folder"] = PRESETS["imagenet"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-
-SMALL_IMAGE_DATASETS = ("cifar10", "cifar100", "stl10")  # decoded once into device memory
-
-
-def build_augmentation(size, augment="crop", strength=1.0, blur=False):
-    """The authors' augmentation (augment.py) with the --augment switches; the default, crop +
-    flip, is what fine-tuning and linear evaluation train with."""
-    try:
-        return SimCLRAugmentation(size, **parse_augment(augment), strength=strength, blur=blur)
-    except ValueError as e:
-        raise UserError(str(e))
-
-
-class WorkerCrops:
-    """What a loader worker does to each full-resolution image of a folder (the part of the
-    augmentation that needs the whole image): `views` random crops resized to size (TF's
-    sampler and bicubic resize), or with views=0 the evaluation's centre crop, uint8 out.
-    random=False (--augment without crop): the centre crop for every view."""
-
-    def __init__(self, size, views=0, random=True):
-        self.size, self.views, self.random = size, views, random
-
-    def __call__(self, image):
-        x = torchvision.transforms.functional.pil_to_tensor(image)  # uint8 3 x H x W
-        if not self.views:
-            return center_crop_resize(x, self.size)
-        crop = random_crop_resize_uint8 if self.random else center_crop_resize
-        return torch.stack([crop(x, self.size) for _ in range(self.views)])  # V x 3 x S x S
-
-
-class InMemory:
-    """A split of small images decoded once into one uint8 tensor N x 3 x H x W on the training
-    device (CIFAR-10's 50,000 images: 150 MB), with its labels: batches are indexed and augmented
-    there, without loader workers or a copy per step. samples / root: the files, when it was
-    read from an image folder (finetune.py's subset lists name them)."""
-
-    def __init__(self, images, labels, classes, samples=None, root=None):
-        self.images, self.labels, self.classes = images, labels, classes
-        self.samples, self.root = samples, root
-
-    def __len__(self):
-        return len(self.images)
-
-    @property
-    def targets(self):
-        return self.labels.tolist()
-
-    def subset(self, indices):
-        idx = torch.as_tensor(indices, device=self.images.device)
-        return InMemory(self.images[idx], self.labels[idx], self.classes,
-                        self.samples and [self.samples[i] for i in indices], self.root)
-
-
-def load_split(dataset, data_dir, split, size, device, workers=0, views=0, log=print, crop=True):
-    """A split ready for batches on the device: CIFAR-10/100 and STL-10 as InMemory; image
-    folders (ImageNet) as an ImageFolder whose workers decode and crop (WorkerCrops; crop=False:
-    the centre crop for every view, --augment without crop)."""
-    if dataset not in SMALL_IMAGE_DATASETS:
-        return build_dataset(dataset, data_dir, split, WorkerCrops(size, views, crop))
-    source = build_dataset(dataset, data_dir, split, torchvision.transforms.functional.pil_to_tensor)
-    if not hasattr(source, "samples"):  # torchvision's arrays: N x H x W x 3 (CIFAR), N x 3 x H x W
-        images = torch.as_tensor(source.data)
-        images = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 else images
-        labels = getattr(source, "targets", None) or source.labels
-    else:  # an image-folder export: every file decoded once, by the loader workers
-        progress, parts, done = Progress(log, f"decoding {split}", len(source)), [], 0
-        try:
-            for x, y in make_loader(source, 500, torch.device("cpu"), workers):
-                parts.append((x, y))
-                done += len(y)
-                if progress.due(done):
-                    progress.show(done, "images")
-        except RuntimeError as e:  # torch.stack in the loader: images of different sizes
-            raise UserError(f"the images under {source.root} differ in size ({first_line(e)}); "
-                            f"use --dataset folder for such data")
-        images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        if source.unreadable.value:
-            log(f"{source.unreadable.value} unreadable image(s), each replaced by the next image "
-                f"(named on stderr)")
-    return InMemory(images.contiguous().to(device), torch.as_tensor(labels).to(device),
-                    source.classes, getattr(source, "samples", None), getattr(source, "root", None))
-
-
-class ViewLoader:
-    """One epoch of `views` augmented views of every image in this process's share (sampler),
-    as float batches on the device: yields ([view 1, ...], labels), views n x 3 x S x S. InMemory
-    data is indexed and augmented on the device; image folders come cropped from the loader
-    workers (WorkerCrops), and the device does the rest (flip, colour, blur) on the batch."""
-
-    def __init__(self, data, sampler, batch_size, augment, views, device, workers):
-        self.data, self.sampler, self.batch_size = data, sampler, batch_size
-        self.augment, self.views, self.device = augment, views, device
-        self.loader = None if isinstance(data, InMemory) else make_loader(
-            data, batch_size, device, workers, sampler, drop_last=True, persistent=True)
-
-    def __len__(self):
-        return len(self.sampler) // self.batch_size
-
-    def __iter__(self):
-        if self.loader is None:
-            order = torch.tensor(list(self.sampler), device=self.device)  # one copy per epoch
-            for idx in order[:len(self) * self.batch_size].view(-1, self.batch_size):
-                images = self.data.images[idx]  # n x 3 x H x W, uint8
-                yield [self.augment(images) for _ in range(self.views)], self.data.labels[idx]
-        else:
-            for crops, labels in self.loader:
-                crops = crops.to(self.device, non_blocking=True)  # n x V x 3 x S x S, uint8
-                yield ([self.augment(crops[:, v], cropped=True) for v in range(self.views)],
-                       labels.to(self.device, non_blocking=True))
-
-
-def eval_batches(data, size, batch_size, device, workers):
-    """Every world-th image of data (this process's share), in order, as the evaluation sees
-    it (the centre crop; 32 px images as they are): yields (float n x 3 x S x S, labels)."""
-    rank, world = world_info()
-    if isinstance(data, InMemory):
-        box = center_crop_box(*data.images.shape[2:], size)
-        boxes = torch.tensor([box], device=device)
-        for idx in torch.arange(rank, len(data), world, device=device).split(batch_size):
-            x = data.images[idx].float() / 255  # n x 3 x H x W
-            if box != (0, 0, size, size):
-                x = crop_resize(x, boxes.expand(len(idx), 4), size)
-            yield x, data.labels[idx]
-    else:
-        part = torch.utils.data.Subset(data, range(rank, len(data), world))
-        for x, y in make_loader(part, batch_size, device, workers):
-            yield x.to(device, non_blocking=True).float() / 255, y.to(device, non_blocking=True)
-
-
-def build_dataset(dataset, data_dir, split, transform):
-    """split: 'pretrain' (every image usable without labels), 'train' (labelled) or 'val'.
-
-    cifar10/cifar100/stl10 come from torchvision (downloaded when missing); imagenet, folder, and a
-    cifar export with a train/ folder are read with ImageFolder from <data-dir>/train and /val.
-    """
-    root = Path(data_dir)
-    if dataset in ("imagenet", "folder") or (dataset.startswith("cifar") and (root / "train").is_dir()):
-        subdirs = ["train"] if split != "val" else ["val", "test"]
-        path = next((root / s for s in subdirs if (root / s).is_dir()), root / subdirs[0])
-        if not path.is_dir():
-            raise UserError(f"no image folder at {path}: expected {root}/train/<class>/<image> and "
-                            f"{root}/val/<class>/<image> (set --data-dir)")
-        try:
-            return ImageFolder(str(path), transform)
-        except (FileNotFoundError, OSError) as e:
-            raise UserError(f"cannot read images under {path}: {e}")
-    if dataset in ("cifar10", "cifar100"):
-        cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
-        return _torchvision_dataset(dataset, root, lambda download: cls(
-            str(root), train=split != "val", transform=transform, download=download))
-    if dataset == "stl10":
-        stl_split = {"pretrain": "train+unlabeled", "train": "train", "val": "test"}[split]
-        return _torchvision_dataset(dataset, root, lambda download: torchvision.datasets.STL10(
-            str(root), split=stl_split, transform=transform, download=download))
-    raise UserError(f"unknown dataset {dataset!r}")
-
-
-def _torchvision_dataset(name, root, make):
-    try:
-        return make(download=False)
-    except RuntimeError:  # torchvision's "Dataset not found or corrupted"
-        pass
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints before failing offline
-            return make(download=True)
-    except Exception as e:
-        raise UserError(f"{name} is not in {root} and could not be downloaded "
-                        f"({type(e).__name__}); download it into --data-dir on a machine with "
-                        f"network, or point --data-dir at an image-folder export "
-                        f"(train/<class>/*, val/<class>/*)")
-
-
-class ImageFolder(torchvision.datasets.ImageFolder):
-    """torchvision's ImageFolder that survives unreadable files (truncated JPEGs, non-images with
-    an image extension: real folders, ImageNet's included, contain some). Such a file is named
-    on stderr and replaced by the next readable image, so batches keep their size on every
-    process; `unreadable` counts the replacements, across loader workers. Many in a row mean
-    the wrong folder, not a stray file, and stop the run."""
-
-    MAX_IN_A_ROW = 50
-
-    def __init__(self, root, transform):
-        super().__init__(root, transform)
-        self.unreadable = multiprocessing.Value("q", 0)  # shared with the loader workers
-        self.named = set()
-
-    def __getitem__(self, index):
-        for offset in range(self.MAX_IN_A_ROW):
-            path, target = self.samples[(index + offset) % len(self.samples)]
-            try:
-                image = self.loader(path)  # decodes the whole file
-            except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for a bad file
-                with self.unreadable.get_lock():
-                    self.unreadable.value += 1
-                if path not in self.named:  # one write: lines of several workers stay whole
-                    self.named.add(path)
-                    sys.stderr.write(f"warning: unreadable image {path} ({type(e).__name__}: "
-                                     f"{e}); using the next image instead\n")
-                    sys.stderr.flush()
-                continue
-            return self.transform(image), target
-        raise UserError(f"{self.MAX_IN_A_ROW} unreadable images in a row from "
-                        f"{self.samples[index][0]} on: is {self.root} a folder of images?")
-
-
-def unreadable_images(dataset, device, log):
-    """{'unreadable_images': the files an ImageFolder (or a Subset of one) has replaced so far,
-    summed over processes}, with a summary line; {} for datasets that cannot have any."""
-    folder = getattr(dataset, "dataset", dataset)
-    if not isinstance(folder, ImageFolder):
-        return {}
-    count = torch.tensor(folder.unreadable.value, device=device)
-    if world_info()[1] > 1:
-        dist.all_reduce(count)
-    if count.item():
-        log(f"{count.item()} unreadable image(s) so far, each replaced by the next image "
-            f"(named on stderr)")
-    return {"unreadable_images": count.item()}
-
-
-def _quiet_worker(worker_id):
-    # Ctrl-C and SIGTERM reach every process of the group; the main process answers them
-    # (StopSignal) and then shuts its workers down, so a worker must not die first.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def make_loader(dataset, batch_size, device, workers, sampler=None, drop_last=False,
-                persistent=False):
-    """The DataLoader of every script: pinned memory on CUDA, workers that leave signals to the
-    main process, persistent workers on request (their start-up is paid once per run)."""
-    # The workers' seeds come from a generator seeded once, here: drawing them from the main
-    # random stream at every epoch's start would make a run resumed mid-epoch diverge.
-    seeds = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))
-    return torch.utils.data.DataLoader(
-        dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-        pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0,
-        worker_init_fn=_quiet_worker, generator=seeds)
-
-
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (this rank's share of a seeded per-epoch shuffle, tail dropped) that
-    can start part-way into an epoch, so a run stopped mid-epoch resumes on the next batch."""
-
-    start = 0  # samples of the current epoch this rank has already consumed
-
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self.start, None)
-
-    def __len__(self):
-        return self.num_samples - self.start
-
-
-def default_workers(world_size):
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    return max(1, min(8, (os.cpu_count() or 1) // local))
-
-
-# ---------------------------------------------------------------------------------------------
 # Model: encoder f (resnet.py), projection head g, global BatchNorm
 # ---------------------------------------------------------------------------------------------
 
@@ -457,11 +198,37 @@ class SimCLR(nn.Module):
         return h, self.head(h)
 
 
-def build_model(cfg):
-    """The SimCLR network described by a configuration (a Config or the dict in a checkpoint)."""
+class Representation(nn.Module):
+    """x -> what the later stages read: h = f(x) (v1; layer 0), or the output of the first `layer`
+    layers of g (v2 Sec. 2 fine-tunes from layer 1 of a 3-layer head; all of them give z, which
+    Fig. 8 compares with h). It holds model's own modules, not copies."""
+
+    def __init__(self, model, layer=0, flag="--layer"):
+        super().__init__()
+        layers = list(model.head.layers)
+        if not 0 <= layer <= len(layers):
+            raise UserError(f"{flag} {layer}: the projection head has {len(layers)} layer(s); use "
+                            f"{flag} 0{f' to {len(layers)}' if layers else ''}")
+        self.encoder, self.head = model.encoder, nn.Sequential(*layers[:layer])
+        self.out_dim = layers[layer - 1][0].out_features if layer else model.encoder.out_dim
+
+    def forward(self, x):
+        return self.head(self.encoder(x))  # B x out_dim
+
+
+def build_model(cfg, state=None, path=""):
+    """The SimCLR network described by a configuration (a Config or the dict in a checkpoint),
+    loaded strictly from state (the model of the checkpoint at path) unless None."""
     c = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
-    encoder, h_dim = build_encoder(c["arch"], c["width_multiplier"], c["image_size"], c["sk_ratio"])
-    return SimCLR(encoder, ProjectionHead(h_dim, c["proj_head"], c["proj_layers"], c["proj_dim"]))
+    try:
+        encoder, dim = build_encoder(c["arch"], c["width_multiplier"], c["image_size"], c["sk_ratio"])
+        model = SimCLR(encoder, ProjectionHead(dim, c["proj_head"], c["proj_layers"], c["proj_dim"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path or 'the configuration'} does not describe a model of this project "
+                        f"({type(e).__name__}: {e})")
+    if state is not None:
+        load_model_state(model, state, path)
+    return model
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -511,51 +278,6 @@ def _to_global_bn(module):
     return module
 
 
-# ---------------------------------------------------------------------------------------------
-# Loss: NT-Xent (Eq. 1)
-# ---------------------------------------------------------------------------------------------
-
-
-def gather_with_grad(x):
-    """Concatenate x from every process (rank order), passing gradients back to their owners."""
-    rank, world = world_info()
-    if world == 1:
-        return x
-    return torch.cat(dist_nn.all_gather(x))
-
-
-def nt_xent_loss(z1, z2, temperature, negatives=None):
-    """NT-Xent, Eq. 1, averaged over all 2N anchors: L of Algorithm 1.
-
-        l(i, j) = -log exp(sim(z_i, z_j) / tau) / sum_{k != i} exp(sim(z_i, z_k) / tau)
-        L = 1/(2N) sum_k [l(2k-1, 2k) + l(2k, 2k-1)],   sim = cosine similarity
-
-    z1[k] and z2[k] (n x d each) are the two views of image k. Under torchrun each process passes
-    its own n images; its 2n anchors are scored against the 2N views of all processes (gathered
-    with gradient), so with DDP averaging the gradient equals the single-process one on the whole
-    batch. `negatives` (K x d, e.g. a MoCo memory) are extra candidates for every anchor.
-    The official code's loss is loss_a + loss_b, each a mean over N anchors: 2 x this L.
-    Returns (L over this process's anchors, contrast_acc: the authors' metric, the share of
-    first views whose second view ranks first among the N second views of the global batch).
-    """
-    n = z1.shape[0]
-    z = torch.cat([z1, z2])  # 2n x d: [view 1; view 2]
-    z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)  # bf16 -> fp32
-    candidates = gather_with_grad(z)  # 2N x d: [z1; z2] of rank 0, then of rank 1, ...
-    if negatives is not None:
-        candidates = torch.cat([candidates, F.normalize(negatives.to(z.dtype), dim=1)])  # (2N+K) x d
-    logits = z @ candidates.T / temperature  # 2n x (2N+K)
-    rank, world = world_info()
-    anchor = torch.arange(2 * n, device=z.device)
-    self_index = rank * 2 * n + anchor
-    positive = rank * 2 * n + (anchor + n) % (2 * n)  # view 1 <-> view 2 of the same image
-    logits = logits.masked_fill(F.one_hot(self_index, logits.shape[1]).bool(), float("-inf"))
-    loss = F.cross_entropy(logits, positive)
-    second_views = (2 * n * torch.arange(world, device=z.device)[:, None] + n + anchor[:n]).flatten()  # N
-    contrast_acc = (logits[:n, second_views].argmax(dim=1) == rank * n + anchor[:n]).float().mean()
-    return loss, contrast_acc
-
-
 class Memory(nn.Module):
     """SimCLRv2's memory (v2 Sec. 2, after MoCo, He et al. 2020): a momentum network, a copy of
     f and g whose weights follow an exponential moving average of the trained ones and never
@@ -567,20 +289,21 @@ class Memory(nn.Module):
     def __init__(self, model, size, dim, momentum=0.999):
         super().__init__()
         self.model = copy.deepcopy(model).requires_grad_(False)
+        self.online = list(model.parameters())  # what it follows (a list: not a submodule)
         self.momentum = momentum
         # random unit vectors until real projections replace them, as MoCo starts
         self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))  # K x d
         self.register_buffer("position", torch.zeros((), dtype=torch.long))  # next row to write
 
     @torch.no_grad()
-    def update(self, model):
+    def update(self):
         """theta_m <- m * theta_m + (1 - m) * theta, for every parameter."""
-        for p_m, p in zip(self.model.parameters(), model.parameters()):
-            p_m.lerp_(p.detach(), 1 - self.momentum)
+        torch._foreach_lerp_(list(self.model.parameters()), self.online, 1 - self.momentum)
 
     @torch.no_grad()
     def project(self, x):
-        return F.normalize(self.model(x)[1].float(), dim=1)  # 2n x d
+        """The keys: z of the momentum network, 2n x d (the loss normalises them, or not)."""
+        return self.model(x)[1].float()
 
     @torch.no_grad()
     def enqueue(self, keys):
@@ -694,7 +417,52 @@ def knn_accuracy(encoder, train, val, cfg, device, workers, log):
 # ---------------------------------------------------------------------------------------------
 
 
-def show_augmentations(cfg, data, augment, out_dir, device):
+def view_augmentations(cfg):
+    """t and t' of Algorithm 1, one per view: the same augmentation twice; with --one-branch,
+    Fig. 5's protocol: both views randomly cropped first, --augment's transformations on view 1
+    only, view 2 left as the crop (the paper's t(x) = x)."""
+    first = build_augmentation(cfg.image_size, cfg.augment, cfg.color_strength, cfg.blur,
+                               base_crop=cfg.one_branch)
+    return [first, build_augmentation(cfg.image_size, "", base_crop=True) if cfg.one_branch else first]
+
+
+def train_step(model, x1, x2, optimizer, objective, scaler=None, autocast=contextlib.nullcontext(),
+               memory=None, memory_format=torch.channels_last):
+    """One step of Algorithm 1 on the two views (n x 3 x S x S each) of a batch: z = g(f(x)) for
+    the 2n views, the loss, its gradient, the optimizer's step. objective(z1, z2, negatives) is
+    NT-Xent (or a Table 4 loss, objective.py). Returns (L, contrast_acc, entropy), detached.
+
+    The step minimises 2L, the authors' loss_a + loss_b, not L: the two differ by more than a
+    learning rate under LARS, whose trust ratio cancels the factor for the weights' gradient
+    but not for BatchNorm parameters and biases (updated by lr x g) nor for the weight decay's
+    share of the adapted update. With 2L every parameter moves as in their code
+    (test_authors_step.py); with L, BN parameters moved at half their rate.
+    """
+    x = torch.cat([x1, x2]).contiguous(memory_format=memory_format)  # 2n x 3 x S x S: [views 1; views 2]
+    with autocast:
+        _, z = model(x)  # BN statistics over both views, as the official code
+    z1, z2 = rearrange(z, "(v b) d -> v b d", v=2)
+    keys = None
+    if memory is not None:  # v2: the momentum network's keys join the queue after the step
+        memory.update()
+        with autocast:
+            keys = memory.project(x)
+    loss, acc, entropy = objective(z1, z2, memory.queue if memory is not None else None)
+    optimizer.zero_grad(set_to_none=True)
+    objective_2l = 2 * loss  # the authors' loss_a + loss_b
+    if scaler is None:
+        objective_2l.backward()
+        optimizer.step()
+    else:
+        scaler.scale(objective_2l).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    if keys is not None:
+        memory.enqueue(keys)
+    return loss.detach(), acc, entropy
+
+
+def show_augmentations(cfg, data, augments, out_dir, device):
     """Save a grid: each row an image as evaluation sees it, then its two augmented views."""
     idx = torch.randperm(len(data))[:cfg.show_augmentations].tolist()
     if isinstance(data, InMemory):
@@ -704,7 +472,7 @@ def show_augmentations(cfg, data, augment, out_dir, device):
         part = torch.utils.data.Subset(data, idx)
         originals = torch.stack([WorkerCrops(cfg.image_size)(data.loader(data.samples[i][0]))
                                  for i in idx]).to(device) / 255
-    views, _ = next(iter(ViewLoader(part, range(len(idx)), len(idx), augment, 2, device, 0)))
+    views, _ = next(iter(ViewLoader(part, range(len(idx)), len(idx), augments, device, 0)))
     rows = torch.stack([originals, *views], 1).flatten(0, 1)  # 3n x 3 x S x S: image, v1, v2
     path = Path(out_dir) / "augmentations.png"
     torchvision.utils.save_image(rows, path, nrow=3, padding=2, pad_value=1.0)
@@ -721,20 +489,25 @@ def train(cfg, ckpt=None):
     local_batch = per_process_batch(cfg.batch_size, world)
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
+    try:
+        objective = build_objective(cfg.loss, cfg.temperature, cfg.l2_norm, cfg.semi_hard, cfg.margin)
+    except ValueError as e:
+        raise UserError(str(e))
     out_dir = Path(cfg.out_dir or f"runs/{cfg.dataset}-{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
     if main:
         prepare_out_dir(out_dir)  # an unwritable folder fails now, not after an epoch
 
     # Data: two views per image (Algorithm 1, lines 3-9), made on the device (augment.py)
-    augment = build_augmentation(cfg.image_size, cfg.augment, cfg.color_strength, cfg.blur)
+    augments = view_augmentations(cfg)
+    crop = any(a.crop or a.base_crop for a in augments)
     dataset = load_split(cfg.dataset, cfg.data_dir, "pretrain", cfg.image_size, device, workers,
-                         views=2, log=log, crop=augment.crop)
-    if isinstance(dataset, InMemory) and not augment.crop and dataset.images.shape[-1] != cfg.image_size:
+                         views=2, log=log, crop=crop)
+    if isinstance(dataset, InMemory) and not crop and dataset.images.shape[-1] != cfg.image_size:
         raise UserError(f"--augment without crop keeps the images' {dataset.images.shape[-1]} px: "
                         f"set --image-size {dataset.images.shape[-1]}")
     if cfg.show_augmentations:
         if main:
-            log(f"saved {show_augmentations(cfg, dataset, augment, out_dir, device)}")
+            log(f"saved {show_augmentations(cfg, dataset, augments, out_dir, device)}")
         return
     knn_sets = None
     if cfg.eval_every:  # read now: a missing evaluation split fails before the first step
@@ -753,7 +526,7 @@ def train(cfg, ckpt=None):
     warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
     peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
     sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = ViewLoader(dataset, sampler, local_batch, augment, 2, device, workers)
+    loader = ViewLoader(dataset, sampler, local_batch, augments, device, workers)
 
     # Model, optimizer
     torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): let cuDNN pick its kernels
@@ -774,8 +547,9 @@ def train(cfg, ckpt=None):
     under_torchrun = dist.is_initialized()  # even one process: the path of eight
     if under_torchrun and cfg.global_bn:
         model = convert_to_global_bn(model)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # NHWC, as train_step feeds it: faster convolutions on cuDNN's tensor cores and with oneDNN
+    # on the CPU (RESULTS.md)
+    model = model.to(memory_format=torch.channels_last)
     raw_model = model  # what checkpoints store; the momentum network copies it
     memory = None
     if cfg.memory_size:
@@ -815,8 +589,8 @@ def train(cfg, ckpt=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
                               enabled=precision in ("bf16", "fp16"))
     model.train()
-    sums = torch.zeros(3, device=device)  # loss, contrast_acc, non-finite losses since the last log
-    epoch_sums = torch.zeros(3, device=device)
+    sums = torch.zeros(4, device=device)  # loss, contrast_acc, entropy, non-finite losses since the last log
+    epoch_sums = torch.zeros(4, device=device)
     progress = Progress(log, "step", last_step, cfg.batch_size, every=cfg.log_every, start=step)
     since_log, t_start = 0, time.time()
     for epoch in range(step // steps_per_epoch, cfg.epochs):
@@ -830,26 +604,11 @@ def train(cfg, ckpt=None):
             lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x = torch.cat([x1, x2])  # 2n x 3 x H x W: [views 1; views 2]
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                _, z = model(x)  # BN statistics over both views, as the official code
-            z1, z2 = rearrange(z, "(v b) d -> v b d", v=2)
-            if memory is not None:  # v2: the momentum network's keys join the queue after the step
-                memory.update(raw_model)
-                with autocast:
-                    keys = memory.project(x)
-            loss, acc = nt_xent_loss(z1, z2, cfg.temperature, memory.queue if memory is not None else None)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if memory is not None:
-                memory.enqueue(keys)
+            loss, acc, entropy = train_step(model, x1, x2, optimizer, objective, scaler, autocast,
+                                            memory)
             step += 1
             since_log += 1
-            sums += torch.stack([loss.detach(), acc.detach(), (~torch.isfinite(loss.detach())).float()])
+            sums += torch.stack([loss, acc, entropy, (~torch.isfinite(loss)).float()])
 
             stopping = stop()  # asked every step, the same answer on every process
             # the log line, and the check for a non-finite loss before any checkpoint is written
@@ -857,7 +616,7 @@ def train(cfg, ckpt=None):
                 if world > 1:
                     dist.all_reduce(sums)
                     sums /= world
-                loss_avg, acc_avg, bad = (sums / since_log).tolist()
+                loss_avg, acc_avg, _, bad = (sums / since_log).tolist()
                 epoch_sums += sums
                 sums.zero_()
                 since_log = 0
@@ -875,8 +634,9 @@ def train(cfg, ckpt=None):
         if stop.stopped_at(step, ckpt_path, log):
             return
         epoch_steps = step - epoch_step_start
-        record = dict(epoch=epoch + 1, step=step, loss=epoch_sums[0].item() / max(1, epoch_steps),
-                      contrast_acc=epoch_sums[1].item() / max(1, epoch_steps), lr=lr,
+        loss_avg, acc_avg, entropy_avg = (epoch_sums[:3] / max(1, epoch_steps)).tolist()
+        record = dict(epoch=epoch + 1, step=step, loss=loss_avg, contrast_acc=acc_avg,
+                      entropy=entropy_avg, lr=lr,
                       images_per_s=epoch_steps * cfg.batch_size / (time.time() - t_epoch),
                       time=time.time() - t_start)
         record.update(unreadable_images(dataset, device, log))

@@ -75,12 +75,6 @@ def test_peak_table_picks_the_right_gpu():
     assert bench.bf16_peak_tflops("Tesla T4") is None
 
 
-def test_views_are_joined_in_order():
-    x1, x2 = torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8)
-    x = bench.joined([x1, x2], CPU)
-    assert torch.equal(x[:3], x1) and torch.equal(x[3:], x2)  # [views 1; views 2], as the loss expects
-
-
 @pytest.mark.parametrize("dataset, source", [("folder", "1 workers"), ("cifar10", "in memory")])
 def test_bench_runs_on_cpu_and_reports_every_row(dataset, source, tiny_folder, tmp_path):
     out = tmp_path / "bench.json"

@@ -12,7 +12,8 @@ import torch.nn as nn
 from einops import rearrange
 
 from conftest import ROOT, TINY_PRETRAIN
-from pretrain import Config, build_model, convert_to_global_bn, nt_xent_loss
+from objective import nt_xent_loss
+from pretrain import Config, build_model, convert_to_global_bn
 from test_loss import naive_contrast_acc
 
 WORLD, N = 2, 6  # two processes, six images each
@@ -55,7 +56,7 @@ def reference(global_bn):
             s = slice(r * N, (r + 1) * N)
             zs.append(rearrange(model(torch.cat([x1[s], x2[s]]))[1], "(v b) d -> v b d", v=2))
         z1, z2 = torch.cat([z[0] for z in zs]), torch.cat([z[1] for z in zs])
-    loss, acc = nt_xent_loss(z1, z2, 0.2)
+    loss, acc, _ = nt_xent_loss(z1, z2, 0.2)
     assert acc.item() == pytest.approx(naive_contrast_acc(z1.detach(), z2.detach()))
     loss.backward()
     return dict(loss=loss.item(), acc=acc.item(),
@@ -70,7 +71,7 @@ def worker(rank, init_file, global_bn, out):
         model = convert_to_global_bn(model)
     ddp = nn.parallel.DistributedDataParallel(model)
     s = slice(rank * N, (rank + 1) * N)
-    loss, acc = forward_loss(ddp, x1[s], x2[s])
+    loss, acc, _ = forward_loss(ddp, x1[s], x2[s])
     loss.backward()  # DDP averages the gradients over the two processes
     z1, z2 = crossed_views()
     stats = torch.stack([loss.detach(), acc.detach(), nt_xent_loss(z1[s], z2[s], 0.5)[1]])

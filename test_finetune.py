@@ -14,10 +14,11 @@ from PIL import Image
 
 from cli import UserError, load_checkpoint
 from conftest import run_script
+from data import InMemory
 from finetune import (build_classifier, build_finetune_optimizer, evaluate, image_names,
                       labeled_subset, load_finetuned, read_subset_file)
 from lars import LARS
-from pretrain import Config, InMemory, build_model
+from pretrain import Config, build_model
 
 TINY = dict(arch="resnet18", width_multiplier=0.125, image_size=32)
 

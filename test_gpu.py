@@ -11,17 +11,18 @@ import sys
 
 import pytest
 import torch
-from einops import rearrange
 
 from cli import load_checkpoint
 from conftest import ROOT, TINY_MODEL, TINY_PRETRAIN, run_script
-from pretrain import (Config, InMemory, ResumableSampler, ViewLoader, build_augmentation,
-                      build_model, build_optimizer, convert_to_global_bn, nt_xent_loss)
+from data import InMemory, ResumableSampler, ViewLoader, build_augmentation
+from objective import build_objective
+from pretrain import Config, build_model, build_optimizer, convert_to_global_bn, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA GPU: the GPU path is tested on a GPU machine")
 CUDA = torch.device("cuda")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+OBJECTIVE = build_objective("nt-xent", 0.5)
 
 
 def small_model():
@@ -31,24 +32,17 @@ def small_model():
 
 
 def fixed_views(n=64):
-    """Two augmented views of n random images, made on the GPU: 2n x 3 x 32 x 32, channels_last."""
+    """Two augmented views of n random images, made on the GPU: n x 3 x 32 x 32 each."""
     torch.manual_seed(0)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=CUDA)
     augment = build_augmentation(32, "crop,color", 0.5)
-    return torch.cat([augment(images), augment(images)]).contiguous(memory_format=torch.channels_last)
+    return augment(images), augment(images)
 
 
-def step(model, optimizer, scaler, x, dtype):
-    """pretrain.py's step: forward of both views under autocast, NT-Xent, backward, LARS."""
-    with torch.autocast("cuda", dtype=dtype):
-        _, z = model(x)
-    z1, z2 = rearrange(z, "(v b) d -> v b d", v=2)
-    loss, _ = nt_xent_loss(z1, z2, 0.5)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.detach()
+def step(model, optimizer, scaler, views, dtype):
+    """pretrain.py's step under autocast: forward of both views, NT-Xent, backward, LARS."""
+    autocast = torch.autocast("cuda", dtype=dtype)
+    return train_step(model, *views, optimizer, OBJECTIVE, scaler, autocast)[0]
 
 
 def train_fixed_batch(precision, compile=False, steps=8):
@@ -76,7 +70,7 @@ def test_mixed_precision_steps_lower_the_loss_on_a_fixed_batch(precision):
 
 def test_channels_last_computes_what_the_default_layout_computes():
     model = small_model().eval()
-    x = fixed_views(16)
+    x = torch.cat(fixed_views(16)).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         h_last, _ = model(x)
         h_plain, _ = model.to(memory_format=torch.contiguous_format)(x.contiguous())
@@ -97,18 +91,17 @@ def test_a_training_step_never_waits_for_the_gpu():
     data = InMemory(torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, device=CUDA),
                     torch.randint(0, 10, (256,), device=CUDA), [str(c) for c in range(10)])
     sampler = ResumableSampler(data, 1, 0, shuffle=True, seed=0, drop_last=True)
-    batches = iter(ViewLoader(data, sampler, 32, build_augmentation(32, "crop,color", 0.5), 2,
+    batches = iter(ViewLoader(data, sampler, 32, [build_augmentation(32, "crop,color", 0.5)] * 2,
                               CUDA, 0))
     model = small_model()
     optimizer = build_optimizer(model, "lars", 0.5, 1e-4)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    joined = lambda views: torch.cat(views).contiguous(memory_format=torch.channels_last)
-    step(model, optimizer, scaler, joined(next(batches)[0]), torch.bfloat16)  # warm-up
+    step(model, optimizer, scaler, next(batches)[0], torch.bfloat16)  # warm-up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            step(model, optimizer, scaler, joined(next(batches)[0]), torch.bfloat16)
+            step(model, optimizer, scaler, next(batches)[0], torch.bfloat16)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

@@ -12,9 +12,10 @@ import torch.nn as nn
 
 from cli import load_checkpoint
 from conftest import ROOT, make_image_folder, run_script
+from data import load_split
 from linear_eval import (FeatureLoader, check_encoder_unchanged, encoder_snapshot, evaluate_linear,
                          knn_accuracy, linear_classifier, load_encoder, main, train_linear)
-from pretrain import extract_features, load_split
+from pretrain import extract_features
 from resnet import build_encoder
 
 CPU = torch.device("cpu")

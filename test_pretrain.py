@@ -10,8 +10,8 @@ from PIL import Image
 
 from cli import UserError, parse_config
 from conftest import ROOT, TINY_PRETRAIN, run_script
-from pretrain import (PRESETS, Config, InMemory, ProjectionHead, ResumableSampler, ViewLoader,
-                      build_augmentation, build_model, load_split)
+from data import InMemory, ResumableSampler, ViewLoader, build_augmentation, load_split
+from pretrain import PRESETS, Config, ProjectionHead, build_model
 from resnet import ARCHS, SamePool, build_encoder
 
 # ---------------------------------------------------------------------------------- data
@@ -28,7 +28,7 @@ def test_both_data_paths_make_two_views_on_the_device(dataset, tiny_folder):
     if dataset == "cifar10":
         assert data.images.dtype == torch.uint8 and data.images.shape == (48, 3, 32, 32)
     sampler = ResumableSampler(data, 1, 0, shuffle=True, seed=0, drop_last=True)
-    views = ViewLoader(data, sampler, 16, build_augmentation(32, "crop,color", 0.5), 2,
+    views = ViewLoader(data, sampler, 16, [build_augmentation(32, "crop,color", 0.5)] * 2,
                        torch.device("cpu"), workers=1)
     batches = list(views)
     assert len(batches) == len(views) == 3

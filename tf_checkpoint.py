@@ -37,8 +37,9 @@ import torch
 import torch.nn as nn
 
 from cli import UserError, _Parser, prepare_out_dir, run_cli, save_checkpoint
+from data import default_workers, load_split
 from finetune import Classifier, FinetuneConfig, evaluate
-from pretrain import PRESETS, Config, build_model, default_workers, load_split
+from pretrain import PRESETS, Config, build_model
 from resnet import ARCHS, Bottleneck, SamePool, SelectiveKernel
 
 # ---------------------------------------------------------------------------------------------
@@ -525,13 +526,10 @@ def convert(path, ema=False, ft_proj_layer=-1, verify_crc=False):
     k = default_ft_proj_layer(path, layers) if ft_proj_layer < 0 else ft_proj_layer
     classifier = None
     if head is not None:
-        if k > layers:
-            raise UserError(f"--ft-proj-layer {k}: the checkpoint's projection head has {layers} layers")
-        in_dim = model.head.layers[k - 1][0].out_features if k else model.encoder.out_dim
-        if head[0].shape[1] != in_dim:
+        classifier = Classifier(model, k, len(head[1]))
+        if head[0].shape[1] != classifier.out_dim:
             raise UserError(f"the supervised head takes {head[0].shape[1]} inputs, head layer {k} "
-                            f"gives {in_dim}: try another --ft-proj-layer")
-        classifier = Classifier(model.encoder, list(model.head.layers[:k]), in_dim, len(head[1]))
+                            f"gives {classifier.out_dim}: try another --ft-proj-layer")
         with torch.no_grad():
             classifier.fc.weight.copy_(head[0])
             classifier.fc.bias.copy_(head[1])

@@ -1,0 +1,746 @@
+"""The papers' ablations, reproduced in miniature by this code: do SimCLR's findings come out of it?
+
+Each experiment is a list of runs that differ from one base recipe in one knob, named after the
+table or figure it repeats: v1 Fig. 5 (augmentation pairs, one branch), Table 1 (colour
+strength), Fig. 8 (projection head, h vs z), Table 5 (l2 norm and temperature), Fig. 9 (batch
+size, linear and sqrt lr scaling), Table 4 (loss functions); v2 Fig. 4 (head depth x the layer
+fine-tuned from) and the memory. A run is pretrain.py, then linear_eval.py (a linear layer on
+cached features, and kNN) or finetune.py, each started as a subprocess whose exact command is
+recorded. Every finished run appends one record to <out>/records.jsonl: the commands, seed,
+scale, git revision, hardware and load, wall times and metrics. Runs shared by experiments (the
+base recipe is in most) are trained once. Repeating a command skips what is finished and resumes
+an interrupted run from its checkpoint; Ctrl-C (or SIGTERM) stops the current script with a
+checkpoint, as every script does, and the same command continues.
+
+    python reproduce.py --scale cpu --data-dir data/cifar10 --only base --seeds 2   # the noise
+    python reproduce.py --scale cpu --data-dir data/cifar10             # every experiment, hours
+    python reproduce.py --scale gpu --data-dir data/cifar10 --only table5,fig5
+    python reproduce.py --scale cpu --dry-run                           # the commands, nothing run
+    python reproduce.py --report --update RESULTS.md                    # tables from the records
+
+Scales (SCALES below): smoke (a tiny image folder, seconds per run: the tests), cpu (ResNet-18 at
+1/4 width on CIFAR-10, minutes per run on one CPU core), gpu (ResNet-18 at full width, 100
+epochs, B 512), paper (the papers' ImageNet settings, for whoever has the hardware). --report
+writes, for every experiment with records, the paper's value and ours (mean and spread over
+seeds) and whether the paper's order holds at this scale: a difference within the base recipe's
+spread over seeds is a tie. RESULTS.md holds what the sweep measured on our machine.
+"""
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cli import UserError, _Parser, git_revision, parse_config, run_cli
+
+ROOT = Path(__file__).parent
+
+# ---------------------------------------------------------------------------------------------
+# Scales: the base recipe and the evaluations, as flags of the scripts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scale:
+    about: str
+    pretrain: list  # the base recipe: pretrain.py's flags (data flags added from --data-dir)
+    linear: list  # linear_eval.py's flags
+    finetune: dict  # label fraction -> finetune.py's flags
+    dataset: str = "cifar10"
+    data_dir: str = ""  # the default --data-dir
+    lr: float = 1.0  # the base recipe's --lr (Fig. 9 scales it)
+    batch_size: int = 256  # and its --batch-size
+
+
+SCALES = {
+    "smoke": Scale(
+        "a tiny image folder and a ResNet-18 at 1/8 width: seconds per run, for the tests",
+        ["--arch", "resnet18", "--width-multiplier", "0.125", "--image-size", "32",
+         "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0"],
+        ["--cached-features", "--epochs", "2", "--knn", "5", "--workers", "0"],
+        {0.01: ["--epochs", "1", "--batch-size", "2", "--workers", "0"],
+         0.1: ["--epochs", "1", "--batch-size", "2", "--workers", "0"]},
+        dataset="folder", batch_size=16),
+    "cpu": Scale(
+        "CIFAR-10, ResNet-18 at 1/4 width (0.7M parameters), B 256, 2 epochs with 0.2 of warmup; "
+        "linear layer on cached features (100 epochs) and kNN (k 200); fine-tuning 60 epochs on "
+        "1% of the labels, 10 on 10%: about 10 minutes per run on one core",
+        ["--width-multiplier", "0.25", "--batch-size", "256", "--epochs", "2",
+         "--warmup-epochs", "0.2", "--workers", "1"],
+        ["--cached-features", "--knn", "200", "--workers", "1"],
+        {0.01: ["--epochs", "60", "--workers", "1"], 0.1: ["--epochs", "10", "--workers", "1"]},
+        data_dir="data/cifar10"),
+    "gpu": Scale(
+        "CIFAR-10, ResNet-18 at full width, B 512, 100 epochs (the authors' CIFAR recipe, "
+        "shortened); linear layer on cached features and kNN; fine-tuning as the v2 paper "
+        "(60 epochs on 1%, 30 on 10%)",
+        ["--batch-size", "512", "--epochs", "100"],
+        ["--cached-features", "--knn", "200"],
+        {0.01: [], 0.1: []},
+        data_dir="data/cifar10", batch_size=512),
+    "paper": Scale(
+        "ImageNet, ResNet-50, B 4096, 100 epochs, LARS lr 4.8, tau 0.1, colour 1.0 with blur "
+        "(the v1 ablations' settings); the paper's linear evaluation (90 augmented epochs); "
+        "fine-tuning on the authors' 1% / 10% lists",
+        ["--temperature", "0.1"],
+        [],
+        {0.01: [], 0.1: []},
+        dataset="imagenet", data_dir="/data/imagenet", lr=0.3, batch_size=4096),
+}
+
+# ---------------------------------------------------------------------------------------------
+# Runs and experiments
+# ---------------------------------------------------------------------------------------------
+
+# Pretraining runs: name -> pretrain.py flags on top of the scale's base recipe. A run is trained
+# once per seed, whatever the number of experiments that use it.
+PRETRAIN = {
+    "base": [],
+    # v1 Fig. 5: both views randomly cropped, the transformation(s) on view 1 only
+    "one-none": ["--one-branch", "--augment", "", "--no-blur"],
+    "one-crop": ["--one-branch", "--augment", "crop", "--no-blur"],
+    "one-color": ["--one-branch", "--augment", "color", "--no-blur"],
+    "one-blur": ["--one-branch", "--augment", "", "--blur"],
+    "one-crop-color": ["--one-branch", "--augment", "crop,color", "--no-blur"],
+    "one-crop-blur": ["--one-branch", "--augment", "crop", "--blur"],
+    "one-color-blur": ["--one-branch", "--augment", "color", "--blur"],
+    # the symmetric composition: the same augmentation on both views
+    "aug-none": ["--augment", "", "--no-blur"],
+    "aug-crop": ["--augment", "crop", "--no-blur"],
+    "aug-color": ["--augment", "color", "--no-blur"],
+    "aug-crop-color-blur": ["--augment", "crop,color", "--blur"],
+    # v1 Table 1: colour strength
+    "strength-1/8": ["--color-strength", "0.125", "--no-blur"],
+    "strength-1/4": ["--color-strength", "0.25", "--no-blur"],
+    "strength-1/2": ["--color-strength", "0.5", "--no-blur"],
+    "strength-1": ["--color-strength", "1.0", "--no-blur"],
+    "strength-1-blur": ["--color-strength", "1.0", "--blur"],
+    # v1 Fig. 8: projection head
+    "head-none": ["--proj-head", "none"],
+    "head-linear": ["--proj-head", "linear"],
+    # v1 Table 5: temperature, l2 norm
+    "tau-0.05": ["--temperature", "0.05"],
+    "tau-0.1": ["--temperature", "0.1"],
+    "tau-0.5": ["--temperature", "0.5"],
+    "tau-1": ["--temperature", "1.0"],
+    "no-l2-tau-10": ["--no-l2-norm", "--temperature", "10"],
+    "no-l2-tau-100": ["--no-l2-norm", "--temperature", "100"],
+    # v1 Table 4: losses
+    "loss-nt-logistic": ["--loss", "nt-logistic"],
+    "loss-nt-logistic-sh": ["--loss", "nt-logistic", "--semi-hard"],
+    "loss-margin": ["--loss", "margin"],
+    "loss-margin-sh": ["--loss", "margin", "--semi-hard"],
+    # v2: head depth, memory
+    "head-3": ["--proj-layers", "3"],
+    "memory": ["--memory-size", "MEMORY"],
+}
+# v1 Fig. 9: batch size x lr scaling at equal epochs. sqrt uses the paper's pair (0.3 linear,
+# 0.075 sqrt: equal at B 4096), i.e. the base lr / 4.
+for _b in (128, 256, 512, 1024):
+    PRETRAIN[f"batch-{_b}-linear"] = ["--batch-size", str(_b), "--lr-scaling", "linear"]
+    PRETRAIN[f"batch-{_b}-sqrt"] = ["--batch-size", str(_b), "--lr-scaling", "sqrt", "--lr", "LR/4"]
+
+
+@dataclass
+class Row:
+    label: str
+    pretrain: str  # a PRETRAIN name
+    paper: float = None  # the paper's value (top-1 %), None where it prints none
+    evaluation: str = "linear"  # "linear", "linear-layer<K>" or "finetune-<fraction>-layer<K>"
+    below: str = None  # the row the paper ranks just above this one (default: by paper value)
+
+
+@dataclass
+class Experiment:
+    title: str
+    source: str  # where the paper says it
+    rows: list
+    finding: str
+    extra: list = field(default_factory=list)  # further metrics to show: "contrast_acc", ...
+    paper_extra: dict = field(default_factory=dict)  # label -> {metric: paper value}
+
+
+EXPERIMENTS = {
+    "base": Experiment(
+        "The base recipe, over seeds", "the noise every comparison is read against",
+        [Row("base recipe", "base")], "", ["contrast_acc", "entropy"]),
+    "fig5": Experiment(
+        "Augmentation pairs, one branch", "v1 Fig. 5 (ImageNet, linear top-1)",
+        [Row("crop, colour", "one-crop-color", 56.3), Row("crop, blur", "one-crop-blur", 35.0),
+         Row("crop", "one-crop", 33.1), Row("colour", "one-color", 18.8),
+         Row("colour, blur", "one-color-blur", 16.5), Row("blur", "one-blur", 2.6),
+         Row("none (both views the crop)", "one-none", below="blur")],
+        "No single transformation suffices; crop then colour is by far the best pair."),
+    "fig5-symmetric": Experiment(
+        "Augmentation composed on both views", "v1 Sec. 3 (no table: the finding)",
+        [Row("crop + colour + blur", "aug-crop-color-blur"),
+         Row("crop + colour (base)", "base", below="crop + colour + blur"),
+         Row("crop", "aug-crop", below="crop + colour (base)"),
+         Row("colour", "aug-color", below="crop + colour (base)"),
+         Row("none", "aug-none", below="crop")],
+        "Composing crop and colour is what makes the task useful; blur adds a little."),
+    "table1": Experiment(
+        "Colour distortion strength", "v1 Table 1 (crop + flip + colour, ImageNet)",
+        [Row("1 + blur", "strength-1-blur", 64.5), Row("1", "strength-1", 63.2),
+         Row("1/2", "strength-1/2", 62.6), Row("1/4", "strength-1/4", 61.0),
+         Row("1/8", "strength-1/8", 59.6)],
+        "Stronger colour distortion helps contrastive learning (it hurts supervised models)."),
+    "fig8": Experiment(
+        "Projection head, and h vs z", "v1 Fig. 8 and Sec. 4.2 (z of 128 dimensions)",
+        [Row("nonlinear, on h", "base", 64.0), Row("linear, on h", "head-linear", 60.7),
+         Row("none, on h", "head-none", 50.1),
+         Row("nonlinear, on z = g(h)", "base", evaluation="linear-layer2",
+             below="nonlinear, on h")],
+        "A nonlinear head beats a linear one (about 3%) and none (over 10%); h beats z by over "
+        "10%. Paper values read off Fig. 8 at 128-d."),
+    "table5": Experiment(
+        "l2 norm and temperature", "v1 Table 5",
+        [Row("l2, tau 0.1", "tau-0.1", 64.4), Row("l2, tau 0.5", "tau-0.5", 60.7),
+         Row("l2, tau 0.05", "tau-0.05", 59.7), Row("l2, tau 1", "tau-1", 58.0),
+         Row("no l2, tau 10", "no-l2-tau-10", 57.2), Row("no l2, tau 100", "no-l2-tau-100", 57.0)],
+        "Without the l2 norm the contrastive task is easier (higher contrastive accuracy) and the "
+        "representation worse; an intermediate temperature is best.",
+        ["contrast_acc", "entropy"],
+        {"l2, tau 0.05": dict(entropy=1.0, contrast_acc=90.5),
+         "l2, tau 0.1": dict(entropy=4.5, contrast_acc=87.8),
+         "l2, tau 0.5": dict(entropy=8.2, contrast_acc=68.2),
+         "l2, tau 1": dict(entropy=8.3, contrast_acc=59.1),
+         "no l2, tau 10": dict(entropy=0.5, contrast_acc=91.7),
+         "no l2, tau 100": dict(entropy=0.5, contrast_acc=92.1)}),
+    "fig9": Experiment(
+        "Batch size and lr scaling, equal epochs", "v1 Fig. 9 / Table B.1, 100 epochs",
+        [Row("1024, sqrt", "batch-1024-sqrt", 64.3), Row("512, sqrt", "batch-512-sqrt", 63.8),
+         Row("1024, linear", "batch-1024-linear", 62.8), Row("256, sqrt", "batch-256-sqrt", 62.8),
+         Row("512, linear", "batch-512-linear", 60.7), Row("256, linear", "batch-256-linear", 57.5),
+         Row("128, sqrt", "batch-128-sqrt", below="256, sqrt"),
+         Row("128, linear", "batch-128-linear", below="256, linear")],
+        "Bigger batches help most when training is short; sqrt scaling helps small batches. The "
+        "paper starts at 256: the 128 rows are only expected below 256."),
+    "table4": Experiment(
+        "Loss functions", "v1 Table 4 (formulas in Table 2)",
+        [Row("NT-Xent", "base", 63.9), Row("NT-Logistic, semi-hard", "loss-nt-logistic-sh", 57.9),
+         Row("margin triplet, semi-hard", "loss-margin-sh", 57.5),
+         Row("NT-Logistic", "loss-nt-logistic", 51.6), Row("margin triplet", "loss-margin", 50.9)],
+        "NT-Xent beats the others; semi-hard negative mining helps them. The paper tuned each "
+        "loss; here they run at the base recipe's temperature and margin 0.5."),
+    "v2-fig4-1pct": Experiment(
+        "Head depth and the layer fine-tuned from, 1% of the labels", "v2 Fig. 4 (read off)",
+        [Row("3 layers, from layer 1", "head-3", 57.7, "finetune-0.01-layer1"),
+         Row("3 layers, from layer 2", "head-3", 53.7, "finetune-0.01-layer2"),
+         Row("3 layers, from layer 3", "head-3", 47.9, "finetune-0.01-layer3"),
+         Row("3 layers, from layer 0 (h)", "head-3", 46.7, "finetune-0.01-layer0"),
+         Row("2 layers, from layer 1", "base", 52.2, "finetune-0.01-layer1",
+             below="3 layers, from layer 1"),
+         Row("2 layers, from layer 0 (h)", "base", None, "finetune-0.01-layer0",
+             below="2 layers, from layer 1"),
+         Row("2 layers, from layer 2", "base", None, "finetune-0.01-layer2",
+             below="2 layers, from layer 1")],
+        "With few labels, fine-tuning from the first layer of a deeper head beats fine-tuning "
+        "from h. The 2-layer values are the paper's best middle layer."),
+    "v2-fig4-10pct": Experiment(
+        "Head depth and the layer fine-tuned from, 10% of the labels", "v2 Fig. 4 (read off)",
+        [Row("3 layers, from layer 1", "head-3", 68.4, "finetune-0.1-layer1"),
+         Row("3 layers, from layer 0 (h)", "head-3", 66.4, "finetune-0.1-layer0"),
+         Row("3 layers, from layer 2", "head-3", 66.1, "finetune-0.1-layer2"),
+         Row("3 layers, from layer 3", "head-3", 64.6, "finetune-0.1-layer3"),
+         Row("2 layers, from layer 1", "base", 66.6, "finetune-0.1-layer1",
+             below="3 layers, from layer 1"),
+         Row("2 layers, from layer 0 (h)", "base", None, "finetune-0.1-layer0",
+             below="2 layers, from layer 1"),
+         Row("2 layers, from layer 2", "base", None, "finetune-0.1-layer2",
+             below="2 layers, from layer 1")],
+        "The gain of the middle layer shrinks as labels grow."),
+    "v2-memory": Experiment(
+        "The memory of negatives", "v2 Appendix D (Fig. D.1, R50 linear)",
+        [Row("memory", "memory", 71.7), Row("no memory", "base", 71.1)],
+        "About +1% in linear evaluation (and in 1% fine-tuning)."),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+def pretrain_flags(scale, name, data_dir):
+    """pretrain.py's flags for a run: data, the base recipe, the run's own knob."""
+    s = SCALES[scale]
+    flags = ["--dataset", s.dataset, "--data-dir", data_dir, *s.pretrain]
+    own = list(PRETRAIN[name])
+    batch = int(own[own.index("--batch-size") + 1]) if "--batch-size" in own else s.batch_size
+    for i, v in enumerate(own):
+        if v == "LR/4":
+            own[i] = f"{s.lr / 4:g}"
+        elif v == "MEMORY":  # 16 batches of views (at least 4096): 65,536 is 16 of ImageNet's
+            own[i] = str(max(4096, 16 * 2 * batch))
+    return flags + own
+
+
+def command(script, flags):
+    return [sys.executable, script, *flags]
+
+
+def shown(cmd):
+    """A command as a user types it: `python script ...`, paths relative to the repository."""
+    return shlex.join(["python", *cmd[1:]])
+
+
+@dataclass
+class Job:
+    """One record to make: a pretraining run (shared) and one evaluation of it."""
+    scale: str
+    pretrain: str
+    evaluation: str
+    seed: int
+    out: Path
+
+    @property
+    def key(self):
+        return f"{self.scale}/{self.pretrain}/{self.evaluation}/seed{self.seed}"
+
+    @property
+    def run_dir(self):
+        return self.out / "runs" / self.scale / f"{self.pretrain.replace('/', '_')}-seed{self.seed}"
+
+    def pretrain_command(self, data_dir):
+        flags = pretrain_flags(self.scale, self.pretrain, data_dir)
+        return command("pretrain.py", [*flags, "--seed", str(self.seed), "--out-dir",
+                                       str(self.run_dir)])
+
+    def evaluation_command(self):
+        s, ckpt = SCALES[self.scale], str(self.run_dir / "ckpt.pt")
+        name = self.evaluation
+        if name.startswith("linear"):
+            layer = name.removeprefix("linear").removeprefix("-layer") or "0"
+            return command("linear_eval.py", ["--checkpoint", ckpt, *s.linear, "--layer", layer,
+                                              "--seed", str(self.seed),
+                                              "--out", str(self.run_dir / f"{name}.json")])
+        _, fraction, layer = name.split("-")  # finetune-<fraction>-layer<K>
+        return command("finetune.py", ["--checkpoint", ckpt, "--label-fraction", fraction,
+                                       "--ft-proj-layer", layer.removeprefix("layer"),
+                                       *s.finetune[float(fraction)], "--seed", str(self.seed),
+                                       "--out-dir", str(self.run_dir / name)])
+
+
+@functools.cache
+def canonical(scale, name):
+    """The first PRETRAIN name whose run pretrain.py would configure exactly as this one's (the
+    base recipe first): "tau-0.5" is the base recipe at the CIFAR scales, not at paper scale."""
+    from pretrain import PRESETS, Config  # torch: only once runs are planned
+
+    def resolved(n):
+        cfg, _ = parse_config(Config, pretrain_flags(scale, n, "DATA"), PRESETS)
+        return dataclasses.asdict(cfg)
+
+    return next(n for n in PRETRAIN if resolved(n) == resolved(name))
+
+
+def jobs_for(names, scale, seeds, out):
+    """The jobs of the named experiments, each (pretrain, evaluation, seed) once, in order."""
+    jobs, seen = [], set()
+    for seed in range(seeds):
+        for name in names:
+            for row in EXPERIMENTS[name].rows:
+                job = Job(scale, canonical(scale, row.pretrain), row.evaluation, seed, out)
+                if job.key not in seen:
+                    seen.add(job.key)
+                    jobs.append(job)
+    # the runs that share a pretraining run together
+    order = {j.run_dir: i for i, j in reversed(list(enumerate(jobs)))}
+    return sorted(jobs, key=lambda j: order[j.run_dir])
+
+
+# ---------------------------------------------------------------------------------------------
+# Running: subprocesses, resumable, stoppable
+# ---------------------------------------------------------------------------------------------
+
+
+class Stop:
+    """Ctrl-C and SIGTERM: passed on to the running script (which checkpoints and exits), then
+    the sweep ends; the same command resumes it."""
+
+    def __init__(self):
+        self.signum, self.child = None, None
+        signal.signal(signal.SIGINT, self.request)
+        signal.signal(signal.SIGTERM, self.request)
+
+    def request(self, signum, frame):
+        self.signum = signum
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signum)
+
+
+def hardware():
+    """What the numbers ran on, and how loaded it was."""
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return dict(cpu=cpu, cores=os.cpu_count(), gpu=gpu, torch=torch.__version__,
+                omp_num_threads=os.environ.get("OMP_NUM_THREADS"), python=platform.python_version())
+
+
+def run_script(cmd, log_path, stop):
+    """Run one script to its end, its output appended to log_path; False if stopped."""
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {shown(cmd)}\n")
+        log.flush()
+        stop.child = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        code = stop.child.wait()
+        stop.child = None
+    if stop.signum is not None:
+        return False
+    if code != 0:
+        tail = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise UserError(f"{cmd[1]} failed (exit {code}): {tail[0]} -- see {log_path}")
+    return True
+
+
+def pretrain_finished(run_dir):
+    """The last epoch's record of log.jsonl if the checkpoint has reached the end of its schedule
+    (a stop in mid-run leaves a checkpoint to resume from), else None."""
+    import torch
+    ckpt_path, log = run_dir / "ckpt.pt", run_dir / "log.jsonl"
+    if not ckpt_path.exists() or not log.exists():
+        return None
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if ckpt["step"] < ckpt["config"]["epochs"] * ckpt["steps_per_epoch"]:
+        return None
+    return json.loads(log.read_text().strip().splitlines()[-1])
+
+
+def run_job(job, data_dir, stop, records, log):
+    """Pretrain (unless done), evaluate, append the record; False if stopped by a signal."""
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    lock = job.run_dir / "reproduce.lock"
+    if lock.exists():
+        pid = int(lock.read_text() or 0)
+        try:
+            os.kill(pid, 0)
+            raise UserError(f"{job.run_dir} is being run by process {pid}")
+        except (ProcessLookupError, PermissionError):
+            pass  # a previous sweep that ended without cleaning up
+    lock.write_text(str(os.getpid()))
+    try:
+        return _run_job(job, data_dir, stop, records, log)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _run_job(job, data_dir, stop, records, log):
+    start_load, timing = os.getloadavg(), job.run_dir / "pretrain_seconds.json"
+    pre_cmd, ckpt = job.pretrain_command(data_dir), job.run_dir / "ckpt.pt"
+    if not pretrain_finished(job.run_dir):
+        run = command("pretrain.py", ["--resume", str(ckpt)]) if ckpt.exists() else pre_cmd
+        if ckpt.exists():
+            log(f"  resuming {ckpt}")
+        t = time.time()
+        if not run_script(run, job.run_dir / "pretrain.out", stop):
+            return False
+        spent = json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
+        timing.write_text(json.dumps(dict(seconds=spent + time.time() - t)))
+        if not pretrain_finished(job.run_dir):
+            raise UserError(f"{job.run_dir}: pretrain.py ended before the end of its schedule "
+                            f"(see {job.run_dir / 'pretrain.out'})")
+    last = pretrain_finished(job.run_dir)
+
+    eval_cmd, t = job.evaluation_command(), time.time()
+    finetuned = job.run_dir / job.evaluation / "finetuned.pt"
+    run = eval_cmd
+    if job.evaluation.startswith("finetune") and finetuned.exists():  # interrupted: continue it
+        run = command("finetune.py", ["--resume", str(finetuned)])
+    if not run_script(run, job.run_dir / "evaluation.out", stop):
+        return False
+    metrics = dict(loss=last["loss"], contrast_acc=100 * last["contrast_acc"],
+                   entropy=last.get("entropy"))
+    if job.evaluation.startswith("linear"):
+        result = json.loads((job.run_dir / f"{job.evaluation}.json").read_text())
+        metrics.update(top1=result["top1"], top5=result["top5"], knn_top1=result.get("knn_top1"))
+    else:
+        result = json.loads((job.run_dir / job.evaluation / "results.json").read_text())
+        metrics.update(top1=result["top1"], top5=result["top5"])
+    record = dict(key=job.key, scale=job.scale, pretrain=job.pretrain, evaluation=job.evaluation,
+                  seed=job.seed, commands=[shown(pre_cmd), shown(eval_cmd)], git=git_revision(),
+                  hardware=hardware(), load=dict(start=start_load, end=os.getloadavg()),
+                  pretrain_seconds=json.loads(timing.read_text())["seconds"] if timing.exists() else None,
+                  evaluation_seconds=time.time() - t, metrics=metrics,
+                  finished=datetime.datetime.now().isoformat(timespec="seconds"))
+    with open(records, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return True
+
+
+def read_records(out):
+    """The records under out, the last one of each key (a rerun after a change replaces it)."""
+    path = Path(out) / "records.jsonl"
+    if not path.exists():
+        return {}
+    records = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            records[r["key"]] = r
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Report: the paper's value, ours, and whether the order holds
+# ---------------------------------------------------------------------------------------------
+
+
+def mean_and_spread(values):
+    if not values:
+        return None, None
+    return statistics.fmean(values), (max(values) - min(values) if len(values) > 1 else None)
+
+
+def value_of(records, scale, row, metric="top1"):
+    """[metric over the seeds recorded] for a row."""
+    return [r["metrics"][metric] for r in records.values()
+            if r["scale"] == scale and r["pretrain"] == canonical(scale, row.pretrain)
+            and r["evaluation"] == row.evaluation and r["metrics"].get(metric) is not None]
+
+
+def noise(records, scale, metric="top1"):
+    """The base recipe's spread over seeds (max - min) at this scale: differences within it are
+    ties. None with fewer than two seeds."""
+    return mean_and_spread(value_of(records, scale, EXPERIMENTS["base"].rows[0], metric))[1]
+
+
+def paper_order(rows):
+    """{row label: the label of the row the paper ranks just above it}."""
+    ranked = sorted((r for r in rows if r.paper is not None), key=lambda r: -r.paper)
+    above = {b.label: a.label for a, b in zip(ranked, ranked[1:])}
+    above.update({r.label: r.below for r in rows if r.below})
+    return above
+
+
+def verdict(ours_above, ours_below, tolerance):
+    """holds / tie / reversed: is the row the paper ranks higher higher here too?"""
+    if ours_above is None or ours_below is None:
+        return "not run"
+    difference = ours_above - ours_below
+    if tolerance is not None and abs(difference) <= tolerance:
+        return "tie"
+    return "holds" if difference > 0 else "reversed"
+
+
+def experiment_table(name, records, scale):
+    """Markdown for one experiment at one scale, or '' without records."""
+    exp = EXPERIMENTS[name]
+    metric = "top1"
+    means = {r.label: mean_and_spread(value_of(records, scale, r, metric)) for r in exp.rows}
+    if not any(m[0] is not None for m in means.values()):
+        return ""
+    tolerance = noise(records, scale, metric)
+    above = paper_order(exp.rows)
+    evaluation = ("fine-tuned top-1" if exp.rows[0].evaluation.startswith("finetune") else
+                  "linear top-1")
+    head = ["", "paper", f"ours, {evaluation}", "seeds"]
+    for m in exp.extra:
+        head += [f"paper {m}", f"ours {m}"]
+    head += ["kNN top-1", "paper's order here"]
+    lines = [f"### {exp.title} ({name}; {exp.source})", "", exp.finding, "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in exp.rows:
+        mean, spread = means[row.label]
+        seeds = len(value_of(records, scale, row, metric))
+        cells = [row.label, "" if row.paper is None else f"{row.paper:.1f}",
+                 "not run" if mean is None else
+                 f"{mean:.2f}" + (f" (spread {spread:.2f})" if spread is not None else ""),
+                 str(seeds)]
+        for m in exp.extra:
+            paper = exp.paper_extra.get(row.label, {}).get(m)
+            ours = mean_and_spread(value_of(records, scale, row, m))[0]
+            cells += ["" if paper is None else f"{paper:g}", "" if ours is None else f"{ours:.2f}"]
+        knn = mean_and_spread(value_of(records, scale, row, "knn_top1"))[0]
+        cells.append("" if knn is None else f"{knn:.2f}")
+        if row.label in above:
+            cells.append(f"below {above[row.label]}: "
+                         f"{verdict(means[above[row.label]][0], mean, tolerance)}")
+        else:
+            cells.append("")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Ties: differences within {tolerance:.2f} points, the base recipe's spread over "
+                 f"seeds at this scale." if tolerance is not None else
+                 "No tolerance: the base recipe has fewer than two seeds at this scale, so every "
+                 "difference counts.")
+    return "\n".join(lines) + "\n"
+
+
+def runs_table(records, scale):
+    """Each pretraining run's command, time and machine: what the tables above come from."""
+    runs = {}
+    for r in records.values():
+        if r["scale"] == scale:
+            runs.setdefault((r["pretrain"], r["seed"]), r)
+    lines = ["| run | seed | pretraining command | minutes | load (1 min avg) | machine | git |",
+             "|---|---|---|---:|---|---|---|"]
+    for (name, seed), r in sorted(runs.items()):
+        hw = r["hardware"]
+        machine = hw["gpu"] or f"{hw['cpu']}, {hw['cores']} cores, OMP_NUM_THREADS={hw['omp_num_threads']}"
+        minutes = f"{r['pretrain_seconds'] / 60:.1f}" if r["pretrain_seconds"] else ""
+        lines.append(f"| {name} | {seed} | `{r['commands'][0]}` | {minutes} | "
+                     f"{r['load']['start'][0]:.1f} / {r['load']['end'][0]:.1f} | {machine} | {r['git']} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(out, scales=None):
+    """Markdown of every experiment with records, per scale."""
+    records = read_records(out)
+    found = sorted({r["scale"] for r in records.values()}, key=list(SCALES).index)
+    parts = []
+    for scale in scales or found:
+        tables = [experiment_table(name, records, scale) for name in EXPERIMENTS]
+        if not any(tables):
+            continue
+        parts.append(f"## Scale `{scale}`: {SCALES[scale].about}\n")
+        parts += [t for t in tables if t]
+        parts.append(f"#### The runs behind the `{scale}` tables\n\n{runs_table(records, scale)}")
+    return "\n".join(parts)
+
+
+BEGIN, END = "<!-- reproduce.py --report: begin -->", "<!-- reproduce.py --report: end -->"
+
+
+def update(path, text):
+    """Replace what lies between the two markers in path with text."""
+    path = Path(path)
+    content = path.read_text() if path.exists() else f"{BEGIN}\n{END}\n"
+    if BEGIN not in content or END not in content:
+        raise UserError(f"{path} has no {BEGIN} ... {END} section to write the tables into")
+    start, end = content.index(BEGIN) + len(BEGIN), content.index(END)
+    path.write_text(content[:start] + "\n" + text + content[end:])
+
+
+def figures(out, scale):
+    """One PNG per experiment, the paper's values and ours side by side (matplotlib, optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = read_records(out)
+    folder = Path(out) / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, exp in EXPERIMENTS.items():
+        ours = [mean_and_spread(value_of(records, scale, r))[0] for r in exp.rows]
+        if name == "base" or all(v is None for v in ours):
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(exp.rows) + 1.5), sharey=True)
+        labels = [r.label for r in exp.rows]
+        for ax, values, title in ((axes[0], [r.paper for r in exp.rows], "paper"),
+                                  (axes[1], ours, f"ours ({scale})")):
+            ax.barh(labels, [v or 0 for v in values], color="tab:blue" if title == "paper" else "tab:orange")
+            for i, v in enumerate(values):
+                ax.text(v or 0, i, "" if v is None else f" {v:.1f}", va="center", fontsize=8)
+            ax.set_title(title)
+            ax.set_xlabel("top-1 (%)")
+        axes[0].invert_yaxis()
+        fig.suptitle(f"{exp.title} ({exp.source})", fontsize=10)
+        fig.tight_layout()
+        path = folder / f"{scale}-{name}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    parser = _Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", choices=list(SCALES), default="cpu",
+                        help="how big each run is (default cpu); see the docstring")
+    parser.add_argument("--only", default="", help="comma-separated experiments (default: all): "
+                        + ", ".join(EXPERIMENTS))
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 of every run (default 1)")
+    parser.add_argument("--data-dir", default="", help="the dataset (default: the scale's, "
+                        "e.g. data/cifar10: an image-folder export or torchvision's download)")
+    parser.add_argument("--out", default="results", help="records, runs and figures (default results/)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--report", action="store_true", help="only write the tables (and "
+                        "figures, with matplotlib) from the records")
+    parser.add_argument("--update", default="", help="with --report: the file whose marked "
+                        "section gets the tables (RESULTS.md)")
+    args = parser.parse_args(argv)
+    names = [n for n in args.only.split(",") if n] or list(EXPERIMENTS)
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        raise UserError(f"--only: unknown experiment {unknown[0]!r}; choose from "
+                        f"{', '.join(EXPERIMENTS)}")
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1, not {args.seeds}")
+    args.names = names
+    args.data_dir = args.data_dir or SCALES[args.scale].data_dir
+    return args
+
+
+def main(argv=None):
+    def run():
+        args = parse_args(argv)
+        out = Path(args.out)
+        if args.report:
+            text = report(out)
+            if not text:
+                raise UserError(f"no records in {out / 'records.jsonl'} yet")
+            (out / "tables.md").write_text(text)
+            print(f"wrote {out / 'tables.md'}")
+            if args.update:
+                update(args.update, text)
+                print(f"updated {args.update}")
+            for scale in {r["scale"] for r in read_records(out).values()}:
+                written = figures(out, scale)
+                if written is None:
+                    print("figures need matplotlib: pip install matplotlib, then rerun --report")
+                    break
+                print(f"wrote {len(written)} figure(s) to {out / 'figures'}")
+            return
+        jobs = jobs_for(args.names, args.scale, args.seeds, out)
+        if args.dry_run:
+            for job in jobs:
+                print(f"# {job.key}")
+                print(shown(job.pretrain_command(args.data_dir)))
+                print(shown(job.evaluation_command()))
+            return
+        if not Path(args.data_dir).exists():
+            raise UserError(f"--data-dir {args.data_dir} does not exist")
+        out.mkdir(parents=True, exist_ok=True)
+        records, done = out / "records.jsonl", read_records(out)
+        todo = [j for j in jobs if j.key not in done]
+        print(f"reproduce.py: {args.scale} scale, {len(jobs)} runs, {len(jobs) - len(todo)} "
+              f"already recorded in {records}; git {git_revision() or '-'}", flush=True)
+        stop = Stop()
+        for i, job in enumerate(todo, 1):
+            print(f"[{i}/{len(todo)}] {job.key} ({job.run_dir})", flush=True)
+            t = time.time()
+            if not run_job(job, args.data_dir, stop, records, print):
+                sys.exit(f"reproduce.py: stopped by signal {stop.signum}; the same command "
+                         f"resumes the sweep")
+            print(f"  done in {datetime.timedelta(seconds=round(time.time() - t))}", flush=True)
+        print(f"all {len(jobs)} runs recorded; python reproduce.py --report --out {out}")
+
+    run_cli("reproduce.py", run)
+
+
+if __name__ == "__main__":
+    main()

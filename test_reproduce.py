@@ -1,0 +1,91 @@
+"""reproduce.py: the smoke scale end to end (runs, records, the skip on a rerun), and the report's
+order column from fabricated records."""
+import json
+
+import pytest
+
+import reproduce
+from conftest import run_script
+
+
+def test_smoke_scale_runs_records_and_skips_what_is_done(tiny_folder, tmp_path, capsys):
+    """Two runs of the smoke scale (the base recipe on two seeds), each pretrain.py then
+    linear_eval.py as subprocesses; a rerun finds both recorded and runs nothing; the report
+    tabulates them."""
+    args = ["--scale", "smoke", "--only", "base", "--seeds", "2", "--data-dir", tiny_folder,
+            "--out", tmp_path]
+    first = run_script("reproduce.py", *args)
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in records] == ["smoke/base/linear/seed0", "smoke/base/linear/seed1"]
+    for r in records:
+        assert r["commands"][0].startswith("python pretrain.py --dataset folder")
+        assert f"--seed {r['seed']}" in r["commands"][0] and "linear_eval.py" in r["commands"][1]
+        assert 0 <= r["metrics"]["top1"] <= 100 and r["metrics"]["entropy"] > 0
+        assert r["hardware"]["cores"] and r["pretrain_seconds"] > 0
+    assert "[2/2]" in first.stdout
+    reproduce.main(list(map(str, args)))
+    again = capsys.readouterr().out
+    assert "2 already recorded" in again and "[1/" not in again
+    reproduce.main(["--report", "--out", str(tmp_path)])
+    table = (tmp_path / "tables.md").read_text()
+    assert "The base recipe, over seeds" in table and "| base recipe |  |" in table
+
+
+def fabricated(rows):
+    """Records as the sweep writes them: {(pretrain, evaluation): [top-1 per seed]}."""
+    records = {}
+    for (pretrain, evaluation), values in rows.items():
+        for seed, v in enumerate(values):
+            key = f"cpu/{pretrain}/{evaluation}/seed{seed}"
+            records[key] = dict(key=key, scale="cpu", pretrain=pretrain, evaluation=evaluation,
+                                seed=seed, metrics=dict(top1=v))
+    return records
+
+
+def order_column(table):
+    return {line.split(" | ")[0].strip("| "): line.split(" | ")[-1].strip(" |")
+            for line in table.splitlines() if line.startswith("| ") and "paper" not in line}
+
+
+def test_order_column_holds_ties_and_reversals_from_records():
+    """Table 1 with the base recipe's spread 1.0 (seeds 50.0 and 51.0): a difference over 1.0 in
+    the paper's direction holds, within 1.0 ties, over 1.0 against it is reversed."""
+    records = fabricated({("base", "linear"): [50.0, 51.0],  # 1/2 is the base recipe: 50.5
+                          ("strength-1-blur", "linear"): [55.0],
+                          ("strength-1", "linear"): [54.0],  # below 55.0 by 1.0: a tie
+                          ("strength-1/4", "linear"): [52.0]})  # 1/8: not run
+    table = reproduce.experiment_table("table1", records, "cpu")
+    column = order_column(table)
+    assert column["1"] == "below 1 + blur: tie"
+    assert column["1/2"] == "below 1: holds"  # 54.0 vs 50.5
+    assert column["1/4"] == "below 1/2: reversed"  # 52.0 vs 50.5
+    assert column["1/8"] == "below 1/4: not run"
+    assert "| 1/2 | 62.6 | 50.50 (spread 1.00) | 2 |" in table
+    assert "differences within 1.00 points" in table
+
+
+def test_without_two_seeds_every_difference_counts():
+    records = fabricated({("base", "linear"): [50.0], ("head-linear", "linear"): [50.01]})
+    column = order_column(reproduce.experiment_table("fig8", records, "cpu"))
+    assert column["linear, on h"] == "below nonlinear, on h: reversed"
+
+
+def test_runs_equal_to_the_base_recipe_share_its_pretraining():
+    """At the CIFAR scales tau 0.5, colour strength 1/2 and batch 256 with linear scaling are
+    the base recipe: trained once. At paper scale (tau 0.1) tau 0.5 is a run of its own."""
+    assert reproduce.canonical("cpu", "tau-0.5") == "base"
+    assert reproduce.canonical("cpu", "strength-1/2") == "base"
+    assert reproduce.canonical("cpu", "batch-256-linear") == "base"
+    assert reproduce.canonical("paper", "tau-0.5") == "tau-0.5"
+    assert reproduce.canonical("paper", "tau-0.1") == "base"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--only", "table9"], "unknown experiment 'table9'"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--scale", "cpu", "--data-dir", "/nonexistent"], "/nonexistent does not exist"),
+])
+def test_bad_input_is_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        reproduce.main(args)
+    assert message in str(exit.value) and "Traceback" not in capsys.readouterr().err
