@@ -252,10 +252,10 @@ def train(cfg, teacher, teacher_ckpt, resume):
                                     device, workers)
 
     # Models: the frozen teacher, the student (encoder + classifier)
-    teacher = teacher.to(device).eval().requires_grad_(False)
+    teacher = teacher.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)  # the same fresh student on every process
     config = student_config(cfg, pre)
-    raw_student = build_student(config, num_classes, cfg.init).to(device)
+    raw_student = build_student(config, num_classes, cfg.init).to(device, memory_format=torch.channels_last)
     torch.manual_seed(cfg.seed + rank)  # processes differ in augmentation
     peak_lr = cfg.lr if cfg.lr_scaling == "none" else scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
     optimizers = build_finetune_optimizer(raw_student, cfg.optimizer, peak_lr, cfg.weight_decay,

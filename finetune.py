@@ -414,7 +414,7 @@ def train(cfg, pretrain_config, weights, resume):
     # Model: pretrained (or fresh) f + K head layers + classifier; all of it is trained
     torch.manual_seed(cfg.seed)  # the same fresh weights on every process
     raw_model = build_classifier(pretrain_config, num_classes, cfg.ft_proj_layer, weights,
-                                 cfg.checkpoint).to(device)
+                                 cfg.checkpoint).to(device, memory_format=torch.channels_last)
     torch.manual_seed(cfg.seed + rank)  # processes differ in augmentation
     optimizers = build_finetune_optimizer(raw_model, cfg.optimizer, peak_lr, cfg.weight_decay,
                                           cfg.momentum)

@@ -310,7 +310,8 @@ def run(cfg, ckpt):
     image_size = pre["image_size"]  # the encoder's input size, also for transfer datasets
 
     torch.manual_seed(cfg.seed)  # the same --random-init weights on every rank
-    encoder = load_encoder(ckpt, cfg.checkpoint, cfg.random_init, cfg.layer).to(device)
+    encoder = load_encoder(ckpt, cfg.checkpoint, cfg.random_init, cfg.layer)
+    encoder = encoder.to(device, memory_format=torch.channels_last)  # NHWC: faster convolutions
     torch.manual_seed(cfg.seed + rank)  # ranks differ in augmentations
     # What the encoder must still be after training: the checkpoint's weights and BN statistics
     # (for --random-init, its initial state).
