@@ -9,13 +9,14 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from cli import load_checkpoint
+from cli import UserError, load_checkpoint
 from conftest import ROOT, make_image_folder, run_script
 from data import load_split
 from linear_eval import (FeatureLoader, check_encoder_unchanged, encoder_snapshot, evaluate_linear,
                          knn_accuracy, linear_classifier, load_encoder, main, train_linear)
-from pretrain import extract_features
+from pretrain import build_model, extract_features
 from resnet import build_encoder
 
 CPU = torch.device("cpu")
@@ -151,6 +152,30 @@ def naive_knn_top1(train_f, train_l, val_f, val_l, num_classes, k, temperature):
             votes[c] += math.exp(sim / temperature)
         correct += max(range(num_classes), key=lambda c: votes[c]) == label
     return 100.0 * correct / len(val_l)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_layer_k_is_the_output_of_the_first_k_head_layers(layer, pretrained_checkpoint):
+    """--layer 0 is h; 1 is ReLU(BN(W1 h)) in inference mode, written out here; 2 (the last of
+    the tiny model's 2) is z = g(h), what the loss sees. The frozen module holds exactly the
+    checkpoint's tensors it uses."""
+    ckpt = load_checkpoint(pretrained_checkpoint)
+    encoder = load_encoder(ckpt, pretrained_checkpoint, layer=layer)
+    model = build_model(ckpt["config"], ckpt["model"]).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        h, z = model(x)
+        linear, bn = model.head.layers[0][0], model.head.layers[0][1]
+        first = F.relu((h @ linear.weight.T - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
+                       * bn.weight + bn.bias)
+        expected = [h, first, z][layer]
+        torch.testing.assert_close(encoder(x), expected, rtol=1e-5, atol=1e-5)
+    assert encoder.out_dim == expected.shape[1] and not encoder.training
+    kept = {k for k in ckpt["model"] if k.startswith("encoder.") or
+            any(k.startswith(f"head.layers.{i}.") for i in range(layer))}
+    assert len(encoder.state_dict()) == len(kept)
+    with pytest.raises(UserError, match="--layer 3: the projection head has 2 layer"):
+        load_encoder(ckpt, pretrained_checkpoint, layer=3)
 
 
 def test_knn_equals_naive_weighted_knn():

@@ -38,6 +38,30 @@ def test_both_data_paths_make_two_views_on_the_device(dataset, tiny_folder):
     assert labels.shape == (16,) and set(labels.tolist()) <= {0, 1, 2, 3}
 
 
+def test_one_branch_leaves_view_2_as_the_plain_crop():
+    """Fig. 5's protocol: view 2 is a random crop and nothing else (the paper's t(x) = x after the
+    crop); view 1 is a random crop followed by --augment's transformations, here a second crop
+    and the flip (the "crop" cell). Both against the crop and flip ops composed by hand from the
+    same random stream."""
+    from augment import crop_resize, random_flip, sample_crop_boxes
+    from pretrain import view_augmentations
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    first, second = view_augmentations(Config(one_branch=True, augment="crop"))
+    x = images.float() * (1 / 255)  # as the augmentation (tf.image.convert_image_dtype)
+    g = torch.Generator().manual_seed(0)
+    expected = crop_resize(x, sample_crop_boxes(6, 32, 32, g), 32).clamp(0, 1)
+    assert torch.equal(second(images, generator=torch.Generator().manual_seed(0)), expected)
+    g = torch.Generator().manual_seed(1)
+    once = crop_resize(x, sample_crop_boxes(6, 32, 32, g), 32)
+    twice = random_flip(crop_resize(once, sample_crop_boxes(6, 32, 32, g), 32), g).clamp(0, 1)
+    assert torch.equal(first(images, generator=torch.Generator().manual_seed(1)), twice)
+    # colour alone on view 1: the crop's geometry, new colours; without --one-branch, one object
+    colour, plain = view_augmentations(Config(one_branch=True, augment="color"))
+    assert colour.jitter and not colour.crop and not plain.jitter and plain.base_crop
+    same = view_augmentations(Config())
+    assert same[0] is same[1] and not same[0].base_crop
+
+
 def test_unknown_augmentation_is_refused():
     with pytest.raises(UserError, match="unknown cutout"):
         build_augmentation(32, "crop,cutout")
