@@ -164,10 +164,45 @@ def save_checkpoint(path, state):
                         f"(disk full?); {'the previous one is intact' if path.exists() else 'none written'}")
 
 
-def load_checkpoint(path):
-    """torch.load with weights_only=True; a missing or unreadable file is a one-line error."""
-    if not Path(path).is_file():
+# What each kind of checkpoint is, and the scripts that take it.
+KINDS = {
+    "pretrain": ("a pretraining checkpoint (pretrain.py's ckpt.pt)",
+                 "pretrain.py --resume, linear_eval.py --checkpoint and finetune.py --checkpoint"),
+    "converted": ("a converted TensorFlow checkpoint (tf_checkpoint.py)",
+                  "linear_eval.py --checkpoint and finetune.py --checkpoint"),
+    "finetuned": ("a fine-tuned network (finetune.py's finetuned.pt)",
+                  "finetune.py --resume and distill.py --teacher"),
+    "student": ("a distilled student (distill.py's student.pt)",
+                "distill.py --resume, linear_eval.py --checkpoint and finetune.py --checkpoint"),
+}
+
+
+def checkpoint_kind(ckpt):
+    if "distill_config" in ckpt:
+        return "student"
+    if "pretrain" in ckpt["config"]:
+        return "finetuned"
+    return "converted" if "converted_from" in ckpt else "pretrain"
+
+
+def checkpoint_path(path):
+    """path, or the checkpoint in the run folder path (ckpt.pt, finetuned.pt or student.pt)."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ("ckpt.pt", "finetuned.pt", "student.pt") if (path / n).is_file()]
+        if not found:
+            raise UserError(f"no checkpoint in the folder {path} (ckpt.pt, finetuned.pt or student.pt)")
+        path = found[0]
+    elif not path.is_file():
         raise UserError(f"no checkpoint at {path}")
+    return str(path)
+
+
+def load_checkpoint(path, accept=None, flag="--checkpoint"):
+    """torch.load with weights_only=True of path (or of the checkpoint in the run folder path);
+    a missing, unreadable or (with accept, a tuple of KINDS) unexpected checkpoint is one line
+    that says what the file is and which scripts take it."""
+    path = checkpoint_path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -175,6 +210,12 @@ def load_checkpoint(path):
                         f"damaged one ({type(e).__name__})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this project (no model and config)")
+    kind = checkpoint_kind(ckpt)
+    if accept and kind not in accept:
+        what, takers = KINDS[kind]
+        origin = ckpt["config"].get("checkpoint") if kind == "finetuned" else None
+        raise UserError(f"{flag} {path} is {what}{f', fine-tuned from {origin}' if origin else ''}"
+                        f": {takers} take it")
     return ckpt
 
 

@@ -52,3 +52,40 @@ def pretrained_checkpoint(tiny_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
     run_script("pretrain.py", *TINY_PRETRAIN, "--data-dir", tiny_folder, "--out-dir", out)
     return out / "ckpt.pt"
+
+
+@pytest.fixture(scope="session")
+def finetuned_checkpoint(pretrained_checkpoint, tmp_path_factory):
+    """The tiny pretrained network fine-tuned on half the labels (6 epochs of 3 steps): a
+    teacher for distill.py, results.json beside it."""
+    out = tmp_path_factory.mktemp("finetuned")
+    run_script("finetune.py", "--checkpoint", pretrained_checkpoint, "--label-fraction", "0.5",
+               "--epochs", "6", "--batch-size", "8", "--workers", "0", "--out-dir", out)
+    return out / "finetuned.pt"
+
+
+def error_of(main, *args):
+    """The one line a script's main() exits with when it refuses its input (run in-process:
+    no interpreter to start)."""
+    with pytest.raises(SystemExit) as exit:
+        main([str(a) for a in args])
+    assert exit.value.code not in (None, 0)
+    return str(exit.value.code)
+
+
+def make_own_images(root, seed=0):
+    """What a user's own unlabeled folder looks like: images directly in it and in nested folders,
+    of mixed sizes, JPEG and PNG, a grayscale and a transparent one, and a file that is not an
+    image."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for i, (sub, size, mode, ext) in enumerate([
+            ("", (40, 30), "RGB", "jpg"), ("", (64, 64), "L", "png"), ("trip/day1", (50, 70), "RGB", "jpg"),
+            ("trip/day1", (33, 33), "RGBA", "png"), ("trip/day2", (48, 40), "RGB", "JPEG"),
+            ("misc", (36, 44), "RGB", "png")] * 3):
+        folder = root / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.uniform(0, 255, size=(size[1], size[0], len(mode))).astype(np.uint8)
+        Image.fromarray(pixels.squeeze()).save(folder / f"img{i:02d}.{ext}")
+    (root / "notes.txt").write_text("not an image")
+    return root

@@ -9,6 +9,7 @@ output size (WorkerCrops), and the device does the rest of the augmentation on t
 ViewLoader yields the augmented views of one epoch either way; eval_batches the evaluation view.
 """
 import contextlib
+import copy
 import io
 import itertools
 import multiprocessing
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torchvision
+from PIL import Image, ImageDraw
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from augment import (SimCLRAugmentation, center_crop_box, center_crop_resize, crop_resize,
                      parse_augment, random_crop_resize_uint8)
@@ -36,6 +39,47 @@ def build_augmentation(size, augment="crop", strength=1.0, blur=False, base_crop
                                   base_crop=base_crop)
     except ValueError as e:
         raise UserError(str(e))
+
+
+def save_augmentation_grid(path, data, augments, size, device, count=8):
+    """A PNG at path: `count` random images of data, one per row: the original (whole, fitted
+    into the cell), the evaluation view, then one augmented view per augmentation, under
+    headers. data: a split loaded with one view per augmentation (load_split views=)."""
+    idx = torch.randperm(len(data))[:count].tolist()
+    if isinstance(data, InMemory):
+        part = data.subset(idx)
+        originals = list(part.images.cpu())
+        evaluation, _ = next(eval_batches(part, size, len(idx), device, 0))
+    else:
+        part = select(data, idx)
+        originals = [torchvision.transforms.functional.pil_to_tensor(data.loader(file))
+                     for file, _ in part.samples]
+        evaluation = torch.stack([WorkerCrops(size)(data.loader(f)) for f, _ in part.samples]) / 255
+    fitted = []
+    for image in originals:  # uint8 3 x H x W -> the whole image in a size x size cell, on white
+        scale = size / max(image.shape[1:])
+        h, w = (max(1, round(scale * n)) for n in image.shape[1:])
+        image = torch.nn.functional.interpolate(image[None].float() / 255, (h, w), mode="bilinear",
+                                                antialias=True, align_corners=False)[0]
+        cell = torch.ones(3, size, size)
+        top, left = (size - h) // 2, (size - w) // 2
+        cell[:, top:top + h, left:left + w] = image.clamp(0, 1)
+        fitted.append(cell)
+    views, _ = next(iter(ViewLoader(part, range(len(idx)), len(idx), augments, device, 0)))
+    columns = [torch.stack(fitted), evaluation.cpu(), *(v.cpu() for v in views)]
+    grid = torchvision.utils.make_grid(torch.stack(columns, 1).flatten(0, 1), nrow=len(columns),
+                                       padding=2, pad_value=1.0)  # 3 x H x W
+    zoom = max(1, 96 // size)  # 32 px images are shown 3x, so that the headers fit
+    picture = torchvision.transforms.functional.to_pil_image(grid).resize(
+        (grid.shape[2] * zoom, grid.shape[1] * zoom), Image.NEAREST)
+    titles = ["original", "evaluation", *(f"view {i + 1}" for i in range(len(augments)))]
+    canvas = Image.new("RGB", (picture.width, picture.height + 16), "white")
+    canvas.paste(picture, (0, 16))
+    draw, cell = ImageDraw.Draw(canvas), (size + 2) * zoom
+    for i, title in enumerate(titles):
+        draw.text((i * cell + 2 * zoom, 2), title, fill="black")
+    canvas.save(path)
+    return path
 
 
 class WorkerCrops:
@@ -78,13 +122,27 @@ class InMemory:
                         self.samples and [self.samples[i] for i in indices], self.root)
 
 
-def load_split(dataset, data_dir, split, size, device, workers=0, views=0, log=print, crop=True):
+SIDES = {"cifar10": 32, "cifar100": 32, "stl10": 96}  # px
+
+
+def load_split(dataset, data_dir, split, size, device, workers=0, views=0, log=print, crop=True,
+               val_fraction=0.0, val_dir=""):
     """A split ready for batches on the device: CIFAR-10/100 and STL-10 as InMemory; image
-    folders (ImageNet) as an ImageFolder whose workers decode and crop (WorkerCrops; crop=False:
-    the centre crop for every view, --augment without crop)."""
+    folders (ImageNet, your own) as an ImageFolder whose workers decode and crop (WorkerCrops;
+    crop=False: the centre crop for every view, --augment without crop). val_fraction,
+    val_dir: where the evaluation images come from (build_dataset)."""
     if dataset not in SMALL_IMAGE_DATASETS:
-        return build_dataset(dataset, data_dir, split, WorkerCrops(size, views, crop))
-    source = build_dataset(dataset, data_dir, split, torchvision.transforms.functional.pil_to_tensor)
+        return build_dataset(dataset, data_dir, split, WorkerCrops(size, views, crop),
+                             val_fraction, val_dir)
+    source = build_dataset(dataset, data_dir, split, torchvision.transforms.functional.pil_to_tensor,
+                           val_fraction, val_dir)
+    if hasattr(source, "samples"):  # an image-folder export: of the size --dataset says?
+        with Image.open(source.samples[0][0]) as first:
+            width, height = first.size
+        if width != SIDES[dataset] or height != SIDES[dataset]:
+            raise UserError(f"the images under {source.root} are {width} x {height} px, {dataset}'s "
+                            f"{SIDES[dataset]} x {SIDES[dataset]}: for your own images use "
+                            f"--dataset folder (and --image-size {min(width, height)})")
     if not hasattr(source, "samples"):  # torchvision's arrays: N x H x W x 3 (CIFAR), N x 3 x H x W
         images = torch.as_tensor(source.data)
         images = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 else images
@@ -156,23 +214,129 @@ def eval_batches(data, size, batch_size, device, workers):
             yield x.to(device, non_blocking=True).float() / 255, y.to(device, non_blocking=True)
 
 
-def build_dataset(dataset, data_dir, split, transform):
-    """split: 'pretrain' (every image usable without labels), 'train' (labelled) or 'val'.
+SPLIT_SEED = 0  # the held-out images depend on the folder and --val-fraction alone
 
-    cifar10/cifar100/stl10 come from torchvision (downloaded when missing); imagenet, folder, and a
-    cifar export with a train/ folder are read with ImageFolder from <data-dir>/train and /val.
+
+def class_balanced(labels, fraction, seed):
+    """Indices of round(fraction x n_c) images of every class c (at least 1), drawn with seed.
+
+    Class-balanced like the authors' ImageNet label lists (about 13 and 128 images per class for
+    1% and 10%), and like the held-out split of --val-fraction. The same labels, fraction and
+    seed give the same subset on every machine and every process. Returned sorted.
     """
+    generator = torch.Generator().manual_seed(seed)
+    by_class = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    chosen = []
+    for y in sorted(by_class):
+        members = by_class[y]
+        k = max(1, round(fraction * len(members)))
+        chosen += [members[j] for j in torch.randperm(len(members), generator=generator)[:k].tolist()]
+    return sorted(chosen)
+
+
+def evaluation_split(given, stored, same_data):
+    """--val-fraction and --val-dir as given on the command line, else the stored configuration's
+    (the checkpoint's) on the same data: every later script evaluates on the images pretraining
+    held out."""
+    return {name: given.get(name, stored.get(name, default) if same_data else default)
+            for name, default in (("val_fraction", 0.0), ("val_dir", ""))}
+
+
+def preset(dataset, image_size):
+    """The preset of a dataset: --dataset folder follows ImageNet's, or CIFAR-10's for images of
+    32 px or less (no blur, colour strength 0.5, ...)."""
+    return "cifar10" if dataset == "folder" and image_size <= 32 else dataset
+
+
+def typical_side(folder, count=64):
+    """The median shorter side (px) of the first `count` images found under folder (headers
+    only), or None without images: what --image-size should not exceed by far."""
+    sides = []
+    for directory, subdirs, files in os.walk(folder):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in sorted(files):
+            if Path(name).suffix.lower() in IMG_EXTENSIONS and len(sides) < count:
+                try:
+                    with Image.open(Path(directory) / name) as image:
+                        sides.append(min(image.size))
+                except OSError:
+                    continue
+        if len(sides) >= count:
+            break
+    return sorted(sides)[len(sides) // 2] if sides else None
+
+
+def check_same_classes(train, val):
+    """The training and evaluation splits must name the same classes, or labels shift."""
+    if list(train.classes) != list(val.classes):
+        odd = sorted(set(train.classes) ^ set(val.classes)) or ["(their order)"]
+        raise UserError(f"the training and evaluation images have different classes "
+                        f"({len(train.classes)} vs {len(val.classes)}; first difference: {odd[0]}): "
+                        f"their labels would not match")
+
+
+def dataset_labels(dataset):
+    """The class index of every image (ImageFolder and CIFAR: .targets; STL-10: .labels)."""
+    labels = getattr(dataset, "targets", None)
+    if labels is None:
+        labels = getattr(dataset, "labels")
+    return [int(y) for y in labels]
+
+
+def select(dataset, indices):
+    """A copy of dataset with only the images at indices (an InMemory split's images, an image
+    folder's file list, a torchvision dataset's arrays), keeping its classes and the rest of
+    what scripts read."""
+    if isinstance(dataset, InMemory):
+        return dataset.subset(indices)
+    dataset = copy.copy(dataset)
+    if hasattr(dataset, "samples"):
+        dataset.samples = dataset.imgs = [dataset.samples[i] for i in indices]
+        dataset.targets = [y for _, y in dataset.samples]
+    else:
+        dataset.data = dataset.data[indices]
+        for name in ("targets", "labels"):
+            if getattr(dataset, name, None) is not None:
+                setattr(dataset, name, [getattr(dataset, name)[i] for i in indices])
+    return dataset
+
+
+def build_dataset(dataset, data_dir, split, transform, val_fraction=0.0, val_dir=""):
+    """split: 'pretrain' (every image, labels unused), 'train' (labelled) or 'val'.
+
+    cifar10/cifar100/stl10 come from torchvision (downloaded when missing); imagenet, folder and a
+    cifar export with a train/ folder are image folders: <data-dir>/train/<class>/<image> (folder:
+    also <data-dir>/<class>/<image>) and <data-dir>/val/ (or test/). --dataset folder pretrains
+    on every image under <data-dir>/train (or <data-dir>), at any depth, class folders or not.
+    The evaluation split is --val-dir if given; else, with --val-fraction, a class-balanced part
+    of the training images held out from every split but 'val' (the same images in every
+    script, seeded by SPLIT_SEED); else val/ or test/.
+    """
+    if split == "val" and val_dir:
+        return _image_folder(Path(val_dir), transform, "--val-dir")
+    if val_fraction:
+        full = build_dataset(dataset, data_dir, "train", transform)
+        held_out = set(class_balanced(dataset_labels(full), val_fraction, SPLIT_SEED))
+        if len(held_out) == len(full):
+            raise UserError(f"--val-fraction {val_fraction} holds out every training image "
+                            f"({len(full)}); lower it")
+        return select(full, sorted(held_out) if split == "val" else
+                      [i for i in range(len(full)) if i not in held_out])
     root = Path(data_dir)
     if dataset in ("imagenet", "folder") or (dataset.startswith("cifar") and (root / "train").is_dir()):
-        subdirs = ["train"] if split != "val" else ["val", "test"]
-        path = next((root / s for s in subdirs if (root / s).is_dir()), root / subdirs[0])
-        if not path.is_dir():
-            raise UserError(f"no image folder at {path}: expected {root}/train/<class>/<image> and "
-                            f"{root}/val/<class>/<image> (set --data-dir)")
-        try:
-            return ImageFolder(str(path), transform)
-        except (FileNotFoundError, OSError) as e:
-            raise UserError(f"cannot read images under {path}: {e}")
+        train = root / "train" if (root / "train").is_dir() or dataset != "folder" else root
+        if split == "pretrain" and dataset == "folder":
+            return _image_folder(train, transform, "--data-dir", labelled=False)
+        if split != "val":
+            return _image_folder(train, transform, "--data-dir")
+        path = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+        if path is None:
+            raise UserError(f"no evaluation images: {root} has no val/ (or test/) folder of class "
+                            f"folders; hold out part of the training images with --val-fraction "
+                            f"0.1, or give --val-dir")
+        return _image_folder(path, transform, "--data-dir")
     if dataset in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
         return _torchvision_dataset(dataset, root, lambda download: cls(
@@ -182,6 +346,25 @@ def build_dataset(dataset, data_dir, split, transform):
         return _torchvision_dataset(dataset, root, lambda download: torchvision.datasets.STL10(
             str(root), split=stl_split, transform=transform, download=download))
     raise UserError(f"unknown dataset {dataset!r}")
+
+
+def _image_folder(path, transform, flag, labelled=True):
+    """An ImageFolder of path (labelled: class folders needed), or every image under it."""
+    if not path.is_dir():
+        raise UserError(f"no image folder at {path} (set {flag})")
+    loose = [p.name for p in path.iterdir() if p.suffix.lower() in IMG_EXTENSIONS]
+    if labelled and loose:
+        raise UserError(f"{len(loose)} images lie directly in {path} (first: {loose[0]}), outside "
+                        f"any class folder: labels are needed here (<class>/<image>)")
+    try:
+        return ImageFolder(str(path), transform) if labelled else ImageFiles(str(path), transform)
+    except FileNotFoundError as e:
+        if not labelled:
+            raise UserError(f"no images under {path} ({', '.join(IMG_EXTENSIONS)})")
+        raise UserError(f"{path} has no class folders with images ({first_line(e)}): labels are "
+                        f"needed here (<class>/<image>); pretraining also takes unlabeled folders")
+    except OSError as e:
+        raise UserError(f"cannot read images under {path}: {e}")
 
 
 def _torchvision_dataset(name, root, make):
@@ -230,6 +413,24 @@ class ImageFolder(torchvision.datasets.ImageFolder):
             return self.transform(image), target
         raise UserError(f"{self.MAX_IN_A_ROW} unreadable images in a row from "
                         f"{self.samples[index][0]} on: is {self.root} a folder of images?")
+
+
+class ImageFiles(ImageFolder):
+    """Every image under root at any depth (hidden files and folders aside), in path order,
+    without labels (-1): pretraining's unlabeled pool. Class folders are allowed and ignored."""
+
+    def find_classes(self, directory):
+        return [], {}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx=None, extensions=None, is_valid_file=None,
+                     allow_empty=False):
+        files = sorted(p for p in Path(directory).rglob("*")
+                       if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+        if not files:
+            raise FileNotFoundError(f"no images under {directory}")
+        return [(str(p), -1) for p in files]
 
 
 def unreadable_images(dataset, device, log):

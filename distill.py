@@ -38,14 +38,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import (Progress, StopSignal, UserError, console, git_revision, load_checkpoint,
-                 load_model_state, opt, parse_config, per_process_batch, prepare_out_dir,
-                 random_states, restore_random_state, resumed_config, run_cli, save_checkpoint,
-                 setup)
-from data import (ResumableSampler, ViewLoader, build_augmentation, default_workers, load_split,
-                  unreadable_images)
+from cli import (Progress, StopSignal, UserError, checkpoint_path, console, git_revision,
+                 load_checkpoint, load_model_state, opt, parse_config, per_process_batch,
+                 prepare_out_dir, random_states, restore_random_state, resumed_config, run_cli,
+                 save_checkpoint, setup)
+from data import (ResumableSampler, ViewLoader, build_augmentation, check_same_classes,
+                  default_workers, evaluation_split, load_split, select, unreadable_images)
 from finetune import (build_classifier, build_finetune_optimizer, choose_labeled, evaluate,
-                      image_names, load_finetuned, set_lr, subset)
+                      image_names, load_finetuned, set_lr)
 from pretrain import build_model, convert_to_global_bn, learning_rate, scaled_lr
 from resnet import ARCHS
 
@@ -71,6 +71,13 @@ class DistillConfig:
     arch: str = opt("", "student encoder (default: the teacher's)", list(ARCHS))
     width_multiplier: float = opt(0.0, "student width (0: the teacher's)", min=0)
     sk_ratio: float = opt(-1.0, "student selective kernels (-1: the teacher's)", min=-1)
+    unlabeled_dir: str = opt("", "the unlabeled images of Eq. 2: every image under this folder, "
+                             "at any depth (default: the training images of --data-dir)")
+    val_fraction: float = opt(0.0, "evaluate on this class-balanced fraction of the training "
+                              "images, held out (default: the teacher's, on its data)",
+                              min=0, below=1)
+    val_dir: str = opt("", "the evaluation images (<class>/<image>) instead of <data-dir>/val "
+                       "(default: the teacher's, on its data)")
     init: str = opt("", "a pretraining-format checkpoint (pretrain.py or a student) whose encoder "
                     "starts the student; default: random initialisation")
     # loss (Eq. 2 and 3)
@@ -110,16 +117,17 @@ def resolve_config(argv):
     cfg, given = parse_config(DistillConfig, argv, None, __doc__.splitlines()[0])
     resume = None
     if cfg.resume:
-        resume = load_checkpoint(cfg.resume)
-        if "optimizers" not in resume or "distill_config" not in resume:
-            raise UserError(f"{cfg.resume} is not a student.pt of this version of distill.py")
-        cfg = resumed_config(DistillConfig, resume["distill_config"], given, cfg.resume)
+        path = checkpoint_path(cfg.resume)
+        resume = load_checkpoint(path, ("student",), "--resume")
+        cfg = resumed_config(DistillConfig, resume["distill_config"], given, path)
     if not cfg.teacher:
         raise UserError("--teacher is required (a finetuned.pt written by finetune.py)")
     teacher, ckpt = load_finetuned(cfg.teacher)
     tc = ckpt["config"]
     cfg.dataset = cfg.dataset or tc["dataset"]
     cfg.data_dir = cfg.data_dir or (tc["data_dir"] if cfg.dataset == tc["dataset"] else "")
+    for name, value in evaluation_split(given, tc, cfg.data_dir == tc["data_dir"]).items():
+        setattr(cfg, name, value)
     if not cfg.data_dir:
         raise UserError(f"--data-dir is needed: distilling on {cfg.dataset}, the teacher was "
                         f"fine-tuned on {tc['dataset']}")
@@ -174,7 +182,7 @@ def build_student(config, num_classes, init=""):
     """Encoder + classifier; the encoder optionally from a pretraining-format checkpoint."""
     student = build_classifier(config, num_classes, 0)
     if init:
-        ckpt = load_checkpoint(init)
+        ckpt = load_checkpoint(init, ("pretrain", "converted", "student"), "--init")
         source = build_model(ckpt["config"], ckpt["model"], init)
         load_model_state(student.encoder, source.encoder.state_dict(), init)
     return student
@@ -220,23 +228,24 @@ def train(cfg, teacher, teacher_ckpt, resume):
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
     out_dir = Path(cfg.out_dir or f"runs/distill-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if main:
-        prepare_out_dir(out_dir)  # an unwritable folder fails now, not after an epoch
     pre = teacher_ckpt["config"]["pretrain"]
     num_classes = teacher_ckpt["config"]["num_classes"]
 
     # Data: every training image, its label ignored; crop + flip, one view for both networks
     size = pre["image_size"]
-    split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, size, device,
-                                             workers, views, log)
+    split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, size, device, workers,
+                                             views, log, True, cfg.val_fraction, cfg.val_dir)
     augment = build_augmentation(size)
-    unlabeled, val_set = split("pretrain", views=1), split("val")
+    val_set = split("val")
+    unlabeled = (load_split("folder", cfg.unlabeled_dir, "pretrain", size, device, workers, 1, log)
+                 if cfg.unlabeled_dir else split("pretrain", 1))  # labels, if any, unused
     if len(val_set.classes) != num_classes:
         raise UserError(f"the teacher has {num_classes} classes, {cfg.dataset} "
                         f"{len(val_set.classes)}")
     steps_per_epoch = len(unlabeled) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise UserError(f"{len(unlabeled)} images are fewer than one batch of {cfg.batch_size}")
+        raise UserError(f"{len(unlabeled)} unlabeled images are fewer than one batch of "
+                        f"{cfg.batch_size}: lower --batch-size to at most {len(unlabeled)}")
     total_steps = cfg.epochs * steps_per_epoch
     step = resume["step"] if resume else 0
     sampler = ResumableSampler(unlabeled, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
@@ -244,11 +253,10 @@ def train(cfg, teacher, teacher_ckpt, resume):
     labeled_loader = draws = None
     if cfg.alpha < 1:  # Eq. 3: a labelled batch beside every unlabeled one, drawn with replacement
         train_set = split("train", views=1)
+        check_same_classes(train_set, val_set)
         indices = choose_labeled(cfg, train_set, log)
-        if main:
-            (out_dir / "subset.txt").write_text("\n".join(image_names(train_set, indices)) + "\n")
         draws = LabelledDraws(len(indices), steps_per_epoch * local_batch, cfg.seed + 1000 * rank)
-        labeled_loader = ViewLoader(subset(train_set, indices), draws, local_batch, [augment],
+        labeled_loader = ViewLoader(select(train_set, indices), draws, local_batch, [augment],
                                     device, workers)
 
     # Models: the frozen teacher, the student (encoder + classifier)
@@ -275,6 +283,10 @@ def train(cfg, teacher, teacher_ckpt, resume):
         student = nn.parallel.DistributedDataParallel(
             student, device_ids=[device] if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+    if main:  # made once every check has passed: a failed start leaves no folder behind
+        prepare_out_dir(out_dir)
+        if cfg.alpha < 1:
+            (out_dir / "subset.txt").write_text("\n".join(image_names(train_set, indices)) + "\n")
 
     log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | {precision} | "
         f"teacher {pre['arch']} x{pre['width_multiplier']:g} | student {cfg.arch} "

@@ -36,12 +36,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import (Progress, StopSignal, UserError, console, git_revision, load_checkpoint,
+from cli import (Progress, StopSignal, UserError, checkpoint_path, console, git_revision, load_checkpoint,
                  load_model_state, opt, parse_config, per_process_batch, prepare_out_dir,
                  random_states, restore_random_state, resumed_config, run_cli, save_checkpoint,
                  setup, world_info)
-from data import (InMemory, ResumableSampler, ViewLoader, build_augmentation, default_workers,
-                  eval_batches, load_split, unreadable_images)
+from data import (ResumableSampler, ViewLoader, build_augmentation, check_same_classes,
+                  class_balanced, dataset_labels, default_workers, eval_batches, evaluation_split,
+                  load_split, preset, select, unreadable_images)
 from pretrain import (Config, Representation, build_model, build_optimizer, convert_to_global_bn,
                       learning_rate, scaled_lr)
 
@@ -104,6 +105,11 @@ class FinetuneConfig:
                          min=1)
     eval_every: int = opt(0, "top-1 on the evaluation split every this many epochs; 0: at the end",
                           min=0)
+    val_fraction: float = opt(0.0, "evaluate on this class-balanced fraction of the training "
+                              "images, held out (default: the checkpoint's, on its data)",
+                              min=0, below=1)
+    val_dir: str = opt("", "the evaluation images (<class>/<image>) instead of <data-dir>/val "
+                       "(default: the checkpoint's, on its data)")
 
 
 # Per-dataset presets, applied before the flags. ImageNet: the authors' fine-tuning batch. CIFAR:
@@ -128,20 +134,19 @@ def resolve_config(argv):
     """
     cfg, given = parse_config(FinetuneConfig, argv, PRESETS, __doc__.splitlines()[0])
     if cfg.resume:
-        resume = load_checkpoint(cfg.resume)
+        path = checkpoint_path(cfg.resume)
+        resume = load_checkpoint(path, ("finetuned",), "--resume")
         stored = resume["config"]
-        if "pretrain" not in stored or "optimizers" not in resume:
-            raise UserError(f"{cfg.resume} is not a finetuned.pt of this version of finetune.py")
-        cfg = resumed_config(FinetuneConfig, stored, given, cfg.resume)
+        if "optimizers" not in resume:
+            raise UserError(f"--resume {path} is a finished or converted network, not one of an "
+                            f"interrupted finetune.py run: nothing to continue")
+        cfg = resumed_config(FinetuneConfig, stored, given, path)
         return cfg, stored["pretrain"], None, resume
     ckpt, pre = None, {}
     if cfg.checkpoint:
-        ckpt = load_checkpoint(cfg.checkpoint)
+        given["checkpoint"] = checkpoint_path(cfg.checkpoint)
+        ckpt = load_checkpoint(given["checkpoint"], ("pretrain", "converted", "student"))
         pre = ckpt["config"]
-        if "pretrain" in pre:
-            raise UserError(f"{cfg.checkpoint} is already fine-tuned; pass the pretraining "
-                            f"checkpoint it came from ({pre.get('checkpoint') or 'ckpt.pt'}), "
-                            f"or --resume it to continue its fine-tuning")
         clash = [f for f in ARCH_FLAGS if f in given and given[f] != pre.get(f)]
         if clash:
             raise UserError(f"--{clash[0].replace('_', '-')} differs from the checkpoint's "
@@ -154,8 +159,10 @@ def resolve_config(argv):
     if not dataset or not data_dir:
         raise UserError("--dataset and --data-dir are needed")
     defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
-    cfg = FinetuneConfig(**{**defaults, **PRESETS.get(dataset, {}), **given,
-                            "dataset": dataset, "data_dir": data_dir})
+    size = pre.get("image_size", given.get("image_size", defaults["image_size"]))
+    cfg = FinetuneConfig(**{**defaults, **PRESETS.get(preset(dataset, size), {}), **given,
+                            "dataset": dataset, "data_dir": data_dir,
+                            **evaluation_split(given, pre, data_dir == pre.get("data_dir"))})
     if ckpt is None:  # --from-scratch without a checkpoint: pretrain.py's network on the flags
         pre = dataclasses.asdict(Config(dataset=dataset, data_dir=data_dir,
                                         **{f: getattr(cfg, f) for f in ARCH_FLAGS}))
@@ -169,40 +176,6 @@ def resolve_config(argv):
 # ---------------------------------------------------------------------------------------------
 # Data: a class-balanced labelled subset of the training split
 # ---------------------------------------------------------------------------------------------
-
-
-def dataset_labels(dataset):
-    """The class index of every image (ImageFolder and CIFAR: .targets; STL-10: .labels)."""
-    labels = getattr(dataset, "targets", None)
-    if labels is None:
-        labels = getattr(dataset, "labels")
-    return [int(y) for y in labels]
-
-
-def subset(dataset, indices):
-    """The images of dataset at indices: an InMemory split's own subset, or a torch Subset."""
-    if isinstance(dataset, InMemory):
-        return dataset.subset(indices)
-    return torch.utils.data.Subset(dataset, indices)
-
-
-def labeled_subset(labels, fraction, seed):
-    """Indices of round(fraction x n_c) images of every class c (at least 1), drawn with seed.
-
-    Class-balanced like the authors' ImageNet lists (about 13 and 128 images per class for 1%
-    and 10%). The same labels, fraction and seed give the same subset on every machine and
-    every process. Returned sorted.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    by_class = {}
-    for i, y in enumerate(labels):
-        by_class.setdefault(y, []).append(i)
-    chosen = []
-    for y in sorted(by_class):
-        members = by_class[y]
-        k = max(1, round(fraction * len(members)))
-        chosen += [members[j] for j in torch.randperm(len(members), generator=generator)[:k].tolist()]
-    return sorted(chosen)
 
 
 def image_names(dataset, indices):
@@ -289,11 +262,8 @@ def build_classifier(pretrain_config, num_classes, ft_proj_layer, state=None, pa
 
 def load_finetuned(path):
     """A finetune.py checkpoint as (Classifier, checkpoint): distill.py's teacher."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, ("finetuned",), "--teacher")
     c = ckpt["config"]
-    if "pretrain" not in c or "num_classes" not in c:
-        raise UserError(f"{path} is not a checkpoint of finetune.py (fine-tune the pretraining "
-                        f"checkpoint first: python finetune.py --checkpoint {path})")
     model = build_classifier(c["pretrain"], c["num_classes"], c["ft_proj_layer"])
     load_model_state(model, ckpt["model"], path)
     return model, ckpt
@@ -373,9 +343,13 @@ def choose_labeled(cfg, train_set, log):
         indices = read_subset_file(cfg.subset_file, train_set)
         log(f"{len(indices)} labelled images from {cfg.subset_file}")
     else:
-        indices = labeled_subset(dataset_labels(train_set), cfg.label_fraction, cfg.seed)
-        log(f"{len(indices)} labelled images: {100 * cfg.label_fraction:g}% of each class, "
-            f"seed {cfg.seed}")
+        labels = dataset_labels(train_set)
+        indices = class_balanced(labels, cfg.label_fraction, cfg.seed)
+        share = len(indices) / len(labels)
+        log(f"{len(indices)} labelled images: {100 * share:.3g}% of the {len(labels)} training "
+            f"images" + (f" ({100 * cfg.label_fraction:g}% asked, at least one of each class)"
+                         if abs(share - cfg.label_fraction) > 0.1 * cfg.label_fraction else
+                         f", {100 * cfg.label_fraction:g}% of each class") + f", seed {cfg.seed}")
     return indices
 
 
@@ -389,22 +363,20 @@ def train(cfg, pretrain_config, weights, resume):
     labels_name = Path(cfg.subset_file).stem if cfg.subset_file else f"{100 * cfg.label_fraction:g}pct"
     out_dir = Path(cfg.out_dir or f"runs/finetune-{cfg.dataset}-{labels_name}-"
                    f"{'scratch-' if cfg.from_scratch else ''}{time.strftime('%Y%m%d-%H%M%S')}")
-    if main:
-        prepare_out_dir(out_dir)  # an unwritable folder fails now, not after the training
 
     # Data: crop + flip on the labelled subset (the fine-tuning augmentation)
     split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, cfg.image_size,
-                                             device, workers, views, log)
+                                             device, workers, views, log, True, cfg.val_fraction,
+                                             cfg.val_dir)
     train_set, val_set = split("train", views=1), split("val")
+    check_same_classes(train_set, val_set)
     num_classes = len(train_set.classes)
     indices = resume["subset"] if resume else choose_labeled(cfg, train_set, log)
-    if main:
-        (out_dir / "subset.txt").write_text("\n".join(image_names(train_set, indices)) + "\n")
-    labeled = subset(train_set, indices)
+    labeled = select(train_set, indices)
     steps_per_epoch = len(labeled) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{len(labeled)} labelled images are fewer than one batch of "
-                        f"{cfg.batch_size}; lower --batch-size")
+                        f"{cfg.batch_size}: lower --batch-size to at most {len(labeled)}")
     total_steps = cfg.epochs * steps_per_epoch
     peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
     sampler = ResumableSampler(labeled, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
@@ -432,6 +404,9 @@ def train(cfg, pretrain_config, weights, resume):
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+    if main:  # made once every check has passed: a failed start leaves no folder behind
+        prepare_out_dir(out_dir)
+        (out_dir / "subset.txt").write_text("\n".join(image_names(train_set, indices)) + "\n")
 
     n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | {precision} | "

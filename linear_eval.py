@@ -36,9 +36,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import (Progress, UserError, console, git_revision, load_checkpoint, opt,
+from cli import (Progress, UserError, checkpoint_path, console, git_revision, load_checkpoint, opt,
                  parse_config, per_process_batch, prepare_out_dir, run_cli, setup, world_info)
-from data import InMemory, ViewLoader, build_augmentation, default_workers, load_split
+from data import (InMemory, ViewLoader, build_augmentation, check_same_classes, default_workers,
+                  evaluation_split, load_split, preset)
 from pretrain import (Representation, build_model, build_optimizer, extract_features, knn_predict,
                       learning_rate, scaled_lr)
 
@@ -71,6 +72,11 @@ class LinearConfig:
     knn: int = opt(0, "also report weighted kNN top-1 with K neighbours on normalised h (200 is "
                    "the common value, Wu et al. 2018); 0: off", min=0)
     knn_temperature: float = opt(0.1, "temperature of the kNN weights exp(sim / t)", above=0)
+    val_fraction: float = opt(0.0, "evaluate on this class-balanced fraction of the training "
+                              "images, held out (default: the checkpoint's, on its data)",
+                              min=0, below=1)
+    val_dir: str = opt("", "the evaluation images (<class>/<image>) instead of <data-dir>/val "
+                       "(default: the checkpoint's, on its data)")
     # system
     device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"])
     seed: int = opt(0, "random seed (data order, augmentation, --random-init weights)")
@@ -100,20 +106,18 @@ def resolve_config(argv):
     cfg, given = parse_config(LinearConfig, argv, PRESETS, __doc__.splitlines()[0])
     if not cfg.checkpoint:
         raise UserError("--checkpoint is required (a ckpt.pt written by pretrain.py)")
-    ckpt = load_checkpoint(cfg.checkpoint)
+    given["checkpoint"] = checkpoint_path(cfg.checkpoint)
+    ckpt = load_checkpoint(given["checkpoint"], ("pretrain", "converted", "student"))
     pre = ckpt["config"]
-    if "pretrain" in pre:
-        raise UserError(f"{cfg.checkpoint} is a finetune.py checkpoint; linear evaluation takes "
-                        f"the pretraining checkpoint it started from "
-                        f"({pre.get('checkpoint') or 'a ckpt.pt of pretrain.py'})")
     dataset = cfg.dataset or pre.get("dataset", "")
     data_dir = cfg.data_dir or (pre.get("data_dir", "") if dataset == pre.get("dataset") else "")
     if not data_dir:
         raise UserError(f"--data-dir is needed: evaluating on {dataset}, pretrained on "
                         f"{pre.get('dataset')}")
     defaults = {f.name: f.default for f in dataclasses.fields(LinearConfig)}
-    cfg = LinearConfig(**{**defaults, **PRESETS.get(dataset, {}), **given,
-                          "dataset": dataset, "data_dir": data_dir})
+    cfg = LinearConfig(**{**defaults, **PRESETS.get(preset(dataset, pre["image_size"]), {}), **given,
+                          "dataset": dataset, "data_dir": data_dir,
+                          **evaluation_split(given, pre, data_dir == pre.get("data_dir"))})
     if cfg.epochs == 0 and cfg.knn == 0:
         raise UserError("nothing to do: --epochs 0 trains no linear layer; add --knn K")
     return cfg, ckpt
@@ -272,12 +276,6 @@ def knn_accuracy(train_f, train_l, val_f, val_l, num_classes, k, temperature):
 # ---------------------------------------------------------------------------------------------
 
 
-def check_same_classes(train, val, cfg):
-    if list(train.classes) != list(val.classes):
-        raise UserError(f"the training and evaluation splits of {cfg.data_dir} have different "
-                        f"classes ({len(train.classes)} vs {len(val.classes)})")
-
-
 def results_path(cfg, pretrain_dataset):
     if cfg.out:
         return Path(cfg.out)
@@ -303,10 +301,8 @@ def run(cfg, ckpt):
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
     pre = ckpt["config"]
     out = results_path(cfg, pre["dataset"])
-    if main:  # checked now: the evaluation may take hours
-        prepare_out_dir(out.parent, "--out")
-        if out.is_dir():
-            raise UserError(f"--out {out} is a folder; give a file name")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name")
     image_size = pre["image_size"]  # the encoder's input size, also for transfer datasets
 
     torch.manual_seed(cfg.seed)  # the same --random-init weights on every rank
@@ -326,18 +322,26 @@ def run(cfg, ckpt):
         f"({trained_for(ckpt)})")
     log("config " + json.dumps(dataclasses.asdict(cfg)))
 
-    # Evaluation features: the image as it is (32 px) or a centre crop (ImageNet), gathered.
+    # The splits first, so that a wrong setup stops before any feature is computed
     split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, image_size, device,
-                                             workers, views, log)
-    val = split("val")
+                                             workers, views, log, True, cfg.val_fraction, cfg.val_dir)
+    val, train_plain = split("val"), split("train")
+    check_same_classes(train_plain, val)
+    train = (train_plain if cfg.cached_features or isinstance(train_plain, InMemory) else
+             split("train", views=1))  # the paper's protocol on a folder: crops by the workers
+    if cfg.epochs and not cfg.cached_features and len(train) < cfg.batch_size:
+        raise UserError(f"{len(train)} training images are fewer than one batch of "
+                        f"{cfg.batch_size}: lower --batch-size to at most {len(train)}")
+    num_classes = len(val.classes)
+    if main:  # checked before the features: the evaluation may take hours
+        prepare_out_dir(out.parent, "--out")
+
+    # Evaluation features: the image as it is (32 px) or a centre crop (ImageNet), gathered.
     t_start = time.time()
     val_f, val_l = extract_features(encoder, val, image_size, EXTRACT_BATCH, device, workers, log,
                                     "features: val")
-    num_classes = len(val.classes)
-    train_f = train_l = train_plain = None
+    train_f = train_l = None
     if cfg.cached_features or cfg.knn:
-        train_plain = split("train")
-        check_same_classes(train_plain, val, cfg)
         train_f, train_l = extract_features(encoder, train_plain, image_size, EXTRACT_BATCH,
                                             device, workers, log, "features: train")
         log(f"features of {len(train_plain)} training and {len(val)} evaluation images in "
@@ -352,23 +356,22 @@ def run(cfg, ckpt):
                    git=git_revision(), config=dataclasses.asdict(cfg))
 
     if cfg.knn:
+        k = results["knn_k"] = min(cfg.knn, len(train_f))  # no more neighbours than images
         results["knn_top1"], results["knn_top5"] = knn_accuracy(
-            train_f, train_l, val_f, val_l, num_classes, cfg.knn, cfg.knn_temperature)
-        log(f"kNN (k {cfg.knn}, t {cfg.knn_temperature}): top-1 {results['knn_top1']:.2f}% "
+            train_f, train_l, val_f, val_l, num_classes, k, cfg.knn_temperature)
+        log(f"kNN (k {k}{f' of the {cfg.knn} asked: {k} training images' if k < cfg.knn else ''}"
+            f", t {cfg.knn_temperature}): top-1 {results['knn_top1']:.2f}% "
             f"top-5 {results['knn_top5']:.2f}%")
 
     if cfg.epochs:
         if cfg.cached_features:
             loader, trunk = FeatureLoader(train_f, train_l, local_batch, cfg.seed), nn.Identity()
         else:  # the paper's protocol: a new random crop + flip of every image every epoch
-            in_memory = isinstance(train_plain, InMemory)  # then the same images serve
-            train = train_plain if in_memory else split("train", views=1)
             sampler = torch.utils.data.DistributedSampler(train, world, rank, shuffle=True,
                                                           seed=cfg.seed)
             loader = ViewLoader(train, sampler, local_batch, [build_augmentation(image_size)],
                                 device, workers)
             trunk = encoder
-            check_same_classes(train, val, cfg)
         peak_lr = scaled_lr(cfg.lr, cfg.batch_size, "linear")
         log(f"linear layer: {cfg.epochs} epochs of {len(loader)} steps, B {cfg.batch_size}, "
             f"peak lr {peak_lr:.4g}, weight decay {cfg.weight_decay}")

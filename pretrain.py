@@ -34,15 +34,15 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from einops import rearrange
 
-from cli import (Progress, StopSignal, UserError, console, git_revision,
+from cli import (Progress, StopSignal, UserError, checkpoint_path, console, git_revision,
                  load_checkpoint, load_model_state, opt, parse_config, per_process_batch,
                  prepare_out_dir, random_states, restore_random_state, resumed_config, run_cli,
                  save_checkpoint, setup, world_info)
-from data import (InMemory, ResumableSampler, ViewLoader, WorkerCrops, build_augmentation,
-                  default_workers, eval_batches, load_split, unreadable_images)
+from data import (InMemory, ResumableSampler, ViewLoader, build_augmentation, default_workers,
+                  eval_batches, load_split, preset, save_augmentation_grid, typical_side,
+                  unreadable_images)
 from lars import LARS
 from objective import LOSSES, build_objective, gather_with_grad
 from resnet import build_encoder
@@ -112,6 +112,10 @@ class Config:
                            "65536), 0: off", min=0)
     memory_momentum: float = opt(0.999, "momentum m of the memory network's moving average",
                                  min=0, max=1)
+    val_fraction: float = opt(0.0, "hold out this class-balanced fraction of the training images "
+                              "as the evaluation split (for data without val/); the later "
+                              "scripts hold out the same images", min=0, below=1)
+    val_dir: str = opt("", "the evaluation images (<class>/<image>) instead of <data-dir>/val")
     global_bn: bool = opt(True, "BatchNorm statistics over the global batch under torchrun "
                           "(--no-global-bn: per-GPU statistics, the paper's ablation)")
     # system
@@ -128,8 +132,8 @@ class Config:
     knn_temperature: float = opt(0.1, "temperature of the kNN monitor's weights", above=0)
     resume: str = opt("", "checkpoint to continue from; its configuration is used, with the "
                       "flags given here on top")
-    show_augmentations: int = opt(0, "save a PNG of N images beside their two views and exit",
-                                 min=0)
+    show_augmentations: str = opt("", "save a PNG of 8 images (original, evaluation view, the "
+                                  "two views) to this file and exit, e.g. views.png")
 
 
 # Per-dataset presets, applied before the command-line flags.
@@ -462,23 +466,6 @@ def train_step(model, x1, x2, optimizer, objective, scaler=None, autocast=contex
     return loss.detach(), acc, entropy
 
 
-def show_augmentations(cfg, data, augments, out_dir, device):
-    """Save a grid: each row an image as evaluation sees it, then its two augmented views."""
-    idx = torch.randperm(len(data))[:cfg.show_augmentations].tolist()
-    if isinstance(data, InMemory):
-        part = data.subset(idx)
-        originals, _ = next(eval_batches(part, cfg.image_size, len(idx), device, 0))
-    else:
-        part = torch.utils.data.Subset(data, idx)
-        originals = torch.stack([WorkerCrops(cfg.image_size)(data.loader(data.samples[i][0]))
-                                 for i in idx]).to(device) / 255
-    views, _ = next(iter(ViewLoader(part, range(len(idx)), len(idx), augments, device, 0)))
-    rows = torch.stack([originals, *views], 1).flatten(0, 1)  # 3n x 3 x S x S: image, v1, v2
-    path = Path(out_dir) / "augmentations.png"
-    torchvision.utils.save_image(rows, path, nrow=3, padding=2, pad_value=1.0)
-    return path
-
-
 def train(cfg, ckpt=None):
     """Pretrain as cfg says; ckpt: the checkpoint of --resume, read by resolve_config."""
     device, rank, world = setup(cfg.device)
@@ -493,31 +480,31 @@ def train(cfg, ckpt=None):
         objective = build_objective(cfg.loss, cfg.temperature, cfg.l2_norm, cfg.semi_hard, cfg.margin)
     except ValueError as e:
         raise UserError(str(e))
-    out_dir = Path(cfg.out_dir or f"runs/{cfg.dataset}-{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if main:
-        prepare_out_dir(out_dir)  # an unwritable folder fails now, not after an epoch
+    if cfg.warmup_epochs > cfg.epochs:
+        raise UserError(f"--warmup-epochs {cfg.warmup_epochs:g} is longer than --epochs "
+                        f"{cfg.epochs}: the learning rate would never reach its peak; lower it")
 
     # Data: two views per image (Algorithm 1, lines 3-9), made on the device (augment.py)
     augments = view_augmentations(cfg)
     crop = any(a.crop or a.base_crop for a in augments)
-    dataset = load_split(cfg.dataset, cfg.data_dir, "pretrain", cfg.image_size, device, workers,
-                         views=2, log=log, crop=crop)
+    split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, cfg.image_size, device,
+                                             workers, views, log, crop, cfg.val_fraction, cfg.val_dir)
+    dataset = split("pretrain", views=2)
     if isinstance(dataset, InMemory) and not crop and dataset.images.shape[-1] != cfg.image_size:
         raise UserError(f"--augment without crop keeps the images' {dataset.images.shape[-1]} px: "
                         f"set --image-size {dataset.images.shape[-1]}")
     if cfg.show_augmentations:
         if main:
-            log(f"saved {show_augmentations(cfg, dataset, augments, out_dir, device)}")
+            log(f"saved {save_augmentation_grid(cfg.show_augmentations, dataset, augments, cfg.image_size, device)}")
         return
     knn_sets = None
     if cfg.eval_every:  # read now: a missing evaluation split fails before the first step
-        split = lambda name: load_split(cfg.dataset, cfg.data_dir, name, cfg.image_size, device,
-                                        workers, log=log)
-        # CIFAR pretrains on its training split, already in memory
+        # CIFAR pretrains on its labelled training split, already in memory
         knn_sets = (dataset if cfg.dataset.startswith("cifar") else split("train"), split("val"))
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise UserError(f"{len(dataset)} images are fewer than one batch of {cfg.batch_size}")
+        raise UserError(f"{len(dataset)} images are fewer than one batch of {cfg.batch_size}: "
+                        f"lower --batch-size to at most {len(dataset)}")
     if ckpt and ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
         raise UserError(f"{cfg.resume} was written at {ckpt['steps_per_epoch']} steps per epoch, "
                         f"this data gives {steps_per_epoch}: resume with the same data")
@@ -564,11 +551,15 @@ def train(cfg, ckpt=None):
             model, device_ids=[device] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
+    out_dir = Path(cfg.out_dir or f"runs/{cfg.dataset}-{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if main:  # made once every check has passed: a failed start leaves no folder behind
+        prepare_out_dir(out_dir)
 
     n_params = sum(p.numel() for p in raw_model.encoder.parameters())
     log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | {precision} | "
-        f"{'global BN | ' if under_torchrun and cfg.global_bn else ''}"
-        f"encoder {n_params / 1e6:.2f}M parameters, h {raw_model.encoder.out_dim}-d")
+        f"{'global BN | ' if under_torchrun and cfg.global_bn else ''}{cfg.arch} "
+        f"x{cfg.width_multiplier:g} with the {raw_model.encoder.stem_name} at {cfg.image_size} px, "
+        f"{n_params / 1e6:.2f}M parameters, h {raw_model.encoder.out_dim}-d")
     log("config " + json.dumps(dataclasses.asdict(cfg)))
     log(f"{len(dataset)} images, {steps_per_epoch} steps/epoch of {cfg.batch_size} "
         f"({local_batch} per process), {last_step} of {total_steps} steps, peak lr {peak_lr:.4g}, "
@@ -642,7 +633,8 @@ def train(cfg, ckpt=None):
         record.update(unreadable_images(dataset, device, log))
         if knn_sets and ((epoch + 1) % cfg.eval_every == 0 or step >= last_step):
             record["knn_top1"] = knn_accuracy(raw_model.encoder, *knn_sets, cfg, device, workers, log)
-            log(f"epoch {epoch + 1}: kNN top-1 {record['knn_top1']:.2f}%")
+            log(f"epoch {epoch + 1}: kNN top-1 {record['knn_top1']:.2f}% (k "
+                f"{min(cfg.knn_k, len(knn_sets[0]))} of {len(knn_sets[0])} training images)")
         if main:
             with open(out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -654,10 +646,20 @@ def resolve_config(argv):
     """Flags over presets; with --resume, flags over the checkpoint's stored configuration.
     Returns (config, the checkpoint of --resume or None)."""
     cfg, given = parse_config(Config, argv, PRESETS, __doc__.splitlines()[0])
+    if preset(cfg.dataset, cfg.image_size) != cfg.dataset:  # a folder of small images
+        cfg, given = parse_config(Config, argv, {cfg.dataset: PRESETS[preset(cfg.dataset, cfg.image_size)]})
+    if cfg.dataset == "folder" and "image_size" not in given and not cfg.resume:
+        side = typical_side(cfg.data_dir)
+        if side and cfg.image_size > 2 * side:
+            raise UserError(f"the images under {cfg.data_dir} are about {side} px (shorter side): "
+                            f"--image-size {cfg.image_size}, the folder preset's, would upscale them "
+                            f"{cfg.image_size / side:.1f}x; pass --image-size {side} (32 or less: "
+                            f"CIFAR-10's stem and recipe), or --image-size {cfg.image_size} to keep it")
     if not cfg.resume:
         return cfg, None
-    ckpt = load_checkpoint(cfg.resume)
-    return resumed_config(Config, ckpt["config"], given, cfg.resume), ckpt
+    path = checkpoint_path(cfg.resume)
+    ckpt = load_checkpoint(path, ("pretrain",), "--resume")
+    return resumed_config(Config, ckpt["config"], given, path), ckpt
 
 
 def main(argv=None):

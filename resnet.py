@@ -115,13 +115,15 @@ class ResNet(nn.Module):
         super().__init__()
         w = lambda c: max(1, round(c * width_multiplier))  # every layer is widened, stem included
         if cifar_stem:  # 32 px: 3x3 stride-1 stem, no max-pool (paper, Appendix B.9)
-            self.stem = conv_bn_relu(3, w(64), 3)
+            self.stem, self.stem_name = conv_bn_relu(3, w(64), 3), "CIFAR stem (3x3, no max-pool)"
         elif sk_ratio > 0:  # ResNet-D stem, as the v2 code uses with SK
             self.stem = nn.Sequential(conv_bn_relu(3, w(64) // 2, 3, 2),
                                       conv_bn_relu(w(64) // 2, w(64) // 2, 3),
                                       conv_bn_relu(w(64) // 2, w(64), 3), SamePool("max", 3, 2))
+            self.stem_name = "ResNet-D stem (three 3x3, max-pool)"
         else:
             self.stem = nn.Sequential(conv_bn_relu(3, w(64), 7, 2), SamePool("max", 3, 2))
+            self.stem_name = "ImageNet stem (7x7 stride 2, max-pool)"
         stages, c_in = [], w(64)
         for i, n in enumerate(layers):
             c = w(64 * 2 ** i)

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import linear_eval
 from cli import Progress, UserError, load_checkpoint, parse_config
-from conftest import ROOT, TINY_PRETRAIN, make_image_folder, run_script
+from conftest import ROOT, TINY_PRETRAIN, error_of, make_image_folder, run_script
 from pretrain import PRESETS, Config
 
 SCRIPTS = ["pretrain.py", "linear_eval.py", "finetune.py", "distill.py", "bench.py"]
@@ -104,11 +105,9 @@ def test_finetune_stopped_and_resumed_equals_the_uninterrupted_run(pretrained_ch
         assert torch.equal(v, resumed["model"][k]), k
 
 
-def test_distill_stopped_by_sigterm_resumes(pretrained_checkpoint, tmp_path):
-    run_script("finetune.py", "--checkpoint", pretrained_checkpoint, *TINY_FT, "--epochs", 1,
-               "--out-dir", tmp_path / "ft")
+def test_distill_stopped_by_sigterm_resumes(finetuned_checkpoint, tmp_path):
     rc, out, err = stop_with_signal(script(
-        "distill.py", "--teacher", tmp_path / "ft" / "finetuned.pt", "--batch-size", 8,
+        "distill.py", "--teacher", finetuned_checkpoint, "--batch-size", 8,
         "--epochs", 3, "--workers", 1, "--log-every", 1, "--out-dir", tmp_path / "d"), tmp_path)
     assert rc == 0 and "stopped by signal 15" in out and "eta" in out, err
     step = load_checkpoint(tmp_path / "d" / "student.pt")["step"]
@@ -209,7 +208,7 @@ def test_missing_evaluation_split_fails_before_the_first_step(tmp_path):
     (data / "val").rmdir()
     proc = run_script("pretrain.py", *TINY_PRETRAIN, "--data-dir", data, "--out-dir",
                       tmp_path / "run", "--eval-every", 1, check=False)
-    assert proc.returncode == 1 and "no image folder at" in proc.stderr and "step" not in proc.stdout
+    assert proc.returncode == 1 and "has no val/ (or test/) folder" in proc.stderr and "step" not in proc.stdout
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path):
@@ -254,12 +253,11 @@ def test_a_garbage_checkpoint_is_one_line(tmp_path):
     assert proc.stderr.startswith("linear_eval.py: error: cannot read checkpoint")
 
 
-def test_linear_eval_of_a_finetuned_checkpoint_names_what_to_pass(pretrained_checkpoint, tmp_path):
-    run_script("finetune.py", "--checkpoint", pretrained_checkpoint, *TINY_FT, "--epochs", 1,
-               "--out-dir", tmp_path)
-    proc = run_script("linear_eval.py", "--checkpoint", tmp_path / "finetuned.pt", check=False)
-    assert proc.returncode == 1
-    assert f"takes the pretraining checkpoint it started from ({pretrained_checkpoint})" in proc.stderr
+def test_linear_eval_of_a_finetuned_checkpoint_names_what_to_pass(pretrained_checkpoint,
+                                                                 finetuned_checkpoint):
+    assert (f"is a fine-tuned network (finetune.py's finetuned.pt), fine-tuned from "
+            f"{pretrained_checkpoint}: finetune.py --resume and distill.py --teacher take it"
+            in error_of(linear_eval.main, "--checkpoint", finetuned_checkpoint))
 
 
 def test_linear_eval_checks_its_output_before_evaluating(pretrained_checkpoint, tmp_path):

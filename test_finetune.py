@@ -12,11 +12,12 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+import finetune
 from cli import UserError, load_checkpoint
-from conftest import run_script
-from data import InMemory
+from conftest import error_of, run_script
+from data import InMemory, class_balanced
 from finetune import (build_classifier, build_finetune_optimizer, evaluate, image_names,
-                      labeled_subset, load_finetuned, read_subset_file)
+                      load_finetuned, read_subset_file)
 from lars import LARS
 from pretrain import Config, build_model
 
@@ -30,29 +31,29 @@ def test_subset_is_class_balanced_sized_and_deterministic():
     # CIFAR-10-like: 10 classes of 5000, shuffled; 1% must be exactly 50 per class
     rng = np.random.default_rng(0)
     labels = rng.permutation(np.repeat(np.arange(10), 5000)).tolist()
-    subset = labeled_subset(labels, 0.01, seed=0)
+    subset = class_balanced(labels, 0.01, seed=0)
     counts = collections.Counter(labels[i] for i in subset)
     assert len(subset) == 500 and len(set(subset)) == 500
     assert counts == {c: 50 for c in range(10)}
     assert subset == sorted(subset) and 0 <= subset[0] and subset[-1] < len(labels)
-    assert labeled_subset(labels, 0.01, seed=0) == subset  # same seed: same images
-    other = labeled_subset(labels, 0.01, seed=1)
+    assert class_balanced(labels, 0.01, seed=0) == subset  # same seed: same images
+    other = class_balanced(labels, 0.01, seed=1)
     assert other != subset and collections.Counter(labels[i] for i in other) == counts
     # 10%: 500 per class
-    assert collections.Counter(labels[i] for i in labeled_subset(labels, 0.1, 0)) == \
+    assert collections.Counter(labels[i] for i in class_balanced(labels, 0.1, 0)) == \
         {c: 500 for c in range(10)}
 
 
 def test_subset_keeps_every_class_when_classes_are_small_or_unequal():
     labels = [0] * 1000 + [1] * 30 + [2] * 3 + [3] * 1
-    counts = collections.Counter(labels[i] for i in labeled_subset(labels, 0.1, seed=3))
+    counts = collections.Counter(labels[i] for i in class_balanced(labels, 0.1, seed=3))
     assert counts == {0: 100, 1: 3, 2: 1, 3: 1}  # round(0.1 n), at least one image per class
-    assert len(labeled_subset(labels, 1.0, 0)) == len(labels)
+    assert len(class_balanced(labels, 1.0, 0)) == len(labels)
 
 
 def test_subset_file_round_trip_and_authors_style_names(tiny_folder, tmp_path):
     train = torchvision.datasets.ImageFolder(str(tiny_folder / "train"))
-    chosen = labeled_subset(train.targets, 0.25, seed=0)
+    chosen = class_balanced(train.targets, 0.25, seed=0)
     names = image_names(train, chosen)
     assert names[0].count("/") == 1  # <class>/<file>: file names repeat across classes here
     (tmp_path / "subset.txt").write_text("\n".join(names) + "\n")
@@ -229,8 +230,7 @@ def test_from_scratch_runs_and_ignores_the_pretrained_weights(tiny_folder, pretr
     (["--subset-file", "/nonexistent/list.txt"], "cannot read --subset-file"),
 ])
 def test_bad_input_is_one_line_without_traceback(pretrained_checkpoint, tmp_path, args, message):
-    proc = run_script("finetune.py", "--checkpoint", pretrained_checkpoint, *TINY_FT,
-                      "--label-fraction", "0.5", *args, "--out-dir", tmp_path, check=False)
-    assert proc.returncode != 0
-    assert proc.stderr.strip().startswith("finetune.py: error:") and message in proc.stderr
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    error = error_of(finetune.main, "--checkpoint", pretrained_checkpoint, *TINY_FT,
+                     "--label-fraction", "0.5", *args, "--out-dir", tmp_path / "run")
+    assert error.startswith("finetune.py: error:") and message in error
+    assert not (tmp_path / "run").exists()

@@ -604,6 +604,15 @@ def main(argv=None):
                f"{cfg.proj_dim}" if cfg.proj_head != "none" else "no projection head"
         cls = (f", classifier of {classifier.fc.out_features} classes on head layer {k}"
                if classifier is not None else "")
+        if classifier is not None and args.ft_proj_layer < 0 and len(model.head.layers) > 1:
+            why = ("the folder's name says finetuned_1pct or finetuned_10pct, which v2 fine-tunes "
+                   "from layer 1" if k else "the default, h (no finetuned_1pct / 10pct in the "
+                   "folder's name)")
+            meta["note"] = " ".join(filter(None, [meta["note"], (
+                f"the classifier was put on head layer {k} because {why}: the shapes cannot tell "
+                f"(every hidden head layer has h's width), and on the wrong layer it is wrong on "
+                f"every input; check with --evaluate, or convert again with --ft-proj-layer "
+                f"{1 - k if k <= 1 else 0}")]))
         print(f"{meta['layout']} checkpoint{' (EMA weights)' if args.ema else ''}: {cfg.arch} "
               f"x{cfg.width_multiplier:g}{' SK' if cfg.sk_ratio else ''}, h "
               f"{model.encoder.out_dim}-d, {head}{cls}; {meta['variables']} variables read, "

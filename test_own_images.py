@@ -1,0 +1,226 @@
+"""A user's own images: unlabeled folders of any layout, held-out evaluation splits, and a wrong
+setup caught in one line before any work (nothing left behind), as a new user meets them."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import finetune
+import linear_eval
+import pretrain
+from cli import load_checkpoint
+from conftest import (ROOT, TINY_MODEL, error_of, make_image_folder, make_own_images,
+                      run_script)
+from data import build_dataset, class_balanced, dataset_labels
+
+TINY = [*TINY_MODEL, "--workers", "0", "--warmup-epochs", "0"]
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """Class folders directly under the root, 8 images each, no val/: what people have."""
+    root = make_image_folder(tmp_path_factory.mktemp("labelled"), classes=4, train_per_class=8,
+                             val_per_class=0)
+    shutil.rmtree(root / "val")
+    for c in (root / "train").iterdir():
+        c.rename(root / c.name)
+    (root / "train").rmdir()
+    return root
+
+
+# ------------------------------------------------------------------------ unlabeled, held out
+
+
+def test_an_unlabeled_folder_of_any_layout_pretrains(tmp_path):
+    """Images directly in the folder and in nested ones, of mixed sizes and modes, no class
+    folders: every image is used (the text file is not), the CIFAR recipe for 32 px."""
+    images = make_own_images(tmp_path / "own")
+    proc = run_script("pretrain.py", "--dataset", "folder", "--data-dir", images, *TINY,
+                      "--batch-size", 6, "--epochs", 1, "--out-dir", tmp_path / "run")
+    assert "18 images, 3 steps/epoch of 6" in proc.stdout
+    assert "with the CIFAR stem (3x3, no max-pool) at 32 px" in proc.stdout
+    config = load_checkpoint(tmp_path / "run")["config"]  # the run folder is enough
+    assert (config["color_strength"], config["blur"], config["temperature"]) == (0.5, False, 0.5)
+
+
+def test_held_out_split_is_class_balanced_disjoint_and_the_same_everywhere(labelled):
+    held = build_dataset("folder", labelled, "val", None, val_fraction=0.25)
+    rest = build_dataset("folder", labelled, "train", None, val_fraction=0.25)
+    pool = build_dataset("folder", labelled, "pretrain", None, val_fraction=0.25)
+    assert sorted(dataset_labels(held)) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert len(rest) == 24 and not {f for f, _ in held.samples} & {f for f, _ in rest.samples}
+    assert [f for f, _ in pool.samples] == [f for f, _ in rest.samples]  # pretraining never sees them
+    again = build_dataset("folder", labelled, "val", None, val_fraction=0.25)
+    assert held.samples == again.samples and held.classes == rest.classes
+
+
+def test_the_held_out_split_follows_the_checkpoint_into_every_later_script(labelled, tmp_path):
+    """pretrain --val-fraction (its kNN monitor on the held-out images), then linear_eval and
+    finetune without the flag evaluate on the same 8 images; distill takes an unlabeled folder
+    as its pool."""
+    proc = run_script("pretrain.py", "--dataset", "folder", "--data-dir", labelled, *TINY,
+                      "--batch-size", 8, "--epochs", 1, "--val-fraction", 0.25, "--eval-every", 1,
+                      "--knn-k", 200, "--out-dir", tmp_path / "pre")
+    assert "24 images" in proc.stdout and "(k 24 of 24 training images)" in proc.stdout
+    out = run_script("linear_eval.py", "--checkpoint", tmp_path / "pre", "--knn", 200,
+                     "--epochs", 0, "--out", tmp_path / "le.json").stdout
+    assert "kNN (k 24 of the 200 asked: 24 training images" in out
+    result = json.loads((tmp_path / "le.json").read_text())
+    assert result["knn_k"] == 24 and result["config"]["val_fraction"] == 0.25
+    ft = run_script("finetune.py", "--checkpoint", tmp_path / "pre" / "ckpt.pt", "--label-fraction",
+                    0.5, "--batch-size", 4, "--epochs", 1, "--out-dir", tmp_path / "ft").stdout
+    assert "12 labelled images: 50% of the 24 training images, 50% of each class" in ft
+    assert json.loads((tmp_path / "ft" / "results.json").read_text())["config"]["val_fraction"] == 0.25
+    pool = make_own_images(tmp_path / "pool")
+    st = run_script("distill.py", "--teacher", tmp_path / "ft", "--unlabeled-dir", pool,
+                    "--batch-size", 6, "--epochs", 1, "--workers", 0, "--out-dir",
+                    tmp_path / "st").stdout
+    assert "18 unlabeled images" in st
+
+
+def test_label_fraction_says_what_it_took(labelled):
+    """1% of 8 images per class is one per class, 12.5%: said so."""
+    log = []
+    cfg = finetune.FinetuneConfig(label_fraction=0.01, seed=0)
+    train = build_dataset("folder", labelled, "train", None)
+    indices = finetune.choose_labeled(cfg, train, log.append)
+    assert len(indices) == 4 and indices == class_balanced(dataset_labels(train), 0.01, 0)
+    assert log == ["4 labelled images: 12.5% of the 32 training images (1% asked, at least one of "
+                   "each class), seed 0"]
+
+
+# ------------------------------------------------------------------------ caught in one line
+
+
+def no_run_folder_left(tmp_path):
+    return not (tmp_path / "run").exists()
+
+
+def test_no_val_folder_says_how_to_get_one(labelled, tmp_path, pretrained_checkpoint):
+    message = error_of(pretrain.main, "--dataset", "folder", "--data-dir", labelled, *TINY,
+                       "--eval-every", 1, "--out-dir", tmp_path / "run")
+    assert "has no val/ (or test/) folder of class folders; hold out part of the training " \
+           "images with --val-fraction 0.1, or give --val-dir" in message
+    assert no_run_folder_left(tmp_path)
+
+
+def test_labels_needed_where_there_are_none(tmp_path):
+    """Held out images need classes: a folder with images outside class folders, or none."""
+    images = make_own_images(tmp_path / "own")
+    args = [*TINY, "--eval-every", 1, "--val-fraction", 0.2, "--out-dir", tmp_path / "run"]
+    message = error_of(pretrain.main, "--dataset", "folder", "--data-dir", images, *args)
+    assert "6 images lie directly in" in message and "outside any class folder" in message
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, image in enumerate(sorted(images.rglob("img*"))):
+        image.rename(flat / f"{i}{image.suffix}")
+    message = error_of(pretrain.main, "--dataset", "folder", "--data-dir", flat, *args)
+    assert "18 images lie directly in" in message and no_run_folder_left(tmp_path)
+
+
+def test_a_batch_larger_than_the_data_says_what_to_lower_it_to(labelled, tiny_folder, tmp_path,
+                                                                pretrained_checkpoint):
+    """Every script, with its default batch size on a small folder (linear_eval also with --knn
+    alone, which once printed '90 epochs of 0 steps' and a traceback)."""
+    assert "32 images are fewer than one batch of 512: lower --batch-size to at most 32" in \
+        error_of(pretrain.main, "--dataset", "folder", "--data-dir", labelled, "--image-size", 32,
+                 "--out-dir", tmp_path / "run")
+    for extra in ([], ["--knn", 20]):
+        assert "48 training images are fewer than one batch of 512: lower --batch-size to at " \
+               "most 48" in error_of(linear_eval.main, "--checkpoint", pretrained_checkpoint,
+                                     "--dataset", "folder", "--data-dir", tiny_folder, *extra)
+    assert "labelled images are fewer than one batch of 1024: lower --batch-size to at most 4" in \
+        error_of(finetune.main, "--checkpoint", pretrained_checkpoint, "--dataset", "imagenet",
+                 "--data-dir", tiny_folder, "--out-dir", tmp_path / "run")
+    assert no_run_folder_left(tmp_path)
+
+
+def test_finetune_refuses_a_val_folder_with_other_classes(tiny_folder, tmp_path, pretrained_checkpoint):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_folder, data)
+    shutil.rmtree(data / "val" / "class3")
+    message = error_of(finetune.main, "--checkpoint", pretrained_checkpoint, "--data-dir", data,
+                       "--batch-size", 4, "--out-dir", tmp_path / "run")
+    assert "different classes (4 vs 3; first difference: class3)" in message
+    assert no_run_folder_left(tmp_path)
+
+
+def test_images_that_are_not_cifar_are_not_trained_as_cifar(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=2, val_per_class=1, size=64)
+    message = error_of(pretrain.main, "--data-dir", data, "--out-dir", tmp_path / "run")
+    assert "are 64 x 64 px, cifar10's 32 x 32: for your own images use --dataset folder" in message
+
+
+def test_warmup_longer_than_the_run(tiny_folder, tmp_path):
+    message = error_of(pretrain.main, "--dataset", "folder", "--data-dir", tiny_folder,
+                       *TINY_MODEL, "--epochs", 1, "--out-dir", tmp_path / "run")
+    assert "--warmup-epochs 10 is longer than --epochs 1" in message and no_run_folder_left(tmp_path)
+
+
+def test_small_images_are_not_upscaled_4x_without_a_word(tmp_path):
+    images = make_own_images(tmp_path / "own")
+    message = error_of(pretrain.main, "--dataset", "folder", "--data-dir", images, "--out-dir",
+                       tmp_path / "run")
+    assert "are about 40 px (shorter side): --image-size 224, the folder preset's, would upscale " \
+           "them 5.6x; pass --image-size 40" in message
+    cfg, _ = pretrain.resolve_config(["--dataset", "folder", "--data-dir", str(images),
+                                      "--image-size", "224"])  # asked for: as asked
+    assert cfg.image_size == 224 and cfg.blur and cfg.color_strength == 1.0
+
+
+def test_a_folder_of_small_images_gets_the_cifar_recipe(tmp_path):
+    """--dataset folder --image-size 32 kept ImageNet's blur and colour strength 1.0."""
+    cfg, _ = pretrain.resolve_config(["--dataset", "folder", "--data-dir", str(tmp_path),
+                                      "--image-size", "32"])
+    assert (cfg.blur, cfg.color_strength, cfg.temperature, cfg.batch_size) == (False, 0.5, 0.5, 512)
+    cfg, _ = pretrain.resolve_config(["--dataset", "folder", "--data-dir", str(tmp_path),
+                                      "--image-size", "32", "--blur"])
+    assert cfg.blur
+
+
+def test_checkpoints_of_the_wrong_kind_say_what_they_are(pretrained_checkpoint, finetuned_checkpoint,
+                                                         tmp_path):
+    """pretrain.py --resume of a fine-tuned network once said "architecture or width differs",
+    of a student "the optimizer state ... does not fit"; a run folder said "no checkpoint"."""
+    message = error_of(pretrain.main, "--resume", finetuned_checkpoint.parent)  # the run folder
+    assert f"--resume {finetuned_checkpoint} is a fine-tuned network (finetune.py's finetuned.pt), " \
+           f"fine-tuned from {pretrained_checkpoint}: finetune.py --resume and distill.py " \
+           f"--teacher take it" in message
+    student = dict(torch.load(pretrained_checkpoint, weights_only=True), distill_config={})
+    torch.save(student, tmp_path / "student.pt")  # what makes a student.pt one, for this check
+    assert "is a distilled student (distill.py's student.pt): distill.py --resume, linear_eval.py " \
+           "--checkpoint and finetune.py --checkpoint take it" in \
+        error_of(pretrain.main, "--resume", tmp_path / "student.pt")
+    (tmp_path / "empty").mkdir()
+    assert "no checkpoint in the folder" in error_of(linear_eval.main, "--checkpoint",
+                                                     tmp_path / "empty")
+
+
+# ------------------------------------------------------------------------ the picture
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "folder"])
+def test_the_augmentation_picture(dataset, tiny_folder, tmp_path):
+    """Original, evaluation view, view 1, view 2, under headers; written where asked, no run
+    folder made."""
+    path = tmp_path / "views.png"
+    run_script("pretrain.py", "--dataset", dataset, "--data-dir", tiny_folder, *TINY,
+               "--show-augmentations", path, "--out-dir", tmp_path / "run")
+    with Image.open(path) as picture:
+        pixels = torch.from_numpy(np.asarray(picture.convert("L")).copy())
+    zoom, cell = 3, (32 + 2) * 3
+    assert picture.width == 4 * cell + 2 * zoom and picture.height == 16 + 8 * cell + 2 * zoom
+    assert (pixels[:16] < 128).any(dim=0).sum() > 20  # dark header text
+    assert no_run_folder_left(tmp_path)
+
+
+def test_the_converter_says_which_head_layer_and_how_to_choose(tmp_path):
+    """The layer a classifier reads cannot be told from the shapes: the conversion says which it
+    chose, why, and how to choose another."""
+    src = ROOT / "fixtures" / "tf1_r18_cifar"
+    out = run_script("tf_checkpoint.py", src, tmp_path / "c.pt", "--classifier").stdout
+    assert "on head layer 0" in out and "because the default, h (no finetuned_1pct / 10pct in " \
+        "the folder's name)" in out and "--ft-proj-layer 1" in out
