@@ -1,14 +1,20 @@
 """Shared test fixtures: a tiny image folder, a way to run a script as a user would, and a tiny
 pretraining checkpoint that the tests of the downstream scripts start from."""
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).parent
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # several test processes share the cores: one thread
+    os.environ["OMP_NUM_THREADS"] = "1"  # each, their scripts' too (oversubscribed threads ran
+    torch.set_num_threads(1)  # 10x slower here)
 
 # A ResNet-18 at 1/8 width on 32 px images: a few steps take seconds on two CPU cores.
 TINY_MODEL = ["--arch", "resnet18", "--width-multiplier", "0.125", "--image-size", "32"]

@@ -589,6 +589,20 @@ def experiment_table(name, records, scale):
     return "\n".join(lines) + "\n"
 
 
+def summary_table(tables):
+    """Per experiment, how many of the paper's orderings hold, tie or reverse here (counted from
+    the tables' last column)."""
+    lines = ["| experiment | holds | tie | reversed | not run |", "|---|---:|---:|---:|---:|"]
+    for name, table in zip(EXPERIMENTS, tables):
+        if not table or name == "base":
+            continue
+        cells = [line.rsplit("|", 2)[-2] for line in table.splitlines() if line.startswith("| ")]
+        counts = [sum(c.strip().endswith(": " + v) for c in cells)
+                  for v in ("holds", "tie", "reversed", "not run")]
+        lines.append(f"| {name} | " + " | ".join(map(str, counts)) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def runs_table(records, scale):
     """Each pretraining run's command, time and machine: what the tables above come from."""
     runs = {}
@@ -616,6 +630,7 @@ def report(out, scales=None):
         if not any(tables):
             continue
         parts.append(f"## Scale `{scale}`: {SCALES[scale].about}\n")
+        parts.append(summary_table(tables))
         parts += [t for t in tables if t]
         parts.append(f"#### The runs behind the `{scale}` tables\n\n{runs_table(records, scale)}")
     return "\n".join(parts)
@@ -634,6 +649,43 @@ def update(path, text):
     path.write_text(content[:start] + "\n" + text + content[end:])
 
 
+# v1 Fig. 5 as the paper draws it: row = the first transformation, column = the second, the
+# diagonal a single one; the cells the paper prints (selected ones), ours unordered.
+FIG5_AXES = ["crop", "colour", "blur"]
+FIG5_PAPER = {(0, 0): 33.1, (1, 1): 18.8, (2, 2): 2.6, (0, 1): 56.3, (1, 0): 55.8, (0, 2): 35.0,
+              (1, 2): 16.5}
+
+
+def fig5_heatmaps(plt, exp, ours, path, scale):
+    """The paper's 3 x 3 matrix of Fig. 5 and ours side by side (ours mirrored: the pairs here
+    apply both transformations to the same branch, in the pipeline's order)."""
+    import numpy as np
+    grids = [np.full((3, 3), np.nan), np.full((3, 3), np.nan)]
+    for (i, j), v in FIG5_PAPER.items():
+        grids[0][i, j] = v
+    for i, a in enumerate(FIG5_AXES):
+        for j, b in enumerate(FIG5_AXES):
+            label = a if i == j else ", ".join(sorted({a, b}, key=FIG5_AXES.index))
+            if ours.get(label) is not None:
+                grids[1][i, j] = ours[label]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for ax, grid, title in zip(axes, grids, ["paper (ImageNet, R50)", f"ours ({scale})"]):
+        ax.imshow(grid, cmap="viridis")
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, "" if np.isnan(v) else f"{v:.1f}", ha="center", va="center",
+                    color="white", fontsize=10)
+        ax.set_xticks(range(3), ["crop", "colour", "blur"])
+        ax.set_yticks(range(3), ["crop", "colour", "blur"])
+        ax.set_xlabel("2nd transformation")
+        ax.set_ylabel("1st transformation")
+        ax.set_title(title)
+    fig.suptitle(f"{exp.title}: linear top-1 (%)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def figures(out, scale):
     """One PNG per experiment, the paper's values and ours side by side (matplotlib, optional)."""
     try:
@@ -649,6 +701,10 @@ def figures(out, scale):
     for name, exp in EXPERIMENTS.items():
         ours = [mean_and_spread(value_of(records, scale, r))[0] for r in exp.rows]
         if name == "base" or all(v is None for v in ours):
+            continue
+        if name == "fig5":
+            written.append(fig5_heatmaps(plt, exp, dict(zip((r.label for r in exp.rows), ours)),
+                                         folder / f"{scale}-{name}.png", scale))
             continue
         fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(exp.rows) + 1.5), sharey=True)
         labels = [r.label for r in exp.rows]

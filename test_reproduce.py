@@ -10,11 +10,15 @@ from conftest import run_script
 
 def test_smoke_scale_runs_records_and_skips_what_is_done(tiny_folder, tmp_path, capsys):
     """Two runs of the smoke scale (the base recipe on two seeds), each pretrain.py then
-    linear_eval.py as subprocesses; a rerun finds both recorded and runs nothing; the report
-    tabulates them."""
+    linear_eval.py as subprocesses, the first interrupted before (its pretraining stopped after
+    one step: it is resumed, not restarted); a rerun finds both recorded and runs nothing; the
+    report tabulates them."""
     args = ["--scale", "smoke", "--only", "base", "--seeds", "2", "--data-dir", tiny_folder,
             "--out", tmp_path]
+    job = reproduce.jobs_for(["base"], "smoke", 1, tmp_path)[0]
+    run_script(*job.pretrain_command(str(tiny_folder))[1:], "--max-steps", 1)
     first = run_script("reproduce.py", *args)
+    assert f"resuming {job.run_dir / 'ckpt.pt'}" in first.stdout
     records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
     assert [r["key"] for r in records] == ["smoke/base/linear/seed0", "smoke/base/linear/seed1"]
     for r in records:
