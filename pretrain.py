@@ -2,11 +2,12 @@
 
 Each image is augmented twice (Sec. 3, Appendix A), both views go through a ResNet encoder f and
 a projection head g (Sec. 2.1, Fig. 2), and NT-Xent (Eq. 1) pulls the two views of an image
-together while pushing away the other 2(N-1) views of the batch. The encoder output h = f(x) is
-the representation the other scripts evaluate (linear_eval.py), fine-tune (finetune.py) and
-distill (distill.py); they import the model and the data from this file. The encoder is in
-resnet.py, the augmentation in augment.py, the command-line plumbing (flags, errors,
-checkpoints, stopping) in cli.py.
+together while pushing away the other 2(N-1) views of the batch; each step minimises the
+authors' loss_a + loss_b (train_step). The encoder output h = f(x) is the representation the
+other scripts evaluate (linear_eval.py), fine-tune (finetune.py) and distill (distill.py); they
+import the model from this file. As the authors split their code, the encoder is in resnet.py,
+the loss in objective.py, the data in data.py (the augmentation in augment.py), and the
+command-line plumbing (flags, errors, checkpoints, stopping) in cli.py.
 
     python pretrain.py --dataset cifar10 --data-dir data/cifar10      # laptop or 1 GPU
     torchrun --nproc_per_node=8 pretrain.py --dataset imagenet --data-dir /data/imagenet
@@ -15,8 +16,9 @@ checkpoints, stopping) in cli.py.
 images, BatchNorm statistics are global (Sec. 2.2, "Global BN") and every process scores its
 views against the views of all processes. Checkpoints go to --out-dir (default
 runs/<dataset>-<arch>-<time>/ckpt.pt) every epoch and on Ctrl-C; --resume continues a run.
-The CIFAR-10 preset is the authors' recipe (ResNet-18, 1000 epochs, batch 512, LARS);
-README.md lists what this code measured and what the papers report.
+The CIFAR-10 preset is the authors' recipe (ResNet-18, 1000 epochs, batch 512, LARS); a
+--dataset folder of images of 32 px or less takes it too, larger ones ImageNet's. RESULTS.md
+lists what this code measured next to what the papers report.
 """
 import contextlib
 import copy
@@ -59,9 +61,11 @@ warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.
 @dataclass
 class Config:
     # data
-    dataset: str = opt("cifar10", "which data", ["cifar10", "cifar100", "stl10", "imagenet", "folder"])
+    dataset: str = opt("cifar10", "which data; folder: your own images, with or without class "
+                       "folders (ImageNet's recipe; CIFAR-10's at 32 px or less)",
+                       ["cifar10", "cifar100", "stl10", "imagenet", "folder"])
     data_dir: str = opt("data", "dataset root; cifar10 may also be an image-folder export "
-                        "(train/<class>/*, val/ or test/)")
+                        "(train/<class>/*, val/ or test/); folder: every image under it")
     out_dir: str = opt("", "where checkpoints and logs go (default runs/<dataset>-<arch>-<time>)")
     image_size: int = opt(32, "training resolution in pixels; <= 32 selects the CIFAR stem", min=8)
     workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at "
@@ -453,14 +457,10 @@ def train_step(model, x1, x2, optimizer, objective, scaler=None, autocast=contex
             keys = memory.project(x)
     loss, acc, entropy = objective(z1, z2, memory.queue if memory is not None else None)
     optimizer.zero_grad(set_to_none=True)
-    objective_2l = 2 * loss  # the authors' loss_a + loss_b
-    if scaler is None:
-        objective_2l.backward()
-        optimizer.step()
-    else:
-        scaler.scale(objective_2l).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    scaler = scaler or torch.amp.GradScaler(enabled=False)  # fp16's; a no-op otherwise
+    scaler.scale(2 * loss).backward()  # the authors' loss_a + loss_b
+    scaler.step(optimizer)
+    scaler.update()
     if keys is not None:
         memory.enqueue(keys)
     return loss.detach(), acc, entropy
