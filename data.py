@@ -41,47 +41,6 @@ def build_augmentation(size, augment="crop", strength=1.0, blur=False, base_crop
         raise UserError(str(e))
 
 
-def save_augmentation_grid(path, data, augments, size, device, count=8):
-    """A PNG at path: `count` random images of data, one per row: the original (whole, fitted
-    into the cell), the evaluation view, then one augmented view per augmentation, under
-    headers. data: a split loaded with one view per augmentation (load_split views=)."""
-    idx = torch.randperm(len(data))[:count].tolist()
-    if isinstance(data, InMemory):
-        part = data.subset(idx)
-        originals = list(part.images.cpu())
-        evaluation, _ = next(eval_batches(part, size, len(idx), device, 0))
-    else:
-        part = select(data, idx)
-        originals = [torchvision.transforms.functional.pil_to_tensor(data.loader(file))
-                     for file, _ in part.samples]
-        evaluation = torch.stack([WorkerCrops(size)(data.loader(f)) for f, _ in part.samples]) / 255
-    fitted = []
-    for image in originals:  # uint8 3 x H x W -> the whole image in a size x size cell, on white
-        scale = size / max(image.shape[1:])
-        h, w = (max(1, round(scale * n)) for n in image.shape[1:])
-        image = torch.nn.functional.interpolate(image[None].float() / 255, (h, w), mode="bilinear",
-                                                antialias=True, align_corners=False)[0]
-        cell = torch.ones(3, size, size)
-        top, left = (size - h) // 2, (size - w) // 2
-        cell[:, top:top + h, left:left + w] = image.clamp(0, 1)
-        fitted.append(cell)
-    views, _ = next(iter(ViewLoader(part, range(len(idx)), len(idx), augments, device, 0)))
-    columns = [torch.stack(fitted), evaluation.cpu(), *(v.cpu() for v in views)]
-    grid = torchvision.utils.make_grid(torch.stack(columns, 1).flatten(0, 1), nrow=len(columns),
-                                       padding=2, pad_value=1.0)  # 3 x H x W
-    zoom = max(1, 96 // size)  # 32 px images are shown 3x, so that the headers fit
-    picture = torchvision.transforms.functional.to_pil_image(grid).resize(
-        (grid.shape[2] * zoom, grid.shape[1] * zoom), Image.NEAREST)
-    titles = ["original", "evaluation", *(f"view {i + 1}" for i in range(len(augments)))]
-    canvas = Image.new("RGB", (picture.width, picture.height + 16), "white")
-    canvas.paste(picture, (0, 16))
-    draw, cell = ImageDraw.Draw(canvas), (size + 2) * zoom
-    for i, title in enumerate(titles):
-        draw.text((i * cell + 2 * zoom, 2), title, fill="black")
-    canvas.save(path)
-    return path
-
-
 class WorkerCrops:
     """What a loader worker does to each full-resolution image of a folder (the part of the
     augmentation that needs the whole image): `views` random crops resized to size (TF's
@@ -484,3 +443,47 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 def default_workers(world_size):
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     return max(1, min(8, (os.cpu_count() or 1) // local))
+
+
+def save_augmentation_grid(path, data, augments, size, device, count=8):
+    """A PNG at path: `count` random images of data, one per row: the original (whole, fitted
+    into the cell), the evaluation view, then one augmented view per augmentation, under
+    headers. data: a split loaded with one view per augmentation (load_split views=)."""
+    idx = torch.randperm(len(data))[:count].tolist()
+    if isinstance(data, InMemory):
+        part = data.subset(idx)
+        originals = list(part.images.cpu())
+        evaluation, _ = next(eval_batches(part, size, len(idx), device, 0))
+    else:
+        part = select(data, idx)
+        images = [data.loader(file) for file, _ in part.samples]  # PIL, RGB
+        originals = [torchvision.transforms.functional.pil_to_tensor(image) for image in images]
+        evaluation = torch.stack([WorkerCrops(size)(image) for image in images]) / 255
+    fitted = []
+    for image in originals:  # uint8 3 x H x W -> the whole image in a size x size cell, on white
+        scale = size / max(image.shape[1:])
+        h, w = (max(1, round(scale * n)) for n in image.shape[1:])
+        image = torch.nn.functional.interpolate(image[None].float() / 255, (h, w), mode="bilinear",
+                                                antialias=True, align_corners=False)[0]
+        cell = torch.ones(3, size, size)
+        top, left = (size - h) // 2, (size - w) // 2
+        cell[:, top:top + h, left:left + w] = image.clamp(0, 1)
+        fitted.append(cell)
+    views, _ = next(iter(ViewLoader(part, range(len(idx)), len(idx), augments, device, 0)))
+    columns = [torch.stack(fitted), evaluation.cpu(), *(v.cpu() for v in views)]
+    grid = torchvision.utils.make_grid(torch.stack(columns, 1).flatten(0, 1), nrow=len(columns),
+                                       padding=2, pad_value=1.0)  # 3 x H x W
+    zoom = max(1, 96 // size)  # 32 px images are shown 3x, so that the headers fit
+    picture = torchvision.transforms.functional.to_pil_image(grid).resize(
+        (grid.shape[2] * zoom, grid.shape[1] * zoom), Image.NEAREST)
+    titles = ["original", "evaluation", *(f"view {i + 1}" for i in range(len(augments)))]
+    canvas = Image.new("RGB", (picture.width, picture.height + 16), "white")
+    canvas.paste(picture, (0, 16))
+    draw, cell = ImageDraw.Draw(canvas), (size + 2) * zoom
+    for i, title in enumerate(titles):
+        draw.text((i * cell + 2 * zoom, 2), title, fill="black")
+    try:
+        canvas.save(path)
+    except (OSError, ValueError) as e:  # a missing folder, an unknown extension
+        raise UserError(f"cannot write {path}: {first_line(e)} (give a file name such as views.png)")
+    return path

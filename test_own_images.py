@@ -215,6 +215,8 @@ def test_the_augmentation_picture(dataset, tiny_folder, tmp_path):
     assert picture.width == 4 * cell + 2 * zoom and picture.height == 16 + 8 * cell + 2 * zoom
     assert (pixels[:16] < 128).any(dim=0).sum() > 20  # dark header text
     assert no_run_folder_left(tmp_path)
+    assert "cannot write" in error_of(pretrain.main, "--dataset", dataset, "--data-dir", tiny_folder,
+                                      *TINY, "--show-augmentations", tmp_path / "no" / "v.png")
 
 
 def test_the_converter_says_which_head_layer_and_how_to_choose(tmp_path):
