@@ -785,8 +785,8 @@ def main(argv=None):
                 print(shown(job.pretrain_command(args.data_dir)))
                 print(shown(job.evaluation_command()))
             return
-        if not Path(args.data_dir).exists():
-            raise UserError(f"--data-dir {args.data_dir} does not exist")
+        if SCALES[args.scale].dataset in ("folder", "imagenet") and not Path(args.data_dir).exists():
+            raise UserError(f"--data-dir {args.data_dir} does not exist")  # CIFAR-10: downloaded
         out.mkdir(parents=True, exist_ok=True)
         records, done = out / "records.jsonl", read_records(out)
         todo = [j for j in jobs if j.key not in done]

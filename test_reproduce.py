@@ -87,7 +87,7 @@ def test_runs_equal_to_the_base_recipe_share_its_pretraining():
 @pytest.mark.parametrize("args, message", [
     (["--only", "table9"], "unknown experiment 'table9'"),
     (["--seeds", "0"], "--seeds must be >= 1"),
-    (["--scale", "cpu", "--data-dir", "/nonexistent"], "/nonexistent does not exist"),
+    (["--scale", "smoke", "--data-dir", "/nonexistent"], "/nonexistent does not exist"),
 ])
 def test_bad_input_is_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as exit:
