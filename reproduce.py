@@ -157,7 +157,7 @@ class Row:
     label: str
     pretrain: str  # a PRETRAIN name
     paper: float = None  # the paper's value (top-1 %), None where it prints none
-    evaluation: str = "linear"  # "linear", "linear-layer<K>" or "finetune-<fraction>-layer<K>"
+    evaluation: str = "linear"  # linear, linear-layer<K>, linear-random, finetune-<fraction>-layer<K>
     below: str = None  # the row the paper ranks just above this one (default: by paper value)
 
 
@@ -174,7 +174,10 @@ class Experiment:
 EXPERIMENTS = {
     "base": Experiment(
         "The base recipe, over seeds", "the noise every comparison is read against",
-        [Row("base recipe", "base")], "", ["contrast_acc", "entropy"]),
+        [Row("base recipe", "base"),
+         Row("the same network untrained", "base", evaluation="linear-random", below="base recipe")],
+        "The untrained row is what pretraining adds to: linear_eval.py --random-init.",
+        ["contrast_acc", "entropy"]),
     "fig5": Experiment(
         "Augmentation pairs, one branch", "v1 Fig. 5 (ImageNet, linear top-1)",
         [Row("crop, colour", "one-crop-color", 56.3), Row("crop, blur", "one-crop-blur", 35.0),
@@ -321,9 +324,10 @@ class Job:
     def evaluation_command(self):
         s, ckpt = SCALES[self.scale], str(self.run_dir / "ckpt.pt")
         name = self.evaluation
-        if name.startswith("linear"):
-            layer = name.removeprefix("linear").removeprefix("-layer") or "0"
+        if name.startswith("linear"):  # linear, linear-layer<K>, linear-random
+            layer = name.removeprefix("linear-layer") if "layer" in name else "0"
             return command("linear_eval.py", ["--checkpoint", ckpt, *s.linear, "--layer", layer,
+                                              *(["--random-init"] if "random" in name else []),
                                               "--seed", str(self.seed),
                                               "--out", str(self.run_dir / f"{name}.json")])
         _, fraction, layer = name.split("-")  # finetune-<fraction>-layer<K>
