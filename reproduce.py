@@ -455,7 +455,9 @@ def _run_job(job, data_dir, stop, records, log):
     start_load, timing = os.getloadavg(), job.run_dir / "pretrain_seconds.json"
     pre_cmd, ckpt = job.pretrain_command(data_dir), job.run_dir / "ckpt.pt"
     if not pretrain_finished(job.run_dir):
-        run = command("pretrain.py", ["--resume", str(ckpt)]) if ckpt.exists() else pre_cmd
+        # a run's schedule is its epochs: a --max-steps the checkpoint was stopped by is lifted
+        run = (command("pretrain.py", ["--resume", str(ckpt), "--max-steps", "0"])
+               if ckpt.exists() else pre_cmd)
         if ckpt.exists():
             log(f"  resuming {ckpt}")
         t = time.time()

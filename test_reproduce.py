@@ -9,10 +9,10 @@ from conftest import run_script
 
 
 def test_smoke_scale_runs_records_and_skips_what_is_done(tiny_folder, tmp_path, capsys):
-    """Two runs of the smoke scale (the base recipe on two seeds), each pretrain.py then
-    linear_eval.py as subprocesses, the first interrupted before (its pretraining stopped after
-    one step: it is resumed, not restarted); a rerun finds both recorded and runs nothing; the
-    report tabulates them."""
+    """The smoke scale's base recipe on two seeds, each pretrain.py then linear_eval.py of the
+    trained and of the untrained network as subprocesses, the first seed interrupted before (its
+    pretraining stopped after one step: it is resumed to the end of its schedule, not restarted);
+    a rerun finds all four recorded and runs nothing; the report tabulates them."""
     args = ["--scale", "smoke", "--only", "base", "--seeds", "2", "--data-dir", tiny_folder,
             "--out", tmp_path]
     job = reproduce.jobs_for(["base"], "smoke", 1, tmp_path)[0]
@@ -20,16 +20,18 @@ def test_smoke_scale_runs_records_and_skips_what_is_done(tiny_folder, tmp_path, 
     first = run_script("reproduce.py", *args)
     assert f"resuming {job.run_dir / 'ckpt.pt'}" in first.stdout
     records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
-    assert [r["key"] for r in records] == ["smoke/base/linear/seed0", "smoke/base/linear/seed1"]
+    assert [r["key"] for r in records] == [f"smoke/base/{e}/seed{s}" for s in (0, 1)
+                                           for e in ("linear", "linear-random")]
     for r in records:
         assert r["commands"][0].startswith("python pretrain.py --dataset folder")
         assert f"--seed {r['seed']}" in r["commands"][0] and "linear_eval.py" in r["commands"][1]
+        assert ("--random-init" in r["commands"][1]) == (r["evaluation"] == "linear-random")
         assert 0 <= r["metrics"]["top1"] <= 100 and r["metrics"]["entropy"] > 0
         assert r["hardware"]["cores"] and r["pretrain_seconds"] > 0
-    assert "[2/2]" in first.stdout
+    assert "[4/4]" in first.stdout
     reproduce.main(list(map(str, args)))
     again = capsys.readouterr().out
-    assert "2 already recorded" in again and "[1/" not in again
+    assert "4 already recorded" in again and "[1/" not in again
     reproduce.main(["--report", "--out", str(tmp_path)])
     table = (tmp_path / "tables.md").read_text()
     assert "The base recipe, over seeds" in table and "| base recipe |  |" in table
