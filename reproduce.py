@@ -477,8 +477,9 @@ def _run_job(job, data_dir, stop, records, log):
         run = command("finetune.py", ["--resume", str(finetuned)])
     if not run_script(run, job.run_dir / "evaluation.out", stop):
         return False
-    metrics = dict(loss=last["loss"], contrast_acc=100 * last["contrast_acc"],
-                   entropy=last.get("entropy"))
+    metrics = ({} if "random" in job.evaluation else  # the pretraining's metrics are not its
+               dict(loss=last["loss"], contrast_acc=100 * last["contrast_acc"],
+                    entropy=last.get("entropy")))
     if job.evaluation.startswith("linear"):
         result = json.loads((job.run_dir / f"{job.evaluation}.json").read_text())
         metrics.update(top1=result["top1"], top5=result["top5"], knn_top1=result.get("knn_top1"))
