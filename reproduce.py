@@ -171,6 +171,19 @@ class Experiment:
     paper_extra: dict = field(default_factory=dict)  # label -> {metric: paper value}
 
 
+def head_depth_rows(fraction, three_layers, two_layer):
+    """v2 Fig. 4 at one label fraction: the 3-layer head fine-tuned from each layer (the paper's
+    values {layer: top-1}, in its order), then the 2-layer head (the paper's best middle layer,
+    layer 1) with its layers 0 and 2, read against its layer 1."""
+    rows = [Row(f"3 layers, from layer {k}" + (" (h)" if k == 0 else ""), "head-3", v,
+                f"finetune-{fraction}-layer{k}") for k, v in three_layers.items()]
+    rows.append(Row("2 layers, from layer 1", "base", two_layer, f"finetune-{fraction}-layer1",
+                    below="3 layers, from layer 1"))
+    return rows + [Row(f"2 layers, from layer {k}" + (" (h)" if k == 0 else ""), "base", None,
+                       f"finetune-{fraction}-layer{k}", below="2 layers, from layer 1")
+                   for k in (0, 2)]
+
+
 EXPERIMENTS = {
     "base": Experiment(
         "The base recipe, over seeds", "the noise every comparison is read against",
@@ -239,30 +252,12 @@ EXPERIMENTS = {
         "loss; here they run at the base recipe's temperature and margin 0.5."),
     "v2-fig4-1pct": Experiment(
         "Head depth and the layer fine-tuned from, 1% of the labels", "v2 Fig. 4 (read off)",
-        [Row("3 layers, from layer 1", "head-3", 57.7, "finetune-0.01-layer1"),
-         Row("3 layers, from layer 2", "head-3", 53.7, "finetune-0.01-layer2"),
-         Row("3 layers, from layer 3", "head-3", 47.9, "finetune-0.01-layer3"),
-         Row("3 layers, from layer 0 (h)", "head-3", 46.7, "finetune-0.01-layer0"),
-         Row("2 layers, from layer 1", "base", 52.2, "finetune-0.01-layer1",
-             below="3 layers, from layer 1"),
-         Row("2 layers, from layer 0 (h)", "base", None, "finetune-0.01-layer0",
-             below="2 layers, from layer 1"),
-         Row("2 layers, from layer 2", "base", None, "finetune-0.01-layer2",
-             below="2 layers, from layer 1")],
+        head_depth_rows(0.01, {1: 57.7, 2: 53.7, 3: 47.9, 0: 46.7}, two_layer=52.2),
         "With few labels, fine-tuning from the first layer of a deeper head beats fine-tuning "
         "from h. The 2-layer values are the paper's best middle layer."),
     "v2-fig4-10pct": Experiment(
         "Head depth and the layer fine-tuned from, 10% of the labels", "v2 Fig. 4 (read off)",
-        [Row("3 layers, from layer 1", "head-3", 68.4, "finetune-0.1-layer1"),
-         Row("3 layers, from layer 0 (h)", "head-3", 66.4, "finetune-0.1-layer0"),
-         Row("3 layers, from layer 2", "head-3", 66.1, "finetune-0.1-layer2"),
-         Row("3 layers, from layer 3", "head-3", 64.6, "finetune-0.1-layer3"),
-         Row("2 layers, from layer 1", "base", 66.6, "finetune-0.1-layer1",
-             below="3 layers, from layer 1"),
-         Row("2 layers, from layer 0 (h)", "base", None, "finetune-0.1-layer0",
-             below="2 layers, from layer 1"),
-         Row("2 layers, from layer 2", "base", None, "finetune-0.1-layer2",
-             below="2 layers, from layer 1")],
+        head_depth_rows(0.1, {1: 68.4, 0: 66.4, 2: 66.1, 3: 64.6}, two_layer=66.6),
         "The gain of the middle layer shrinks as labels grow."),
     "v2-memory": Experiment(
         "The memory of negatives", "v2 Appendix D (Fig. D.1, R50 linear)",
