@@ -353,15 +353,18 @@ class SimCLRAugmentation:
     strength: float = 1.0  # colour strength s: 1.0 ImageNet, 0.5 CIFAR-10
     blur: bool = False  # Gaussian blur with p 0.5, sigma ~ U(0.1, 2.0): ImageNet only
     brightness: str = "multiplicative"  # the authors' v2 default; "additive" as v1's pseudocode
-    base_crop: bool = False  # Fig. 5's protocol: a random crop first, then the rest (crop again)
+    base_crop: bool = False  # Fig. 5's protocol: the input is the crop both views share, the rest follows
 
     def __call__(self, images, cropped=False, generator=None):
         """uint8 n x 3 x H x W (any device) -> float32 n x 3 x size x size in [0, 1].
 
         cropped=True: the images were cropped and resized already (random_crop_resize_uint8 in
-        the loader workers); flip, colour and blur still apply, and with base_crop that crop
-        was the base crop.
+        the loader workers); flip, colour and blur still apply. With base_crop (Fig. 5's
+        protocol) that crop is the one both views share (ViewLoader makes it), and crop
+        crops it again.
         """
+        if self.base_crop and not cropped:
+            raise ValueError("base_crop: pass the views' shared crop, cropped=True (ViewLoader)")
         n, _, height, width = images.shape
         chunk = max(1, CPU_CHUNK_PIXELS // (height * width))
         if images.device.type == "cpu" and n > chunk:  # keep the temporaries in cache
@@ -370,10 +373,9 @@ class SimCLRAugmentation:
                           < p).float()
         with torch.autocast(images.device.type, enabled=False):  # TF's ops are float32
             x = images.float() * (1 / 255)  # tf.image.convert_image_dtype
-            for crop in (self.base_crop and not cropped, self.crop and (self.base_crop or not cropped)):
-                if crop:
-                    boxes = sample_crop_boxes(n, *x.shape[2:], generator, images.device)
-                    x = crop_resize(x, boxes, self.size)
+            if self.crop and (self.base_crop or not cropped):
+                boxes = sample_crop_boxes(n, *x.shape[2:], generator, images.device)
+                x = crop_resize(x, boxes, self.size)
             if x.shape[2:] != (self.size, self.size):
                 raise ValueError(f"{height} x {width} images make no {self.size} px views "
                                  "without the crop")

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from augment import (SimCLRAugmentation, center_crop_box, center_crop_resize, crop_resize,
-                     parse_augment, random_crop_resize_uint8)
+                     parse_augment, random_crop_resize_uint8, sample_crop_boxes)
 from cli import Progress, UserError, first_line, world_info
 
 SMALL_IMAGE_DATASETS = ("cifar10", "cifar100", "stl10")  # decoded once into device memory
@@ -129,13 +129,15 @@ class ViewLoader:
     """One epoch of augmented views of every image in this process's share (sampler), as float
     batches on the device: yields ([view 1, ...], labels), views n x 3 x S x S, one view per
     augmentation in `augments` (the same one twice for Algorithm 1; Fig. 5's protocol gives
-    each branch its own). InMemory data is indexed and augmented on the device; image folders
-    come cropped from the loader workers (WorkerCrops), and the device does the rest (flip,
-    colour, blur) on the batch."""
+    each branch its own, both applied to one random crop of each image: base_crop). InMemory
+    data is indexed and augmented on the device; image folders come cropped from the loader
+    workers (WorkerCrops, one crop per view or the one shared), and the device does the rest
+    (flip, colour, blur) on the batch."""
 
     def __init__(self, data, sampler, batch_size, augments, device, workers):
         self.data, self.sampler, self.batch_size = data, sampler, batch_size
         self.augments, self.device = augments, device
+        self.shared = augments[0].base_crop  # Fig. 5's protocol: the views share one crop
         self.loader = None if isinstance(data, InMemory) else make_loader(
             data, batch_size, device, workers, sampler, drop_last=True, persistent=True)
 
@@ -147,11 +149,16 @@ class ViewLoader:
             order = torch.tensor(list(self.sampler), device=self.device)  # one copy per epoch
             for idx in order[:len(self) * self.batch_size].view(-1, self.batch_size):
                 images = self.data.images[idx]  # n x 3 x H x W, uint8
-                yield [augment(images) for augment in self.augments], self.data.labels[idx]
+                if self.shared:  # float 0..255, as the augmentation reads uint8
+                    boxes = sample_crop_boxes(len(idx), *images.shape[2:], device=self.device)
+                    images = crop_resize(images.float(), boxes, self.augments[0].size)
+                yield ([augment(images, cropped=self.shared) for augment in self.augments],
+                       self.data.labels[idx])
         else:
             for crops, labels in self.loader:
                 crops = crops.to(self.device, non_blocking=True)  # n x V x 3 x S x S, uint8
-                yield ([augment(crops[:, v], cropped=True) for v, augment in enumerate(self.augments)],
+                yield ([augment(crops[:, 0 if self.shared else v], cropped=True)
+                        for v, augment in enumerate(self.augments)],
                        labels.to(self.device, non_blocking=True))
 
 

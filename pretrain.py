@@ -77,8 +77,8 @@ class Config:
     color_strength: float = opt(0.5, "colour distortion strength s (Appendix A): 1.0 ImageNet, "
                                 "0.5 CIFAR-10", min=0)
     blur: bool = opt(False, "Gaussian blur with p 0.5 (on for ImageNet, off for 32 px images)")
-    one_branch: bool = opt(False, "Fig. 5's protocol: both views are random crops, then "
-                           "--augment's transformations (and --blur) go on view 1 only")
+    one_branch: bool = opt(False, "Fig. 5's protocol: both views are one random crop of the "
+                           "image, --augment's transformations (and --blur) go on view 1 only")
     # model (Sec. 2.1; v2 Sec. 2)
     arch: str = opt("resnet18", "encoder f", ["resnet18", "resnet34", "resnet50", "resnet101",
                                               "resnet152"])
@@ -427,8 +427,8 @@ def knn_accuracy(encoder, train, val, cfg, device, workers, log):
 
 def view_augmentations(cfg):
     """t and t' of Algorithm 1, one per view: the same augmentation twice; with --one-branch,
-    Fig. 5's protocol: both views randomly cropped first, --augment's transformations on view 1
-    only, view 2 left as the crop (the paper's t(x) = x)."""
+    Fig. 5's protocol: each image randomly cropped once, --augment's transformations on view 1
+    of that crop only, view 2 left as the crop (the paper's t(x) = x)."""
     first = build_augmentation(cfg.image_size, cfg.augment, cfg.color_strength, cfg.blur,
                                base_crop=cfg.one_branch)
     return [first, build_augmentation(cfg.image_size, "", base_crop=True) if cfg.one_branch else first]
@@ -489,7 +489,7 @@ def train(cfg, ckpt=None):
     crop = any(a.crop or a.base_crop for a in augments)
     split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, cfg.image_size, device,
                                              workers, views, log, crop, cfg.val_fraction, cfg.val_dir)
-    dataset = split("pretrain", views=2)
+    dataset = split("pretrain", views=1 if cfg.one_branch else 2)  # Fig. 5: one crop, shared
     if isinstance(dataset, InMemory) and not crop and dataset.images.shape[-1] != cfg.image_size:
         raise UserError(f"--augment without crop keeps the images' {dataset.images.shape[-1]} px: "
                         f"set --image-size {dataset.images.shape[-1]}")

@@ -40,27 +40,42 @@ def test_both_data_paths_make_two_views_on_the_device(dataset, tiny_folder):
 
 
 def test_one_branch_leaves_view_2_as_the_plain_crop():
-    """Fig. 5's protocol: view 2 is a random crop and nothing else (the paper's t(x) = x after the
-    crop); view 1 is a random crop followed by --augment's transformations, here a second crop
-    and the flip (the "crop" cell). Both against the crop and flip ops composed by hand from the
-    same random stream."""
+    """Fig. 5's protocol, as the loader gives it: each image is randomly cropped once; view 2 is
+    that crop and nothing else (the paper's t(x) = x), view 1 is that same crop followed by
+    --augment's transformations, here a second crop and the flip (the "crop" cell). Against the
+    crop and flip ops composed by hand from the same random stream."""
     from augment import crop_resize, random_flip, sample_crop_boxes
+    from data import InMemory, ViewLoader
     from pretrain import view_augmentations
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    data = InMemory(images, torch.zeros(6, dtype=torch.long), ["a"])
     first, second = view_augmentations(Config(one_branch=True, augment="crop"))
-    x = images.float() * (1 / 255)  # as the augmentation (tf.image.convert_image_dtype)
-    g = torch.Generator().manual_seed(0)
-    expected = crop_resize(x, sample_crop_boxes(6, 32, 32, g), 32).clamp(0, 1)
-    assert torch.equal(second(images, generator=torch.Generator().manual_seed(0)), expected)
-    g = torch.Generator().manual_seed(1)
-    once = crop_resize(x, sample_crop_boxes(6, 32, 32, g), 32)
-    twice = random_flip(crop_resize(once, sample_crop_boxes(6, 32, 32, g), 32), g).clamp(0, 1)
-    assert torch.equal(first(images, generator=torch.Generator().manual_seed(1)), twice)
+    torch.manual_seed(0)
+    (view1, view2), _ = next(iter(ViewLoader(data, range(6), 6, [first, second], "cpu", 0)))
+    torch.manual_seed(0)
+    crop = crop_resize(images.float(), sample_crop_boxes(6, 32, 32), 32) * (1 / 255)
+    assert torch.equal(view2, crop.clamp(0, 1))
+    twice = random_flip(crop_resize(crop, sample_crop_boxes(6, 32, 32), 32)).clamp(0, 1)
+    assert torch.equal(view1, twice)
+    with pytest.raises(ValueError, match="shared crop"):  # only ever on the shared crop
+        second(images)
     # colour alone on view 1: the crop's geometry, new colours; without --one-branch, one object
     colour, plain = view_augmentations(Config(one_branch=True, augment="color"))
     assert colour.jitter and not colour.crop and not plain.jitter and plain.base_crop
     same = view_augmentations(Config())
     assert same[0] is same[1] and not same[0].base_crop
+
+
+def test_one_branch_views_share_the_crop_on_folders_too(tiny_folder):
+    """An image folder's loader workers crop each image once under --one-branch: with nothing
+    on view 1 (the "none" cell) the two views are equal, where two crops would differ."""
+    from data import ViewLoader, load_split
+    from pretrain import view_augmentations
+    augments = view_augmentations(Config(one_branch=True, augment="", image_size=32))
+    cpu = torch.device("cpu")
+    data = load_split("folder", str(tiny_folder), "pretrain", 32, cpu, views=1)
+    (view1, view2), _ = next(iter(ViewLoader(data, range(8), 8, augments, cpu, 0)))
+    assert torch.equal(view1, view2) and view1.std() > 0
 
 
 def test_unknown_augmentation_is_refused():
