@@ -12,7 +12,7 @@ base recipe is in most) are trained once. Repeating a command skips what is fini
 an interrupted run from its checkpoint; Ctrl-C (or SIGTERM) stops the current script with a
 checkpoint, as every script does, and the same command continues.
 
-    python reproduce.py --scale cpu --data-dir data/cifar10 --only base --seeds 2   # the noise
+    python reproduce.py --scale cpu --data-dir data/cifar10 --only base --seeds 4   # the noise
     python reproduce.py --scale cpu --data-dir data/cifar10             # every experiment, hours
     python reproduce.py --scale gpu --data-dir data/cifar10 --only table5,fig5
     python reproduce.py --scale cpu --dry-run                           # the commands, nothing run
