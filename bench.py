@@ -225,7 +225,7 @@ def bench(cfg):
     augments = view_augmentations(cfg)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(1)
     dataset = load_split(cfg.dataset, cfg.data_dir, "pretrain", cfg.image_size, device, workers,
-                         views=1 if cfg.one_branch else 2, log=lambda *a: None)  # as pretrain.py
+                         views=ViewLoader.crops_per_image(augments), log=lambda *a: None)
     if isinstance(dataset, InMemory):  # no loader workers in the measured pipeline
         workers = 0
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type

@@ -141,6 +141,12 @@ class ViewLoader:
         self.loader = None if isinstance(data, InMemory) else make_loader(
             data, batch_size, device, workers, sampler, drop_last=True, persistent=True)
 
+    @staticmethod
+    def crops_per_image(augments):
+        """The random crops the loader workers make of each image (load_split's views): one per
+        view, or the one the views share (Fig. 5's protocol, base_crop)."""
+        return 1 if augments[0].base_crop else len(augments)
+
     def __len__(self):
         return len(self.sampler) // self.batch_size
 
@@ -455,7 +461,7 @@ def default_workers(world_size):
 def save_augmentation_grid(path, data, augments, size, device, count=8):
     """A PNG at path: `count` random images of data, one per row: the original (whole, fitted
     into the cell), the evaluation view, then one augmented view per augmentation, under
-    headers. data: a split loaded with one view per augmentation (load_split views=)."""
+    headers. data: a split loaded with ViewLoader.crops_per_image(augments) views."""
     idx = torch.randperm(len(data))[:count].tolist()
     if isinstance(data, InMemory):
         part = data.subset(idx)

@@ -489,7 +489,7 @@ def train(cfg, ckpt=None):
     crop = any(a.crop or a.base_crop for a in augments)
     split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, cfg.image_size, device,
                                              workers, views, log, crop, cfg.val_fraction, cfg.val_dir)
-    dataset = split("pretrain", views=1 if cfg.one_branch else 2)  # Fig. 5: one crop, shared
+    dataset = split("pretrain", views=ViewLoader.crops_per_image(augments))
     if isinstance(dataset, InMemory) and not crop and dataset.images.shape[-1] != cfg.image_size:
         raise UserError(f"--augment without crop keeps the images' {dataset.images.shape[-1]} px: "
                         f"set --image-size {dataset.images.shape[-1]}")
