@@ -2,7 +2,8 @@
 it in objective.py: NT-Xent, and the two losses the paper compares it with.
 
 Every loss scores each of this process's 2n views (anchors) against the 2N views of the whole
-global batch (gathered with gradient under torchrun) and, with v2's memory, K extra negatives:
+global batch (gathered with gradient under torchrun) and, with v2's memory, K extra negatives
+(where the candidates are the momentum network's projections, memory.py):
 
     sim(i, k) = z_i . z_k / (||z_i|| ||z_k||)        (cosine: the l2 norm of Sec. 5.1, Table 5;
                                                       l2_norm=False drops it, z_i . z_k)
@@ -39,23 +40,24 @@ def gather_with_grad(x):
     return torch.cat(dist_nn.all_gather(x))
 
 
-def pairwise_logits(z1, z2, temperature, l2_norm=True, negatives=None):
+def pairwise_logits(z1, z2, temperature, l2_norm=True, negatives=None, keys=None):
     """The similarity of every anchor with every candidate, divided by tau.
 
-    z1[k], z2[k] (n x d each) are the two views of image k. Returns (logits 2n x (2N+K), float32
-    or wider, the anchor's own column set to -inf; positive: the column of each anchor's other
-    view, 2n; second_views: the columns of the N second views of the global batch, N).
+    z1[k], z2[k] (n x d each) are the two views of image k. keys: (k1, k2), the batch's
+    candidates from another network instead of z1, z2 themselves (v2's momentum network,
+    memory.py); the anchors stay z1, z2. Returns (logits 2n x (2N+K), float32 or wider, the
+    anchor's own column set to -inf; positive: the column of each anchor's other view, 2n;
+    second_views: the columns of the N second views of the global batch, N).
     """
     rank, _ = world_info()
     n = z1.shape[0]
-    z = torch.cat([z1, z2])  # 2n x d: [view 1; view 2]
-    z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16 -> fp32
-    if l2_norm:
-        z = F.normalize(z, dim=1)
-    candidates = gather_with_grad(z)  # 2N x d: [z1; z2] of rank 0, then of rank 1, ...
+    wide = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # bf16 -> fp32
+    unit = lambda t: F.normalize(t, dim=1) if l2_norm else t
+    z = unit(wide(torch.cat([z1, z2])))  # 2n x d: [view 1; view 2]
+    own = z if keys is None else unit(wide(torch.cat(keys)))
+    candidates = gather_with_grad(own)  # 2N x d: [view 1; view 2] of rank 0, then of rank 1, ...
     if negatives is not None:
-        negatives = negatives.to(z.dtype)
-        candidates = torch.cat([candidates, F.normalize(negatives, dim=1) if l2_norm else negatives])
+        candidates = torch.cat([candidates, unit(negatives.to(z.dtype))])
     logits = z @ candidates.T / temperature  # 2n x (2N+K)
     anchor = torch.arange(2 * n, device=z.device)
     self_index = rank * 2 * n + anchor
@@ -79,7 +81,7 @@ def contrast_stats(logits, second_views):
     return acc, entropy
 
 
-def nt_xent_loss(z1, z2, temperature, negatives=None, l2_norm=True):
+def nt_xent_loss(z1, z2, temperature, negatives=None, l2_norm=True, keys=None):
     """NT-Xent, Eq. 1, averaged over all 2N anchors: L of Algorithm 1.
 
         l(i, j) = -log exp(sim(z_i, z_j) / tau) / sum_{k != i} exp(sim(z_i, z_k) / tau)
@@ -88,11 +90,12 @@ def nt_xent_loss(z1, z2, temperature, negatives=None, l2_norm=True):
     z1[k] and z2[k] (n x d each) are the two views of image k. Under torchrun each process passes
     its own n images; its 2n anchors are scored against the 2N views of all processes (gathered
     with gradient), so with DDP averaging the gradient equals the single-process one on the whole
-    batch. `negatives` (K x d, e.g. a MoCo memory) are extra candidates for every anchor.
+    batch. `negatives` (K x d, v2's memory) are extra candidates for every anchor; with `keys`
+    the batch's candidates are the momentum network's views (pairwise_logits, memory.py).
     l2_norm=False scores z_i . z_k instead of the cosine (Table 5's ablation).
     Returns (L over this process's anchors, contrast_acc, entropy: see contrast_stats).
     """
-    logits, positive, second_views = pairwise_logits(z1, z2, temperature, l2_norm, negatives)
+    logits, positive, second_views = pairwise_logits(z1, z2, temperature, l2_norm, negatives, keys)
     return (F.cross_entropy(logits, positive), *contrast_stats(logits, second_views))
 
 
@@ -114,11 +117,11 @@ def _semi_hard(logits, positive, neg):
     return F.one_hot(choice, logits.shape[1]).bool()
 
 
-def nt_logistic_loss(z1, z2, temperature, negatives=None, semi_hard=False):
+def nt_logistic_loss(z1, z2, temperature, negatives=None, semi_hard=False, keys=None):
     """NT-Logistic (Table 2): -log sigmoid(sim(i, p) / tau) - mean over the negatives k of
     log sigmoid(-sim(i, k) / tau), averaged over the 2N anchors; semi_hard: one negative per
     anchor (module docstring). Returns (loss, contrast_acc, entropy)."""
-    logits, positive, second_views = pairwise_logits(z1, z2, temperature, True, negatives)
+    logits, positive, second_views = pairwise_logits(z1, z2, temperature, True, negatives, keys)
     neg = _negatives_mask(logits, positive)
     if semi_hard:
         neg = _semi_hard(logits.detach(), positive, neg)
@@ -128,12 +131,13 @@ def nt_logistic_loss(z1, z2, temperature, negatives=None, semi_hard=False):
     return ((pos_term + neg_term).mean(), *contrast_stats(logits, second_views))
 
 
-def margin_triplet_loss(z1, z2, margin, negatives=None, semi_hard=False, temperature=1.0):
+def margin_triplet_loss(z1, z2, margin, negatives=None, semi_hard=False, temperature=1.0,
+                        keys=None):
     """Margin triplet (Table 2): mean over the negatives k of max(sim(i, k) - sim(i, p) + m, 0),
     averaged over the 2N anchors; semi_hard: one negative per anchor (module docstring).
     temperature only scales the logits of the monitoring (contrast_acc, entropy).
     Returns (loss, contrast_acc, entropy)."""
-    sim, positive, second_views = pairwise_logits(z1, z2, 1.0, True, negatives)  # cosines
+    sim, positive, second_views = pairwise_logits(z1, z2, 1.0, True, negatives, keys)  # cosines
     neg = _negatives_mask(sim, positive)
     if semi_hard:
         neg = _semi_hard(sim.detach(), positive, neg)
@@ -144,19 +148,21 @@ def margin_triplet_loss(z1, z2, margin, negatives=None, semi_hard=False, tempera
 
 
 def build_objective(name="nt-xent", temperature=0.5, l2_norm=True, semi_hard=False, margin=0.5):
-    """The loss of --loss as a function (z1, z2, negatives=None) -> (loss, contrast_acc, entropy)."""
+    """The loss of --loss as a function (z1, z2, negatives=None, keys=None) -> (loss,
+    contrast_acc, entropy)."""
     if name == "nt-xent":
         if semi_hard:
             raise ValueError("--semi-hard applies to nt-logistic and margin; NT-Xent weighs "
                              "every negative by its softmax (Sec. 5.1)")
-        return lambda z1, z2, negatives=None: nt_xent_loss(z1, z2, temperature, negatives, l2_norm)
+        return lambda z1, z2, negatives=None, keys=None: nt_xent_loss(
+            z1, z2, temperature, negatives, l2_norm, keys)
     if not l2_norm:
         raise ValueError(f"--no-l2-norm is Table 5's NT-Xent ablation; {name} uses cosine "
                          f"similarity, as every loss of Table 4")
     if name == "nt-logistic":
-        return lambda z1, z2, negatives=None: nt_logistic_loss(z1, z2, temperature, negatives,
-                                                                semi_hard)
+        return lambda z1, z2, negatives=None, keys=None: nt_logistic_loss(
+            z1, z2, temperature, negatives, semi_hard, keys)
     if name == "margin":
-        return lambda z1, z2, negatives=None: margin_triplet_loss(z1, z2, margin, negatives,
-                                                                   semi_hard, temperature)
+        return lambda z1, z2, negatives=None, keys=None: margin_triplet_loss(
+            z1, z2, margin, negatives, semi_hard, temperature, keys)
     raise ValueError(f"unknown loss {name!r}; use one of {', '.join(LOSSES)}")

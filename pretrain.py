@@ -21,7 +21,6 @@ The CIFAR-10 preset is the authors' recipe (ResNet-18, 1000 epochs, batch 512, L
 lists what this code measured next to what the papers report.
 """
 import contextlib
-import copy
 import dataclasses
 import datetime
 import json
@@ -46,6 +45,7 @@ from data import (InMemory, ResumableSampler, ViewLoader, build_augmentation, de
                   eval_batches, load_split, preset, save_augmentation_grid, typical_side,
                   unreadable_images)
 from lars import LARS
+from memory import SHUFFLE_GROUPS, Memory, memory_momentum
 from objective import LOSSES, build_objective, gather_with_grad
 from resnet import build_encoder
 
@@ -112,10 +112,13 @@ class Config:
                               min=0)
     momentum: float = opt(0.9, "momentum of LARS and SGD", min=0, below=1)
     warmup_epochs: float = opt(10.0, "linear warmup from 0, then cosine decay to 0", min=0)
-    memory_size: int = opt(0, "v2's MoCo memory: K past projections as extra negatives (MoCo: "
-                           "65536), 0: off", min=0)
-    memory_momentum: float = opt(0.999, "momentum m of the memory network's moving average",
-                                 min=0, max=1)
+    memory_size: int = opt(0, "v2's memory (memory.py): a momentum network's projections of "
+                           "the current and the last K / 2N batches are the candidates "
+                           "(v2: 65536), 0: off", min=0)
+    memory_momentum: float = opt(-1.0, "momentum m of the memory network's moving average; -1: "
+                                 "averaged over 0.4% of the run, as v2's 0.999", min=-1, max=1)
+    memory_bn: str = opt("shuffle", "the keys' BatchNorm statistics: shuffle (MoCo's), batch, "
+                         "running", ["shuffle", "batch", "running"])
     val_fraction: float = opt(0.0, "hold out this class-balanced fraction of the training images "
                               "as the evaluation split (for data without val/); the later "
                               "scripts hold out the same images", min=0, below=1)
@@ -286,42 +289,6 @@ def _to_global_bn(module):
     return module
 
 
-class Memory(nn.Module):
-    """SimCLRv2's memory (v2 Sec. 2, after MoCo, He et al. 2020): a momentum network, a copy of
-    f and g whose weights follow an exponential moving average of the trained ones and never
-    receive gradients, projects every batch; its projections wait in a FIFO queue of `size` rows
-    and serve as extra negatives in NT-Xent. Cost: one more forward pass per step and a second
-    copy of the weights; gain in the paper: about 1% in linear evaluation and fine-tuning.
-    """
-
-    def __init__(self, model, size, dim, momentum=0.999):
-        super().__init__()
-        self.model = copy.deepcopy(model).requires_grad_(False)
-        self.online = list(model.parameters())  # what it follows (a list: not a submodule)
-        self.momentum = momentum
-        # random unit vectors until real projections replace them, as MoCo starts
-        self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))  # K x d
-        self.register_buffer("position", torch.zeros((), dtype=torch.long))  # next row to write
-
-    @torch.no_grad()
-    def update(self):
-        """theta_m <- m * theta_m + (1 - m) * theta, for every parameter."""
-        torch._foreach_lerp_(list(self.model.parameters()), self.online, 1 - self.momentum)
-
-    @torch.no_grad()
-    def project(self, x):
-        """The keys: z of the momentum network, 2n x d (the loss normalises them, or not)."""
-        return self.model(x)[1].float()
-
-    @torch.no_grad()
-    def enqueue(self, keys):
-        """Overwrite the oldest rows with the keys of every process (rank order), wrapping around."""
-        keys = gather_with_grad(keys)  # 2N x d
-        rows = (self.position + torch.arange(len(keys), device=keys.device)) % len(self.queue)
-        self.queue[rows] = keys.to(self.queue.dtype)
-        self.position.copy_((self.position + len(keys)) % len(self.queue))
-
-
 # ---------------------------------------------------------------------------------------------
 # Optimisation: LARS / SGD / Adam, warmup + cosine
 # ---------------------------------------------------------------------------------------------
@@ -450,12 +417,14 @@ def train_step(model, x1, x2, optimizer, objective, scaler=None, autocast=contex
     with autocast:
         _, z = model(x)  # BN statistics over both views, as the official code
     z1, z2 = rearrange(z, "(v b) d -> v b d", v=2)
-    keys = None
-    if memory is not None:  # v2: the momentum network's keys join the queue after the step
+    keys = negatives = None
+    if memory is not None:  # v2: the momentum network's keys are the candidates (memory.py)
         memory.update()
         with autocast:
-            keys = memory.project(x)
-    loss, acc, entropy = objective(z1, z2, memory.queue if memory is not None else None)
+            keys = memory.project(x)  # 2n x d, no gradient
+        negatives = memory.negatives()  # the past batches' keys, K x d
+    loss, acc, entropy = objective(z1, z2, negatives, None if keys is None else
+                                   tuple(rearrange(keys, "(v b) d -> v b d", v=2)))
     optimizer.zero_grad(set_to_none=True)
     scaler = scaler or torch.amp.GradScaler(enabled=False)  # fp16's; a no-op otherwise
     scaler.scale(2 * loss).backward()  # the authors' loss_a + loss_b
@@ -543,7 +512,13 @@ def train(cfg, ckpt=None):
         if cfg.memory_size < 2 * cfg.batch_size:
             raise UserError(f"--memory-size {cfg.memory_size} must hold at least one batch of "
                             f"{2 * cfg.batch_size} views")
-        memory = Memory(raw_model, cfg.memory_size, raw_model.head.out_dim, cfg.memory_momentum).to(device)
+        if cfg.memory_bn == "shuffle" and 2 * local_batch % SHUFFLE_GROUPS:
+            raise UserError(f"--memory-bn shuffle normalises the keys in {SHUFFLE_GROUPS} groups: "
+                            f"{2 * local_batch} views per process do not divide; use a --batch-size "
+                            f"of a multiple of {SHUFFLE_GROUPS // 2 * world}, or --memory-bn batch")
+        m = cfg.memory_momentum if cfg.memory_momentum >= 0 else memory_momentum(
+            total_steps, cfg.memory_size / (2 * cfg.batch_size))
+        memory = Memory(raw_model, cfg.memory_size, raw_model.head.out_dim, m, cfg.memory_bn).to(device)
         if ckpt and "memory" in ckpt:
             memory.load_state_dict(ckpt["memory"])
     if under_torchrun:

@@ -1,0 +1,133 @@
+"""SimCLRv2's memory of negatives (v2 Sec. 2 and Appendix D, after MoCo, He et al. 2020).
+
+What is the authors', what is MoCo's, what is ours:
+- v2's paper: a memory buffer of 64K negatives and a moving-average (momentum) network with
+  decay 0.999, "as MoCo"; about +1% linear top-1 (Fig. D.1). Their code was never released.
+- Ting Chen's answer on how it works (google-research/simclr issue #115): "the contrasting
+  examples are from momentum encoder from current and past batches, which is consistent with
+  MoCo". So the anchors are the online network's z of the 2N views; every candidate, the
+  positive and the current batch's other views included, is the momentum network's z of a view
+  (no gradient); the queue holds the momentum network's z of the past batches. The anchor's
+  own view through the momentum network is left out, as an anchor's own column is in Eq. 1.
+- MoCo's: the FIFO queue, the exponential moving average theta_m <- m theta_m + (1 - m) theta,
+  and shuffled BN: the keys' BatchNorm statistics come from a random part of the batch, not the
+  one the anchors are normalised with (MoCo Sec. 3.3: with ordinary BN "the model appears to
+  cheat", telling keys of its own batch from the rest by their statistics). MoCo shuffles the
+  batch across 8 GPUs; here each process permutes its own views and normalises them in 8 groups.
+- Ours: the queue starts empty (MoCo fills it with random vectors, which at K 8192 outweigh the
+  first batches' 510 real negatives), and the momentum is derived from the run's length
+  (memory_momentum): a network averaged over 1000 steps (0.999) is still 68% its initial
+  weights after a 390-step CPU run, and would hand out positives from an untrained network.
+RESULTS.md ("The memory") has the experiments behind each choice.
+"""
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from objective import gather_with_grad
+
+SHUFFLE_GROUPS = 8  # MoCo's 8 GPUs: the keys' BN statistics over one eighth of the views
+
+
+def memory_momentum(total_steps, queue_steps):
+    """The momentum m = 1 - 1/T of a moving average over T steps: T = 0.4% of the run, as v2's
+    0.999 is of its 250,000 steps (800 epochs at B 4096), but never shorter than the queue's
+    span (the keys in the queue should come from one network, MoCo's "consistency")."""
+    horizon = max(0.004 * total_steps, queue_steps, 1.0)
+    return 1.0 - 1.0 / horizon
+
+
+class GroupedBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics come from each of `groups` consecutive slices of the
+    batch separately, as per-process BN does on a batch split over `groups` processes (MoCo's
+    shuffled BN, once the batch is permuted). Same parameters as the BatchNorm it replaces; the
+    running statistics are not kept (the momentum network never runs in inference mode)."""
+
+    def __init__(self, bn, groups):
+        super().__init__(bn.num_features, bn.eps, track_running_stats=False)
+        self.weight, self.bias, self.groups = bn.weight, bn.bias, groups
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        g, n, c = self.groups, x.shape[0], x.shape[1]
+        grouped = x.unflatten(0, (g, n // g)).transpose(0, 1).flatten(1, 2)  # n/g x (g c) x ...
+        y = F.batch_norm(grouped, None, None, self.weight.repeat(g), self.bias.repeat(g), True,
+                         0.0, self.eps)
+        return y.unflatten(1, (g, c)).transpose(0, 1).flatten(0, 1)  # n x c x ...
+
+
+def _grouped(module, groups):
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            module.add_module(name, GroupedBatchNorm(child, groups))
+        else:
+            _grouped(child, groups)
+    return module
+
+
+class Memory(nn.Module):
+    """The momentum network (a copy of f and g whose weights follow a moving average of the
+    trained ones and never receive gradients) and a FIFO queue of its projections.
+
+    Each step: update() moves the momentum network, project(x) gives the keys of the 2n views
+    (the candidates of this batch, for the loss), enqueue(keys) adds them after the step, and
+    negatives() are the queue's filled rows (the past batches). bn: where the keys' BatchNorm
+    statistics come from: 'shuffle' (MoCo's, the default), 'batch' (the views' own batch, as the
+    anchors') or 'running' (inference mode, the online network's running statistics).
+    """
+
+    def __init__(self, model, size, dim, momentum=0.999, bn="shuffle"):
+        super().__init__()
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        if bn == "shuffle":
+            _grouped(self.model, SHUFFLE_GROUPS)
+        if bn == "running":
+            self.model.eval()
+        object.__setattr__(self, "online", model)  # what it follows: not a submodule
+        self.momentum, self.bn = momentum, bn
+        self.register_buffer("queue", torch.zeros(size, dim))  # K x d
+        self.register_buffer("position", torch.zeros((), dtype=torch.long))  # next row to write
+        self.filled = 0  # rows holding keys: a number on the host, so no step waits for the device
+
+    def get_extra_state(self):
+        return {"filled": self.filled}
+
+    def set_extra_state(self, state):
+        self.filled = state["filled"]
+
+    @torch.no_grad()
+    def update(self):
+        """theta_m <- m * theta_m + (1 - m) * theta, for every parameter; with bn 'running' the
+        BN statistics are the online network's."""
+        torch._foreach_lerp_(list(self.model.parameters()), list(self.online.parameters()),
+                             1 - self.momentum)
+        if self.bn == "running":
+            for mine, theirs in zip(self.model.buffers(), self.online.buffers()):
+                mine.copy_(theirs)
+
+    @torch.no_grad()
+    def project(self, x):
+        """The keys: the momentum network's z of the views x (2n x 3 x S x S), 2n x d, in x's
+        order. With shuffled BN the views are permuted first (and the keys put back)."""
+        if self.bn != "shuffle":
+            return self.model(x)[1].float()
+        order = torch.randperm(len(x), device=x.device)
+        return self.model(x[order])[1].float()[order.argsort()]
+
+    def negatives(self):
+        """The queue's keys (past batches), or None while it is empty."""
+        return self.queue[:self.filled] if self.filled else None
+
+    @torch.no_grad()
+    def enqueue(self, keys):
+        """Overwrite the oldest rows with the keys of every process (rank order), wrapping around."""
+        keys = gather_with_grad(keys)  # 2N x d
+        rows = (self.position + torch.arange(len(keys), device=keys.device)) % len(self.queue)
+        self.queue[rows] = keys.to(self.queue.dtype)
+        self.position.copy_((self.position + len(keys)) % len(self.queue))
+        self.filled = min(self.filled + len(keys), len(self.queue))
