@@ -5,6 +5,8 @@ on a signal with a checkpoint. Nothing here is SimCLR: pretrain.py is, and impor
 import argparse
 import dataclasses
 import datetime
+import hashlib
+import json
 import math
 import multiprocessing
 import operator
@@ -24,10 +26,13 @@ import torch.distributed as dist
 # ---------------------------------------------------------------------------------------------
 
 
-def opt(default, help, choices=None, **bounds):
+def opt(default, help, choices=None, changeable=False, **bounds):
     """A configuration field: its default, the help text that --help shows, and the range of
-    valid values (min / max inclusive, above / below exclusive), checked by parse_config."""
-    return field(default=default, metadata=dict(help=help, choices=choices, **bounds))
+    valid values (min / max inclusive, above / below exclusive), checked by parse_config.
+    changeable: how this invocation runs (workers, device, log cadence), not what the run is;
+    it may differ when a run continues (continue_run)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, changeable=changeable,
+                                                **bounds))
 
 
 class UserError(Exception):
@@ -82,15 +87,21 @@ def checked(cfg):
 
 def resumed_config(cls, stored, given, path):
     """The configuration stored in the checkpoint at path (fields of cls only) with the flags
-    given now on top, checked; the output folder defaults to the checkpoint's. The batch size
-    cannot change: the checkpoint's steps and schedule count batches of its size."""
-    if given.get("batch_size", stored["batch_size"]) != stored["batch_size"]:
-        raise UserError(f"--batch-size {given['batch_size']} differs from the checkpoint's "
-                        f"{stored['batch_size']}: its steps and schedule count batches of "
-                        f"{stored['batch_size']}; resume with that batch size")
+    given now on top, checked; the output folder defaults to the checkpoint's, and --max-steps
+    to none (a continued run goes to the end of its schedule unless told otherwise). The batch
+    size and the schedule's length cannot change: the checkpoint's steps, and where it stands
+    in its learning-rate schedule, count batches of its size over its epochs."""
+    for name in ("batch_size", "epochs"):
+        if name in stored and given.get(name, stored[name]) != stored[name]:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {given[name]} differs from the checkpoint's {stored[name]}: "
+                            f"its steps and learning-rate schedule count {stored[name]} "
+                            f"{'images a batch' if name == 'batch_size' else 'epochs'}; continue "
+                            f"with {flag} {stored[name]}, or start a new run (another --out-dir)")
     known = {f.name for f in dataclasses.fields(cls)}
     return checked(cls(**{**{k: v for k, v in stored.items() if k in known},
-                          "out_dir": str(Path(path).parent), **given}))
+                          "out_dir": str(Path(path).parent),
+                          **({"max_steps": 0} if "max_steps" in known else {}), **given}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,16 +123,34 @@ def setup(device_name="auto"):
         return torch.device(device_name), 0, 1
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    timeout = datetime.timedelta(minutes=30)
     if device_name == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group("nccl", device_id=device, timeout=timeout,
+                                **restart_store(rank, world, timeout))
     elif device_name == "cpu":
         device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group("gloo", timeout=timeout, **restart_store(rank, world, timeout))
     else:
         raise UserError(f"torchrun needs --device cuda or cpu, not {device_name}")
     return device, rank, world
+
+
+def restart_store(rank, world, timeout):
+    """Where the processes of a torchrun job meet: in the agent's store (torchrun's own choice)
+    under a prefix of each restart's own. Without it, the processes of a restarted job
+    (--max-restarts) can read the addresses the failed attempt left in that store and fail
+    ('Gloo connectFullMesh failed ... Connection refused') or hang (pytorch/pytorch #135712,
+    #167288). Each agent counts its own restarts: across nodes they agree when every node's
+    workers are restarted together, which is what torchrun does when one fails."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dict(store=dist.PrefixStore(f"simclr/attempt{attempt}", store), rank=rank,
+                world_size=world)
 
 
 def per_process_batch(batch_size, world):
@@ -147,9 +176,11 @@ def world_info():
 # ---------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(path, state):
+def save_checkpoint(path, state, keep_previous=False):
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint, and
-    a failed write (disk full) leaves the previous checkpoint as it was."""
+    a failed write (disk full) leaves the previous checkpoint as it was. keep_previous: the
+    checkpoint it replaces stays beside it as <name>.prev (previous_path), for a run whose
+    newest checkpoint was damaged after it was written (continue_run)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -157,11 +188,17 @@ def save_checkpoint(path, state):
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, previous_path(path))
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a short write as a RuntimeError
         tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {getattr(e, 'strerror', None) or first_line(e)} "
                         f"(disk full?); {'the previous one is intact' if path.exists() else 'none written'}")
+
+
+def previous_path(path):
+    return Path(path).with_suffix(".prev" + Path(path).suffix)  # ckpt.pt -> ckpt.prev.pt
 
 
 # What each kind of checkpoint is, and the scripts that take it.
@@ -310,40 +347,149 @@ class Progress:
         self.t_shown = now
 
 
-class StopSignal:
-    """Ctrl-C (SIGINT) and SIGTERM (a scheduler's preemption, `timeout`, torchrun's agent, a kill
-    of the process group) ask the job to stop after the current step and write a checkpoint.
-    The signal reaches the processes of a torchrun job at slightly different moments, so
-    calling the object makes them agree, every step, on whether any was asked: an all-reduce
-    over a gloo group on the CPU, which never waits for the GPU. Loader workers ignore both
-    signals (make_loader) and are shut down by their process."""
+# ---------------------------------------------------------------------------------------------
+# Runs: a folder per run, continued by the same command; checkpoints however the run ends
+# ---------------------------------------------------------------------------------------------
 
-    def __init__(self):
+# What each training script leaves, by the kind of its checkpoint (checkpoint_kind).
+RUNS = {"pretrain": ("pretrain.py", "ckpt.pt"), "finetuned": ("finetune.py", "finetuned.pt"),
+        "student": ("distill.py", "student.pt")}
+PATH_FIELDS = ("data_dir", "val_dir", "unlabeled_dir", "checkpoint", "teacher", "init", "subset_file")
+
+
+class Done(Exception):
+    """The run is complete: nothing to do, said in one line, exit status 0 (run_cli)."""
+
+
+def identity(cls, config):
+    """What makes a run what it is: every field of cls that is not changeable, paths resolved
+    (data/cifar10 and ./data/cifar10 are one folder), from a config object or a stored dict."""
+    values = config if isinstance(config, dict) else dataclasses.asdict(config)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if not f.metadata["changeable"]:
+            v = values.get(f.name, f.default)
+            out[f.name] = os.path.realpath(v) if f.name in PATH_FIELDS and v else v
+    return out
+
+
+def continue_run(cls, cfg, given, kind, prefix, stored=lambda ckpt: ckpt["config"]):
+    """The run this command continues, as torchtitan and VISSL do: --resume's checkpoint, or the
+    one already in --out-dir (default runs/<prefix>-<digest of the configuration>, one name that
+    every process, node and restart agrees on). A folder that holds another configuration or
+    another script's run is refused before any work, naming what differs; a complete run is
+    Done. Returns (config, checkpoint or None); the configuration is the stored one with the
+    changeable flags given now on top (resumed_config)."""
+    script, name = RUNS[kind]
+    if cfg.resume:
+        path = checkpoint_path(cfg.resume)
+        ckpt = load_checkpoint(path, (kind,), "--resume")
+        cfg = resumed_config(cls, stored(ckpt), given, path)
+    else:
+        digest = hashlib.sha1(json.dumps(identity(cls, cfg), sort_keys=True).encode()).hexdigest()
+        out = Path(cfg.out_dir or f"runs/{prefix}-{digest[:8]}")
+        cfg.out_dir = str(out)
+        for other, (other_script, other_name) in RUNS.items():
+            if other != kind and (out / other_name).exists():
+                raise UserError(f"{out} holds a {other_script} run ({other_name}): choose "
+                                f"another --out-dir")
+        path, ckpt = newest_checkpoint(out / name, kind)
+        if ckpt is None:
+            return cfg, None
+        theirs, ours = identity(cls, stored(ckpt)), identity(cls, cfg)
+        differ = [k for k in ours if ours[k] != theirs[k]]
+        if differ:
+            shown = ", ".join(f"--{k.replace('_', '-')} {theirs[k]!r} there ({ours[k]!r} here)"
+                              for k in differ[:3])
+            raise UserError(f"{out} holds a {script} run of another configuration: {shown}"
+                            f"{' ...' if len(differ) > 3 else ''}; continue it with its flags, or "
+                            f"choose another --out-dir")
+        cfg = resumed_config(cls, stored(ckpt), given, path)
+        cfg.resume = str(path)
+    if ckpt.get("finished"):
+        raise Done(f"{path} is a complete {script} run ({ckpt['step']} steps)"
+                   f"{'; its results: ' + str(Path(path).parent / 'results.json') if kind != 'pretrain' else ''}"
+                   f": nothing to do (another --out-dir starts a new run)")
+    return cfg, ckpt
+
+
+def newest_checkpoint(path, kind):
+    """(path, checkpoint) of a run folder's checkpoint, or of the one kept before it (.prev) if
+    the newest is damaged, with a line that says so; (path, None) if there is none."""
+    previous = previous_path(path)
+    if not path.exists() and not previous.exists():
+        return path, None
+    try:
+        return path, load_checkpoint(path, (kind,))
+    except UserError as damaged:
+        if not previous.exists():
+            raise UserError(f"{damaged}; no earlier checkpoint is kept beside it: move it away to "
+                            f"start the run over")
+        ckpt = load_checkpoint(previous, (kind,))
+        print(f"warning: {damaged}; continuing from {previous} (step {ckpt['step']})", flush=True)
+        return previous, ckpt
+
+
+class Run:
+    """What a training loop leaves in its folder, however it ends: the checkpoint (atomic, the
+    previous one kept), every --checkpoint-every minutes and at epoch ends, and log.jsonl, one
+    record per epoch.
+
+    Ctrl-C (SIGINT) and SIGTERM (a scheduler's preemption, `timeout`, torchrun's agent, a kill
+    of the process group) ask the run to stop after the current step with a checkpoint. The
+    signal reaches the processes of a torchrun job at slightly different moments, and their
+    clocks differ, so poll() makes them agree, every step, on whether to stop and whether to
+    checkpoint: one all-reduce over a gloo group on the CPU, which never waits for the GPU. A
+    crash or kill -9 loses at most the steps since the last checkpoint; the same command then
+    continues from it (continue_run), and the log records written after it are dropped, so that
+    log.jsonl holds each epoch once. Loader workers ignore both signals (make_loader).
+    """
+
+    def __init__(self, out_dir, name, device, minutes, step=0):
+        self.path, self.log_path = Path(out_dir) / name, Path(out_dir) / "log.jsonl"
+        self.device, self.seconds, self.last_save = device, 60 * minutes, time.time()
+        self.main = world_info()[0] == 0
         self.signum = None
         signal.signal(signal.SIGINT, self.request)
         signal.signal(signal.SIGTERM, self.request)
-        _, world = world_info()
-        self.group = dist.new_group(backend="gloo") if world > 1 else None
+        self.group = dist.new_group(backend="gloo") if world_info()[1] > 1 else None
+        if self.main and self.log_path.exists():  # what was logged after the checkpoint goes
+            lines = self.log_path.read_text().splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+            if len(kept) != len(lines):
+                self.log_path.write_text("".join(line + "\n" for line in kept))
 
     def request(self, signum, frame):
         self.signum = signum
 
-    def stopped_at(self, step, checkpoint_path, log):
-        """Whether the job stops now, after its checkpoint; if so, says how to continue."""
-        if not self():
-            return False
-        log(f"stopped by signal {self.signum} at step {step}; continue with --resume "
-            f"{checkpoint_path}")
-        return True
-
-    def __call__(self):
-        """Whether any process was asked to stop: the same answer on every process."""
+    def poll(self):
+        """(stop, checkpoint): whether any process was asked to stop, and whether a checkpoint is
+        due; the same answers on every process."""
+        due = self.seconds > 0 and time.time() - self.last_save >= self.seconds
         if self.group is None:
-            return self.signum is not None
-        flag = torch.tensor([self.signum or 0])  # a signal arriving after this counts next time
-        dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.group)
-        self.signum = int(flag) or self.signum
-        return bool(flag)
+            return self.signum is not None, due
+        flags = torch.tensor([self.signum or 0, int(due)])  # a later signal counts next time
+        dist.all_reduce(flags, dist.ReduceOp.MAX, group=self.group)
+        self.signum = int(flags[0]) or self.signum
+        return bool(flags[0]), bool(flags[1])
+
+    def save(self, state):
+        """The checkpoint: state, and the random state of every process (each continues its own
+        augmentation stream). Every process calls it at the same step."""
+        states = random_states(self.device)
+        if self.main:
+            save_checkpoint(self.path, dict(state, rng=states), keep_previous=True)
+        self.last_save = time.time()
+
+    def record(self, record):
+        """One line of log.jsonl (an epoch's, written before that epoch's checkpoint)."""
+        if self.main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def stopped(self, step, log):
+        log(f"stopped by signal {self.signum} at step {step}, checkpoint {self.path}; the same "
+            f"command continues the run")
 
 
 def run_cli(script, fn):
@@ -351,6 +497,9 @@ def run_cli(script, fn):
     a torchrun job always leaves its process group. Shared by every script's main()."""
     try:
         fn()
+    except Done as done:
+        if os.environ.get("RANK", "0") == "0":
+            print(done, flush=True)
     except UserError as e:
         # raised in a loader worker, the message carries the worker's traceback: its last line
         message = str(e).strip().splitlines()[-1].split("UserError: ")[-1]

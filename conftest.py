@@ -61,6 +61,16 @@ def pretrained_checkpoint(tiny_folder, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def midrun_checkpoint(tiny_folder, tmp_path_factory):
+    """The tiny pretraining run stopped after its first epoch (--max-steps 3 of 6): a run to
+    continue."""
+    out = tmp_path_factory.mktemp("midrun")
+    run_script("pretrain.py", *TINY_PRETRAIN, "--data-dir", tiny_folder, "--out-dir", out,
+               "--max-steps", 3)
+    return out / "ckpt.pt"
+
+
+@pytest.fixture(scope="session")
 def finetuned_checkpoint(pretrained_checkpoint, tmp_path_factory):
     """The tiny pretrained network fine-tuned on half the labels (6 epochs of 3 steps): a
     teacher for distill.py, results.json beside it."""

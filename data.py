@@ -422,7 +422,7 @@ def unreadable_images(dataset, device, log):
 
 def _quiet_worker(worker_id):
     # Ctrl-C and SIGTERM reach every process of the group; the main process answers them
-    # (StopSignal) and then shuts its workers down, so a worker must not die first.
+    # (cli.Run) and then shuts its workers down, so a worker must not die first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 

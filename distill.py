@@ -38,14 +38,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import (Progress, StopSignal, UserError, checkpoint_path, console, git_revision,
-                 load_checkpoint, load_model_state, opt, parse_config, per_process_batch,
-                 prepare_out_dir, random_states, restore_random_state, resumed_config, run_cli,
-                 save_checkpoint, setup)
+from cli import (Progress, Run, UserError, console, continue_run, git_revision, load_checkpoint,
+                 load_model_state, opt, parse_config, per_process_batch, prepare_out_dir,
+                 restore_random_state, run_cli, setup)
 from data import (ResumableSampler, ViewLoader, build_augmentation, check_same_classes,
                   default_workers, evaluation_split, load_split, select, unreadable_images)
-from finetune import (build_classifier, build_finetune_optimizer, choose_labeled, evaluate,
-                      image_names, load_finetuned, set_lr)
+from finetune import (build_classifier, build_finetune_optimizer, choose_labeled, epoch_totals,
+                      evaluate, image_names, load_finetuned, set_lr)
 from pretrain import build_model, convert_to_global_bn, learning_rate, scaled_lr
 from resnet import ARCHS
 
@@ -62,11 +61,13 @@ class DistillConfig:
                        ["cifar10", "cifar100", "stl10", "imagenet", "folder"])
     data_dir: str = opt("", "dataset root (default: the teacher's)")
     out_dir: str = opt("", "where student.pt and results.json go "
-                       "(default runs/distill-<dataset>-<time>)")
+                       "(default runs/distill-<dataset>-<digest of the configuration>); the same "
+                       "command continues the run in it", changeable=True)
     workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at most 8)",
-                       min=-1)
-    resume: str = opt("", "student.pt of an interrupted run to continue; its configuration is "
-                      "used, with the flags given here on top")
+                       min=-1, changeable=True)
+    resume: str = opt("", "student.pt to continue (the same command continues its --out-dir "
+                      "without it); its configuration is used, with the flags given here on top",
+                      changeable=True)
     # student (v2 Sec. 2: self-distillation or big-to-small)
     arch: str = opt("", "student encoder (default: the teacher's)", list(ARCHS))
     width_multiplier: float = opt(0.0, "student width (0: the teacher's)", min=0)
@@ -103,23 +104,26 @@ class DistillConfig:
     global_bn: bool = opt(True, "the student's BatchNorm statistics over the global batch under "
                           "torchrun")
     # system
-    device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"])
+    device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"],
+                      changeable=True)
     precision: str = opt("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere",
-                         ["auto", "bf16", "fp32"])
+                         ["auto", "bf16", "fp32"], changeable=True)
     log_every: int = opt(50, "print a log line every this many steps (and after the first)",
-                         min=1)
-    eval_every: int = opt(0, "student top-1 every this many epochs; 0: at the end", min=0)
+                         min=1, changeable=True)
+    checkpoint_every: float = opt(10.0, "minutes between checkpoints within an epoch (a crash "
+                                  "loses at most that), 0: at epoch ends only", min=0,
+                                  changeable=True)
+    eval_every: int = opt(0, "student top-1 every this many epochs; 0: at the end", min=0,
+                          changeable=True)
 
 
 def resolve_config(argv):
     """Flags over the teacher's dataset (or, with --resume, over the interrupted run's
     configuration); returns (config, teacher, teacher checkpoint, resumed checkpoint or None)."""
     cfg, given = parse_config(DistillConfig, argv, None, __doc__.splitlines()[0])
-    resume = None
+    stored, resume = (lambda ckpt: ckpt["distill_config"]), None
     if cfg.resume:
-        path = checkpoint_path(cfg.resume)
-        resume = load_checkpoint(path, ("student",), "--resume")
-        cfg = resumed_config(DistillConfig, resume["distill_config"], given, path)
+        cfg, resume = continue_run(DistillConfig, cfg, given, "student", "", stored)
     if not cfg.teacher:
         raise UserError("--teacher is required (a finetuned.pt written by finetune.py)")
     teacher, ckpt = load_finetuned(cfg.teacher)
@@ -141,6 +145,9 @@ def resolve_config(argv):
                         f"--label-fraction or --subset-file")
     if cfg.alpha == 1 and with_labels:
         raise UserError("labels are unused with --alpha 1 (Eq. 2 alone); set --alpha < 1")
+    if resume is None:
+        cfg, resume = continue_run(DistillConfig, cfg, given, "student", f"distill-{cfg.dataset}",
+                                   stored)
     return cfg, teacher, ckpt, resume
 
 
@@ -227,7 +234,7 @@ def train(cfg, teacher, teacher_ckpt, resume):
     local_batch = per_process_batch(cfg.batch_size, world)
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
-    out_dir = Path(cfg.out_dir or f"runs/distill-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir = Path(cfg.out_dir)  # continue_run's choice
     pre = teacher_ckpt["config"]["pretrain"]
     num_classes = teacher_ckpt["config"]["num_classes"]
 
@@ -299,32 +306,30 @@ def train(cfg, teacher, teacher_ckpt, resume):
         f"{total_steps} steps, peak lr {peak_lr:.4g}, tau {cfg.temperature:g}, alpha "
         f"{cfg.alpha:g}, out {out_dir}")
 
-    stop = StopSignal()
-    ckpt_path = out_dir / "student.pt"
+    run = Run(out_dir, "student.pt", device, cfg.checkpoint_every, step)
+    sums = torch.zeros(3, device=device)  # this epoch's loss, student-teacher agreement, non-finite
+    if resume and "epoch_sums" in resume:
+        sums += resume["epoch_sums"].to(device)
 
-    def checkpoint(results=None):
+    def state(results=None):
         """student.pt in the pretraining-checkpoint format (model: encoder.* only, config:
-        build_model's), the classifier under its own key, and what --resume needs."""
-        states = random_states(device)
-        if main:
-            state = raw_student.state_dict()
-            save_checkpoint(ckpt_path, dict(
-                model={k: v for k, v in state.items() if k.startswith("encoder.")},
-                classifier={k[len("fc."):]: v for k, v in state.items() if k.startswith("fc.")},
-                config=config, num_classes=num_classes, classes=list(val_set.classes),
-                teacher=cfg.teacher, distill_config=dataclasses.asdict(cfg),
-                epoch=step // steps_per_epoch, step=step, results=results, history=history,
-                optimizers=[o.state_dict() for o in optimizers], rng=states))
+        build_model's), the classifier under its own key, and what continuing needs."""
+        weights = raw_student.state_dict()
+        return dict(model={k: v for k, v in weights.items() if k.startswith("encoder.")},
+                    classifier={k[len("fc."):]: v for k, v in weights.items() if k.startswith("fc.")},
+                    config=config, num_classes=num_classes, classes=list(val_set.classes),
+                    teacher=cfg.teacher, distill_config=dataclasses.asdict(cfg),
+                    epoch=step // steps_per_epoch, step=step, results=results,
+                    finished=results is not None, history=history, epoch_sums=sums.cpu(),
+                    optimizers=[o.state_dict() for o in optimizers])
 
     student.train()
     progress = Progress(log, "step", total_steps, cfg.batch_size, every=cfg.log_every, start=step)
-    sums = torch.zeros(3, device=device)  # loss, student-teacher agreement, non-finite losses
     t_start = time.time()
     for epoch in range(step // steps_per_epoch, cfg.epochs):
         for s in (sampler, draws) if draws else (sampler,):
             s.set_epoch(epoch)
             s.start = (step % steps_per_epoch) * local_batch
-        epoch_start = step  # a resumed epoch counts only the steps run now
         labeled_batches = iter(labeled_loader) if labeled_loader else None
         for (x,), _ in loader:  # the labels of the unlabeled images are never used
             lr = learning_rate(step, total_steps, round(cfg.warmup_epochs * steps_per_epoch), peak_lr)
@@ -350,20 +355,17 @@ def train(cfg, teacher, teacher_ckpt, resume):
             if progress.due(step):
                 progress.show(step, f"epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.4f} "
                                     f"agreement {100 * agree.item():.1f}% lr {lr:.4g}")
-            if stop():
-                break
-        if world > 1:
-            dist.all_reduce(sums)
-            sums /= world
-        if sums[2] > 0:  # before the checkpoint, which keeps the last good weights
-            raise UserError(f"loss is not finite in epoch {epoch + 1}; try a lower --lr")
-        checkpoint()  # then the evaluation: a stop or a failure there loses nothing
-        if stop.stopped_at(step, ckpt_path, log):
-            return None
-        epoch_steps = step - epoch_start
-        record = dict(epoch=epoch + 1, step=step, loss=sums[0].item() / epoch_steps,
-                      agreement=100 * sums[1].item() / epoch_steps, lr=lr,
-                      time=time.time() - t_start)
+            stopping, saving = run.poll()
+            if step % steps_per_epoch and (stopping or saving):  # in mid-epoch: no record
+                epoch_totals(sums, world, epoch)
+                run.save(state())
+                if stopping:
+                    return run.stopped(step, log)
+
+        # end of epoch: the record (with the evaluation when due), then the checkpoint
+        totals = epoch_totals(sums, world, epoch) / (world * steps_per_epoch)  # means of steps
+        record = dict(epoch=epoch + 1, step=step, loss=totals[0].item(),
+                      agreement=100 * totals[1].item(), lr=lr, time=time.time() - t_start)
         sums.zero_()
         record.update(unreadable_images(unlabeled, device, log))
         if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.epochs:
@@ -372,9 +374,11 @@ def train(cfg, teacher, teacher_ckpt, resume):
             log(f"epoch {epoch + 1}: student top-1 {record['top1']:.2f}% top-5 "
                 f"{record['top5']:.2f}% (teacher {teacher_top1:.2f}%)")
         history.append(record)
-        if main:
-            with open(out_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        run.record(record)
+        if epoch + 1 < cfg.epochs:
+            run.save(state())
+            if stopping:
+                return run.stopped(step, log)
 
     results = dict(teacher_top1=teacher_top1, teacher_top5=teacher_top5,
                    student_top1=history[-1]["top1"], student_top5=history[-1]["top5"],
@@ -382,12 +386,12 @@ def train(cfg, teacher, teacher_ckpt, resume):
                    unlabeled_images=len(unlabeled), epochs=cfg.epochs, steps=step,
                    train_seconds=round(time.time() - t_start), world_size=world,
                    device=device.type, git=git_revision(), config=dataclasses.asdict(cfg))
-    checkpoint(results)
+    run.save(state(results))
     if main:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     log(f"done in {datetime.timedelta(seconds=round(time.time() - t_start))}: student top-1 "
         f"{results['student_top1']:.2f}% top-5 {results['student_top5']:.2f}%, teacher "
-        f"{teacher_top1:.2f}% / {teacher_top5:.2f}%; {ckpt_path}")
+        f"{teacher_top1:.2f}% / {teacher_top5:.2f}%; {run.path}")
     return results
 
 

@@ -36,10 +36,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import (Progress, StopSignal, UserError, checkpoint_path, console, git_revision, load_checkpoint,
-                 load_model_state, opt, parse_config, per_process_batch, prepare_out_dir,
-                 random_states, restore_random_state, resumed_config, run_cli, save_checkpoint,
-                 setup, world_info)
+from cli import (Progress, Run, UserError, checkpoint_path, console, continue_run, git_revision,
+                 load_checkpoint, load_model_state, opt, parse_config, per_process_batch,
+                 prepare_out_dir, restore_random_state, run_cli, setup, world_info)
 from data import (ResumableSampler, ViewLoader, build_augmentation, check_same_classes,
                   class_balanced, dataset_labels, default_workers, eval_batches, evaluation_split,
                   load_split, preset, select, unreadable_images)
@@ -62,11 +61,13 @@ class FinetuneConfig:
                        ["cifar10", "cifar100", "stl10", "imagenet", "folder"])
     data_dir: str = opt("", "dataset root (default: the checkpoint's)")
     out_dir: str = opt("", "where finetuned.pt, results.json and subset.txt go "
-                       "(default runs/finetune-<dataset>-<labels>-<time>)")
+                       "(default runs/finetune-<dataset>-<labels>-<digest of the configuration>); "
+                       "the same command continues the run in it", changeable=True)
     workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at most 8)",
-                       min=-1)
-    resume: str = opt("", "finetuned.pt of an interrupted run to continue; its configuration is "
-                      "used, with the flags given here on top")
+                       min=-1, changeable=True)
+    resume: str = opt("", "finetuned.pt to continue (the same command continues its --out-dir "
+                      "without it); its configuration is used, with the flags given here on top",
+                      changeable=True)
     # labels (v2 Sec. 3: 1% and 10% of ImageNet, class-balanced)
     label_fraction: float = opt(0.01, "fraction of each class's training images whose labels "
                                 "are used: 0.01, 0.1 or 1.0", above=0, max=1)
@@ -98,13 +99,17 @@ class FinetuneConfig:
     warmup_epochs: float = opt(0.0, "linear warmup from 0, then cosine decay to 0", min=0)
     global_bn: bool = opt(True, "BatchNorm statistics over the global batch under torchrun")
     # system
-    device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"])
+    device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"],
+                      changeable=True)
     precision: str = opt("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere",
-                         ["auto", "bf16", "fp32"])
+                         ["auto", "bf16", "fp32"], changeable=True)
     log_every: int = opt(50, "print a log line every this many steps (and after the first)",
-                         min=1)
+                         min=1, changeable=True)
+    checkpoint_every: float = opt(10.0, "minutes between checkpoints within an epoch (a crash "
+                                  "loses at most that), 0: at epoch ends only", min=0,
+                                  changeable=True)
     eval_every: int = opt(0, "top-1 on the evaluation split every this many epochs; 0: at the end",
-                          min=0)
+                          min=0, changeable=True)
     val_fraction: float = opt(0.0, "evaluate on this class-balanced fraction of the training "
                               "images, held out (default: the checkpoint's, on its data)",
                               min=0, below=1)
@@ -134,14 +139,11 @@ def resolve_config(argv):
     """
     cfg, given = parse_config(FinetuneConfig, argv, PRESETS, __doc__.splitlines()[0])
     if cfg.resume:
-        path = checkpoint_path(cfg.resume)
-        resume = load_checkpoint(path, ("finetuned",), "--resume")
-        stored = resume["config"]
+        cfg, resume = continue_run(FinetuneConfig, cfg, given, "finetuned", "")
         if "optimizers" not in resume:
-            raise UserError(f"--resume {path} is a finished or converted network, not one of an "
+            raise UserError(f"--resume {cfg.resume} is a converted network, not one of an "
                             f"interrupted finetune.py run: nothing to continue")
-        cfg = resumed_config(FinetuneConfig, stored, given, path)
-        return cfg, stored["pretrain"], None, resume
+        return cfg, resume["config"]["pretrain"], None, resume
     ckpt, pre = None, {}
     if cfg.checkpoint:
         given["checkpoint"] = checkpoint_path(cfg.checkpoint)
@@ -170,6 +172,11 @@ def resolve_config(argv):
         setattr(cfg, f, pre[f])
     if cfg.epochs == 0:  # v2: 60 epochs for 1% of ImageNet, 30 for 10%
         cfg.epochs = 60 if (cfg.label_fraction <= 0.01 and not cfg.subset_file) else 30
+    labels = Path(cfg.subset_file).stem if cfg.subset_file else f"{100 * cfg.label_fraction:g}pct"
+    cfg, resume = continue_run(FinetuneConfig, cfg, given, "finetuned", f"finetune-{dataset}-"
+                               f"{labels}{'-scratch' if cfg.from_scratch else ''}")
+    if resume:
+        return cfg, resume["config"]["pretrain"], None, resume
     return cfg, pre, None if cfg.from_scratch else ckpt["model"], None
 
 
@@ -360,9 +367,7 @@ def train(cfg, pretrain_config, weights, resume):
     local_batch = per_process_batch(cfg.batch_size, world)
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
-    labels_name = Path(cfg.subset_file).stem if cfg.subset_file else f"{100 * cfg.label_fraction:g}pct"
-    out_dir = Path(cfg.out_dir or f"runs/finetune-{cfg.dataset}-{labels_name}-"
-                   f"{'scratch-' if cfg.from_scratch else ''}{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir = Path(cfg.out_dir)  # continue_run's choice
 
     # Data: crop + flip on the labelled subset (the fine-tuning augmentation)
     split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, cfg.image_size,
@@ -410,35 +415,34 @@ def train(cfg, pretrain_config, weights, resume):
 
     n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | {precision} | "
-        f"{'random init' if cfg.from_scratch else cfg.resume or cfg.checkpoint} | "
+        f"{'random init' if cfg.from_scratch else cfg.checkpoint} | "
         f"{cfg.ft_proj_layer} head layer(s) kept | {n_params / 1e6:.2f}M trained parameters | "
         f"{num_classes} classes")
     log("config " + json.dumps(dataclasses.asdict(cfg)))
     log(f"{steps_per_epoch} steps/epoch of {cfg.batch_size}, {total_steps} steps, peak lr "
-        f"{peak_lr:.4g}, out {out_dir}")
+        f"{peak_lr:.4g}, out {out_dir}" + (f"; continuing {cfg.resume} from step {step}" if resume
+                                           else ""))
 
-    stop = StopSignal()
-    ckpt_path = out_dir / "finetuned.pt"
+    run = Run(out_dir, "finetuned.pt", device, cfg.checkpoint_every, step)
+    sums = torch.zeros(3, device=device)  # this epoch's loss x images, top-1 hits, non-finite losses
+    if resume and "epoch_sums" in resume:
+        sums += resume["epoch_sums"].to(device)
 
-    def checkpoint(results=None):
-        """finetuned.pt: distill.py's teacher when complete, --resume's starting point always."""
-        states = random_states(device)
-        if main:
-            save_checkpoint(ckpt_path, dict(
-                model=raw_model.state_dict(), epoch=step // steps_per_epoch, step=step,
-                results=results, optimizers=[o.state_dict() for o in optimizers], rng=states,
-                subset=indices, history=history,
-                config=dict(dataclasses.asdict(cfg), pretrain=pretrain_config,
-                            num_classes=num_classes, classes=list(train_set.classes))))
+    def state(results=None):
+        """finetuned.pt: distill.py's teacher when complete, where the run continues from always."""
+        return dict(model=raw_model.state_dict(), epoch=step // steps_per_epoch, step=step,
+                    results=results, finished=results is not None, epoch_sums=sums.cpu(),
+                    optimizers=[o.state_dict() for o in optimizers], subset=indices,
+                    history=history, config=dict(dataclasses.asdict(cfg), pretrain=pretrain_config,
+                                                 num_classes=num_classes,
+                                                 classes=list(train_set.classes)))
 
     model.train()
     progress = Progress(log, "step", total_steps, cfg.batch_size, every=cfg.log_every, start=step)
-    sums = torch.zeros(3, device=device)  # loss, top-1 hits, non-finite losses
     t_start = time.time()
     for epoch in range(step // steps_per_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         sampler.start = (step % steps_per_epoch) * local_batch
-        epoch_start = step  # a resumed epoch counts only the steps run now
         for (x,), y in loader:  # one augmented view, on the device
             lr = learning_rate(step, total_steps, round(cfg.warmup_epochs * steps_per_epoch), peak_lr)
             set_lr(optimizers, lr)
@@ -456,18 +460,17 @@ def train(cfg, pretrain_config, weights, resume):
             if progress.due(step):
                 progress.show(step, f"epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.4f} "
                                     f"lr {lr:.4g}")
-            if stop():
-                break
-        if world > 1:
-            dist.all_reduce(sums)
-        if sums[2] > 0:  # before the checkpoint, which keeps the last good weights
-            raise UserError(f"loss is not finite in epoch {epoch + 1}; try a lower --lr")
-        checkpoint()  # then the evaluation: a stop or a failure there loses nothing
-        if stop.stopped_at(step, ckpt_path, log):
-            return None
-        seen = (step - epoch_start) * cfg.batch_size
-        record = dict(epoch=epoch + 1, step=step, loss=sums[0].item() / seen,
-                      train_top1=100 * sums[1].item() / seen, lr=lr, time=time.time() - t_start)
+            stopping, saving = run.poll()
+            if step % steps_per_epoch and (stopping or saving):  # in mid-epoch: no record
+                epoch_totals(sums, world, epoch)
+                run.save(state())
+                if stopping:
+                    return run.stopped(step, log)
+
+        # end of epoch: the record (with the evaluation when due), then the checkpoint
+        totals, seen = epoch_totals(sums, world, epoch), steps_per_epoch * cfg.batch_size
+        record = dict(epoch=epoch + 1, step=step, loss=totals[0].item() / seen,
+                      train_top1=100 * totals[1].item() / seen, lr=lr, time=time.time() - t_start)
         sums.zero_()
         record.update(unreadable_images(train_set, device, log))
         if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.epochs:
@@ -475,9 +478,11 @@ def train(cfg, pretrain_config, weights, resume):
                                                       device, workers, log)
             log(f"epoch {epoch + 1}: top-1 {record['top1']:.2f}% top-5 {record['top5']:.2f}%")
         history.append(record)
-        if main:
-            with open(out_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        run.record(record)
+        if epoch + 1 < cfg.epochs:
+            run.save(state())
+            if stopping:
+                return run.stopped(step, log)
 
     # The finished checkpoint (distill.py's teacher) and results
     results = dict(top1=history[-1]["top1"], top5=history[-1]["top5"], labeled_images=len(indices),
@@ -486,13 +491,24 @@ def train(cfg, pretrain_config, weights, resume):
                    checkpoint=cfg.checkpoint, ft_proj_layer=cfg.ft_proj_layer, epochs=cfg.epochs,
                    steps=step, train_seconds=round(time.time() - t_start), world_size=world,
                    device=device.type, git=git_revision(), config=dataclasses.asdict(cfg))
-    checkpoint(results)
+    run.save(state(results))
     if main:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     log(f"done in {datetime.timedelta(seconds=round(time.time() - t_start))}: top-1 "
         f"{results['top1']:.2f}% top-5 {results['top5']:.2f}% with {len(indices)} labels; "
-        f"{ckpt_path}, {out_dir / 'results.json'}")
+        f"{run.path}, {out_dir / 'results.json'}")
     return results
+
+
+def epoch_totals(sums, world, epoch):
+    """This epoch's sums so far over every process, checked before any checkpoint (which keeps
+    the last good weights): the last counts non-finite losses."""
+    totals = sums.clone()
+    if world > 1:
+        dist.all_reduce(totals)
+    if totals[-1].item() > 0:
+        raise UserError(f"loss is not finite in epoch {epoch + 1}; try a lower --lr")
+    return totals
 
 
 def main(argv=None):

@@ -37,16 +37,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from cli import (Progress, StopSignal, UserError, checkpoint_path, console, git_revision,
-                 load_checkpoint, load_model_state, opt, parse_config, per_process_batch,
-                 prepare_out_dir, random_states, restore_random_state, resumed_config, run_cli,
-                 save_checkpoint, setup, world_info)
+from cli import (Done, Progress, Run, UserError, console, continue_run, git_revision,
+                 load_model_state, opt, parse_config, per_process_batch, prepare_out_dir,
+                 restore_random_state, run_cli, setup, world_info)
 from data import (InMemory, ResumableSampler, ViewLoader, build_augmentation, default_workers,
                   eval_batches, load_split, preset, save_augmentation_grid, typical_side,
                   unreadable_images)
 from lars import LARS
 from memory import SHUFFLE_GROUPS, Memory, memory_momentum
-from objective import LOSSES, build_objective, gather_with_grad
+from objective import LOSSES, build_objective
 from resnet import build_encoder
 
 # torch.distributed.nn.functional's differentiable collectives are deprecated in favour of a
@@ -66,10 +65,12 @@ class Config:
                        ["cifar10", "cifar100", "stl10", "imagenet", "folder"])
     data_dir: str = opt("data", "dataset root; cifar10 may also be an image-folder export "
                         "(train/<class>/*, val/ or test/); folder: every image under it")
-    out_dir: str = opt("", "where checkpoints and logs go (default runs/<dataset>-<arch>-<time>)")
+    out_dir: str = opt("", "where the checkpoint and log go; the same command continues the run in "
+                       "it (default runs/<dataset>-<arch>-<digest of the configuration>)",
+                       changeable=True)
     image_size: int = opt(32, "training resolution in pixels; <= 32 selects the CIFAR stem", min=8)
     workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at "
-                       "most 8)", min=-1)
+                       "most 8)", min=-1, changeable=True)
     # augmentation (Sec. 3, Appendix A)
     augment: str = opt("crop,color", "augmentations on, comma-separated, from crop (random "
                        "resized crop + flip), flip, jitter, gray, color (= jitter,gray); for "
@@ -102,7 +103,7 @@ class Config:
     epochs: int = opt(1000, "training epochs; the schedule spans them", min=1)
     max_steps: int = opt(0, "stop (with a checkpoint) after this many optimizer steps, 0: no "
                          "limit; the schedule still spans --epochs, so the run can be resumed",
-                         min=0)
+                         min=0, changeable=True)
     optimizer: str = opt("lars", "LARS as in the paper; sgd and adam for comparison",
                          ["lars", "sgd", "adam"])
     lr: float = opt(1.0, "base learning rate, scaled by --lr-scaling", above=0)
@@ -126,21 +127,29 @@ class Config:
     global_bn: bool = opt(True, "BatchNorm statistics over the global batch under torchrun "
                           "(--no-global-bn: per-GPU statistics, the paper's ablation)")
     # system
-    device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"])
+    device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"],
+                      changeable=True)
     precision: str = opt("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere; fp16 uses a "
-                         "gradient scaler", ["auto", "bf16", "fp16", "fp32"])
-    compile: bool = opt(False, "torch.compile the model (slower start, faster steps on GPU)")
+                         "gradient scaler", ["auto", "bf16", "fp16", "fp32"], changeable=True)
+    compile: bool = opt(False, "torch.compile the model (slower start, faster steps on GPU)",
+                        changeable=True)
     seed: int = opt(0, "random seed (initialisation and data order)")
     log_every: int = opt(50, "print a log line every this many steps (and after the first)",
-                         min=1)
+                         min=1, changeable=True)
     eval_every: int = opt(0, "kNN top-1 on the evaluation split every this many epochs, 0: off",
-                          min=0)
-    knn_k: int = opt(200, "neighbours of the kNN monitor", min=1)
-    knn_temperature: float = opt(0.1, "temperature of the kNN monitor's weights", above=0)
-    resume: str = opt("", "checkpoint to continue from; its configuration is used, with the "
-                      "flags given here on top")
+                          min=0, changeable=True)
+    knn_k: int = opt(200, "neighbours of the kNN monitor", min=1, changeable=True)
+    knn_temperature: float = opt(0.1, "temperature of the kNN monitor's weights", above=0,
+                                 changeable=True)
+    resume: str = opt("", "checkpoint to continue from (the same command continues its --out-dir "
+                      "without it); its configuration is used, with the flags given here on "
+                      "top", changeable=True)
+    checkpoint_every: float = opt(10.0, "minutes between checkpoints within an epoch (a crash "
+                                  "loses at most that), 0: at epoch ends only", min=0,
+                                  changeable=True)
     show_augmentations: str = opt("", "save a PNG of 8 images (original, evaluation view, the "
-                                  "two views) to this file and exit, e.g. views.png")
+                                  "two views) to this file and exit, e.g. views.png",
+                                  changeable=True)
 
 
 # Per-dataset presets, applied before the command-line flags.
@@ -526,7 +535,7 @@ def train(cfg, ckpt=None):
             model, device_ids=[device] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
-    out_dir = Path(cfg.out_dir or f"runs/{cfg.dataset}-{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir = Path(cfg.out_dir)  # continue_run's choice
     if main:  # made once every check has passed: a failed start leaves no folder behind
         prepare_out_dir(out_dir)
 
@@ -534,38 +543,37 @@ def train(cfg, ckpt=None):
     log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | {precision} | "
         f"{'global BN | ' if under_torchrun and cfg.global_bn else ''}{cfg.arch} "
         f"x{cfg.width_multiplier:g} with the {raw_model.encoder.stem_name} at {cfg.image_size} px, "
-        f"{n_params / 1e6:.2f}M parameters, h {raw_model.encoder.out_dim}-d")
+        f"{n_params / 1e6:.2f}M parameters, h {raw_model.encoder.out_dim}-d"
+        + (f" | memory of {cfg.memory_size}, momentum {memory.momentum:.4g}" if memory else ""))
     log("config " + json.dumps(dataclasses.asdict(cfg)))
     log(f"{len(dataset)} images, {steps_per_epoch} steps/epoch of {cfg.batch_size} "
         f"({local_batch} per process), {last_step} of {total_steps} steps, peak lr {peak_lr:.4g}, "
-        f"out {out_dir}")
+        f"out {out_dir}" + (f"; continuing {cfg.resume} from step {step}" if ckpt else ""))
 
-    stop = StopSignal()
-    ckpt_path = out_dir / "ckpt.pt"
+    run = Run(out_dir, "ckpt.pt", device, cfg.checkpoint_every, step)
+    # loss, contrast_acc, entropy, non-finite losses: since the last log line, and this epoch's
+    sums, epoch_sums = torch.zeros(4, device=device), torch.zeros(4, device=device)
+    if ckpt and "epoch_sums" in ckpt:
+        epoch_sums += ckpt["epoch_sums"].to(device)  # the steps of this epoch before the stop
 
-    def checkpoint():
-        states = random_states(device)  # every process resumes its own augmentation stream
-        if main:
-            save_checkpoint(ckpt_path, dict(
-                model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                scaler=scaler.state_dict(), epoch=step // steps_per_epoch, step=step,
-                steps_per_epoch=steps_per_epoch, config=dataclasses.asdict(cfg), rng=states,
-                **({"memory": memory.state_dict()} if memory is not None else {})))
+    def state():
+        return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict(), epoch=step // steps_per_epoch, step=step,
+                    steps_per_epoch=steps_per_epoch, config=dataclasses.asdict(cfg),
+                    epoch_sums=epoch_sums.cpu(), finished=step >= total_steps,
+                    **({"memory": memory.state_dict()} if memory is not None else {}))
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
                               enabled=precision in ("bf16", "fp16"))
     model.train()
-    sums = torch.zeros(4, device=device)  # loss, contrast_acc, entropy, non-finite losses since the last log
-    epoch_sums = torch.zeros(4, device=device)
     progress = Progress(log, "step", last_step, cfg.batch_size, every=cfg.log_every, start=step)
-    since_log, t_start = 0, time.time()
+    since_log, t_start, stopping = 0, time.time(), False
     for epoch in range(step // steps_per_epoch, cfg.epochs):
         if step >= last_step:
             break
         sampler.set_epoch(epoch)
         sampler.start = (step % steps_per_epoch) * local_batch
-        epoch_sums.zero_()
-        t_epoch, epoch_step_start = time.time(), step
+        t_epoch, steps_now = time.time(), step
         for (x1, x2), _ in loader:
             lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
@@ -576,9 +584,10 @@ def train(cfg, ckpt=None):
             since_log += 1
             sums += torch.stack([loss, acc, entropy, (~torch.isfinite(loss)).float()])
 
-            stopping = stop()  # asked every step, the same answer on every process
+            stopping, saving = run.poll()  # the same answers on every process
+            epoch_end = step % steps_per_epoch == 0
             # the log line, and the check for a non-finite loss before any checkpoint is written
-            if progress.due(step) or step % steps_per_epoch == 0 or stopping:
+            if progress.due(step) or epoch_end or stopping or saving:
                 if world > 1:
                     dist.all_reduce(sums)
                     sums /= world
@@ -588,38 +597,44 @@ def train(cfg, ckpt=None):
                 since_log = 0
                 if bad > 0:
                     raise UserError(f"loss is not finite at step {step}; stopped. " + (
-                        f"The last good checkpoint is {ckpt_path}" if ckpt_path.exists() else
+                        f"The last good checkpoint is {run.path}" if run.path.exists() else
                         "No checkpoint was written yet") + " (try a lower --lr)")
                 progress.show(step, f"epoch {epoch + 1}/{cfg.epochs} loss {loss_avg:.4f} "
                                     f"contrast_acc {100 * acc_avg:.1f}% lr {lr:.4g}")
-            if step >= last_step or stopping:
+            if epoch_end:
                 break
+            if stopping or saving or step >= last_step:  # in mid-epoch: a checkpoint, no record
+                run.save(state())
+            if stopping:
+                return run.stopped(step, log)
+            if step >= last_step:
+                return log(f"stopped at step {step} (--max-steps), checkpoint {run.path}; the "
+                           f"same command with --max-steps 0 goes on to step {total_steps}")
 
-        # end of epoch (or stop): checkpoint first, then the log line and the optional kNN
-        checkpoint()
-        if stop.stopped_at(step, ckpt_path, log):
-            return
-        epoch_steps = step - epoch_step_start
-        loss_avg, acc_avg, entropy_avg = (epoch_sums[:3] / max(1, epoch_steps)).tolist()
+        # end of epoch: the record (with the optional kNN), then the checkpoint
+        loss_avg, acc_avg, entropy_avg = (epoch_sums[:3] / steps_per_epoch).tolist()
         record = dict(epoch=epoch + 1, step=step, loss=loss_avg, contrast_acc=acc_avg,
                       entropy=entropy_avg, lr=lr,
-                      images_per_s=epoch_steps * cfg.batch_size / (time.time() - t_epoch),
+                      images_per_s=(step - steps_now) * cfg.batch_size / (time.time() - t_epoch),
                       time=time.time() - t_start)
         record.update(unreadable_images(dataset, device, log))
         if knn_sets and ((epoch + 1) % cfg.eval_every == 0 or step >= last_step):
             record["knn_top1"] = knn_accuracy(raw_model.encoder, *knn_sets, cfg, device, workers, log)
             log(f"epoch {epoch + 1}: kNN top-1 {record['knn_top1']:.2f}% (k "
                 f"{min(cfg.knn_k, len(knn_sets[0]))} of {len(knn_sets[0])} training images)")
-        if main:
-            with open(out_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        run.record(record)
+        epoch_sums.zero_()
+        run.save(state())
+        if stopping:
+            return run.stopped(step, log)
     log(f"done: {step} steps in {datetime.timedelta(seconds=round(time.time() - t_start))}, "
-        f"checkpoint {ckpt_path}")
+        f"checkpoint {run.path}")
 
 
 def resolve_config(argv):
-    """Flags over presets; with --resume, flags over the checkpoint's stored configuration.
-    Returns (config, the checkpoint of --resume or None)."""
+    """Flags over presets; for a run that continues (--resume, or a checkpoint already in
+    --out-dir: cli.continue_run), the changeable flags over the checkpoint's stored
+    configuration. Returns (config, the checkpoint continued or None)."""
     cfg, given = parse_config(Config, argv, PRESETS, __doc__.splitlines()[0])
     if preset(cfg.dataset, cfg.image_size) != cfg.dataset:  # a folder of small images
         cfg, given = parse_config(Config, argv, {cfg.dataset: PRESETS[preset(cfg.dataset, cfg.image_size)]})
@@ -630,11 +645,11 @@ def resolve_config(argv):
                             f"--image-size {cfg.image_size}, the folder preset's, would upscale them "
                             f"{cfg.image_size / side:.1f}x; pass --image-size {side} (32 or less: "
                             f"CIFAR-10's stem and recipe), or --image-size {cfg.image_size} to keep it")
-    if not cfg.resume:
-        return cfg, None
-    path = checkpoint_path(cfg.resume)
-    ckpt = load_checkpoint(path, ("pretrain",), "--resume")
-    return resumed_config(Config, ckpt["config"], given, path), ckpt
+    cfg, ckpt = continue_run(Config, cfg, given, "pretrain", f"{cfg.dataset}-{cfg.arch}")
+    if ckpt and cfg.max_steps and ckpt["step"] >= cfg.max_steps:
+        raise Done(f"{cfg.resume} is at step {ckpt['step']}, --max-steps {cfg.max_steps}: nothing "
+                   f"to do (--max-steps 0 goes on to the end of its schedule)")
+    return cfg, ckpt
 
 
 def main(argv=None):

@@ -423,8 +423,7 @@ def pretrain_finished(run_dir):
     ckpt_path, log = run_dir / "ckpt.pt", run_dir / "log.jsonl"
     if not ckpt_path.exists() or not log.exists():
         return None
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if ckpt["step"] < ckpt["config"]["epochs"] * ckpt["steps_per_epoch"]:
+    if not torch.load(ckpt_path, map_location="cpu", weights_only=True).get("finished"):
         return None
     return json.loads(log.read_text().strip().splitlines()[-1])
 
@@ -456,13 +455,10 @@ def _run_job(job, data_dir, stop, records, log):
     start_load, timing = os.getloadavg(), job.run_dir / "pretrain_seconds.json"
     pre_cmd, ckpt = job.pretrain_command(data_dir), job.run_dir / "ckpt.pt"
     if not pretrain_finished(job.run_dir):
-        # a run's schedule is its epochs: a --max-steps the checkpoint was stopped by is lifted
-        run = (command("pretrain.py", ["--resume", str(ckpt), "--max-steps", "0"])
-               if ckpt.exists() else pre_cmd)
-        if ckpt.exists():
-            log(f"  resuming {ckpt}")
+        if ckpt.exists():  # the same command continues it
+            log(f"  continuing {ckpt}")
         t = time.time()
-        if not run_script(run, job.run_dir / "pretrain.out", stop):
+        if not run_script(pre_cmd, job.run_dir / "pretrain.out", stop):
             return False
         spent = json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
         timing.write_text(json.dumps(dict(seconds=spent + time.time() - t)))
@@ -472,11 +468,7 @@ def _run_job(job, data_dir, stop, records, log):
     last = pretrain_finished(job.run_dir)
 
     eval_cmd, t = job.evaluation_command(), time.time()
-    finetuned = job.run_dir / job.evaluation / "finetuned.pt"
-    run = eval_cmd
-    if job.evaluation.startswith("finetune") and finetuned.exists():  # interrupted: continue it
-        run = command("finetune.py", ["--resume", str(finetuned)])
-    if not run_script(run, job.run_dir / "evaluation.out", stop):
+    if not run_script(eval_cmd, job.run_dir / "evaluation.out", stop):  # continues a fine-tuning
         return False
     metrics = ({} if "random" in job.evaluation else  # the pretraining's metrics are not its
                dict(loss=last["loss"], contrast_acc=100 * last["contrast_acc"],

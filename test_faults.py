@@ -76,15 +76,17 @@ def test_sigterm_to_a_torchrun_job_stops_every_process_at_the_same_step(tiny_fol
 
 
 def check_resumed_epoch_loss(out, log_path, stopped_step, per_epoch=6, total=18):
-    """The record of the epoch a run resumed in averages the steps run after the resume (the
-    losses of its progress lines, --log-every 1), not a whole epoch's."""
+    """The log of a run stopped in mid-epoch and continued holds each epoch once, and the record
+    of the epoch it stopped in averages all of that epoch's steps, before and after the stop
+    (the losses of the progress lines of both runs, --log-every 1)."""
     epoch_end = (stopped_step // per_epoch + 1) * per_epoch
-    losses = [float(loss) for step, loss in re.findall(rf"step (\d+)/{total} .*? loss (\S+)", out)
-              if stopped_step < int(step) <= epoch_end]
+    losses = {int(step): float(loss) for step, loss in re.findall(rf"step (\d+)/{total} .*? loss (\S+)", out)
+              if epoch_end - per_epoch < int(step) <= epoch_end}
     records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, total // per_epoch + 1))
     record = next(r for r in records if r["step"] == epoch_end)
-    assert len(losses) == epoch_end - stopped_step
-    assert abs(record["loss"] - sum(losses) / len(losses)) < 1e-3
+    assert len(losses) == per_epoch
+    assert abs(record["loss"] - sum(losses.values()) / per_epoch) < 1e-3
 
 
 def test_finetune_stopped_and_resumed_equals_the_uninterrupted_run(pretrained_checkpoint, tmp_path):
@@ -96,7 +98,7 @@ def test_finetune_stopped_and_resumed_equals_the_uninterrupted_run(pretrained_ch
     assert re.search(r"step 1/18 .* img/s eta \d+:\d\d:\d\d", out)  # progress: rate and ETA
     stopped = load_checkpoint(tmp_path / "cut" / "finetuned.pt")
     assert 3 <= stopped["step"] < 18 and stopped["results"] is None
-    out = run_script("finetune.py", "--resume", tmp_path / "cut" / "finetuned.pt").stdout
+    out += run_script("finetune.py", "--resume", tmp_path / "cut" / "finetuned.pt").stdout
     check_resumed_epoch_loss(out, tmp_path / "cut" / "log.jsonl", stopped["step"])
     straight = load_checkpoint(tmp_path / "straight" / "finetuned.pt")
     resumed = load_checkpoint(tmp_path / "cut" / "finetuned.pt")
@@ -111,8 +113,9 @@ def test_distill_stopped_by_sigterm_resumes(finetuned_checkpoint, tmp_path):
         "--epochs", 3, "--workers", 1, "--log-every", 1, "--out-dir", tmp_path / "d"), tmp_path)
     assert rc == 0 and "stopped by signal 15" in out and "eta" in out, err
     step = load_checkpoint(tmp_path / "d" / "student.pt")["step"]
-    out = run_script("distill.py", "--resume", tmp_path / "d" / "student.pt").stdout
-    assert f"step {step + 1}/18" in out
+    resumed = run_script("distill.py", "--resume", tmp_path / "d" / "student.pt").stdout
+    assert f"step {step + 1}/18" in resumed
+    out += resumed
     check_resumed_epoch_loss(out, tmp_path / "d" / "log.jsonl", step)
     assert load_checkpoint(tmp_path / "d" / "student.pt")["results"]["student_top1"] >= 0
 

@@ -220,10 +220,12 @@ def test_ctrl_c_checkpoints_after_the_step_and_resumes(tiny_folder, tmp_path):
     (["--resume", "/nonexistent/ckpt.pt"], "no checkpoint at /nonexistent/ckpt.pt"),
     (["--batch-size", "x"], "invalid int value"),
     (["--augment", "crop,sobel"], "unknown sobel"),
-    (["--optimizer", "sgd", "--resume", "PRETRAINED"], "does not fit --optimizer sgd"),
+    (["--optimizer", "sgd", "--resume", "MIDRUN"], "does not fit --optimizer sgd"),
+    (["--epochs", "4", "--resume", "MIDRUN"], "--epochs 4 differs from the checkpoint's 2: its "
+     "steps and learning-rate schedule count 2 epochs; continue with --epochs 2, or start a new run"),
 ])
-def test_bad_input_gives_one_clear_line(args, message, tiny_folder, pretrained_checkpoint, tmp_path):
-    names = {"PRETRAINED": str(pretrained_checkpoint), "EMPTY": str(tmp_path / "cifar")}
+def test_bad_input_gives_one_clear_line(args, message, tiny_folder, midrun_checkpoint, tmp_path):
+    names = {"MIDRUN": str(midrun_checkpoint), "EMPTY": str(tmp_path / "cifar")}
     args = [names.get(a, a) for a in args]
     message = message.replace("EMPTY", names["EMPTY"])
     if "--data-dir" not in args:
@@ -232,12 +234,12 @@ def test_bad_input_gives_one_clear_line(args, message, tiny_folder, pretrained_c
     assert not (tmp_path / "run").exists()
 
 
-def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(pretrained_checkpoint, tmp_path):
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(midrun_checkpoint, tmp_path):
     good = tmp_path / "ckpt.pt"
-    good.write_bytes(pretrained_checkpoint.read_bytes())
-    proc = run_script("pretrain.py", "--resume", good, "--epochs", 4, "--lr", 1e30, check=False)
+    good.write_bytes(midrun_checkpoint.read_bytes())
+    proc = run_script("pretrain.py", "--resume", good, "--lr", 1e30, check=False)
     assert proc.returncode != 0 and "loss is not finite" in proc.stderr
     assert "Traceback" not in proc.stderr
     after = load(good)
-    assert after["step"] == 6 and all(torch.isfinite(v).all() for v in after["model"].values()
+    assert after["step"] == 3 and all(torch.isfinite(v).all() for v in after["model"].values()
                                       if v.is_floating_point())

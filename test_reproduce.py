@@ -11,14 +11,14 @@ from conftest import run_script
 def test_smoke_scale_runs_records_and_skips_what_is_done(tiny_folder, tmp_path, capsys):
     """The smoke scale's base recipe on two seeds, each pretrain.py then linear_eval.py of the
     trained and of the untrained network as subprocesses, the first seed interrupted before (its
-    pretraining stopped after one step: it is resumed to the end of its schedule, not restarted);
+    pretraining stopped after one step: the same command continues it to the end of its schedule);
     a rerun finds all four recorded and runs nothing; the report tabulates them."""
     args = ["--scale", "smoke", "--only", "base", "--seeds", "2", "--data-dir", tiny_folder,
             "--out", tmp_path]
     job = reproduce.jobs_for(["base"], "smoke", 1, tmp_path)[0]
     run_script(*job.pretrain_command(str(tiny_folder))[1:], "--max-steps", 1)
     first = run_script("reproduce.py", *args)
-    assert f"resuming {job.run_dir / 'ckpt.pt'}" in first.stdout
+    assert f"continuing {job.run_dir / 'ckpt.pt'}" in first.stdout
     records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
     assert [r["key"] for r in records] == [f"smoke/base/{e}/seed{s}" for s in (0, 1)
                                            for e in ("linear", "linear-random")]
