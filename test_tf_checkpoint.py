@@ -5,12 +5,15 @@ import functools
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
+from cli import UserError
 from conftest import ROOT, make_image_folder, run_script
 from resnet import SamePool, build_encoder
 import tf_checkpoint
@@ -19,12 +22,12 @@ from tf_checkpoint import (CorruptFile, TFCheckpoint, convert, masked_crc32c, pa
 
 FIXTURES = ROOT / "fixtures"
 # name: (conversion options, arch, width, SK, stem size, head layers, classifier on head layer)
-CASES = {
-    "tf1_r50_sk": ({}, "resnet50", 1 / 32, 0.0625, 224, 3, 0),
-    "tf1_r18_cifar": ({}, "resnet18", 1 / 32, 0.0, 32, 2, 0),
-    "tf1_r18_cifar-ema": ({"ema": True}, "resnet18", 1 / 32, 0.0, 32, 2, 0),
+CASES = {  # the head layer is given: these folders do not say (classifier_layer)
+    "tf1_r50_sk": ({"ft_proj_layer": 0}, "resnet50", 1 / 32, 0.0625, 224, 3, 0),
+    "tf1_r18_cifar": ({"ft_proj_layer": 0}, "resnet18", 1 / 32, 0.0, 32, 2, 0),
+    "tf1_r18_cifar-ema": ({"ema": True, "ft_proj_layer": 0}, "resnet18", 1 / 32, 0.0, 32, 2, 0),
     "tf2_r50_ft": ({"ft_proj_layer": 1}, "resnet50", 1 / 32, 0.0, 224, 3, 1),
-    "tf2_r18_sk_savedmodel": ({}, "resnet18", 1 / 32, 0.0625, 224, 3, 0),
+    "tf2_r18_sk_savedmodel": ({"ft_proj_layer": 0}, "resnet18", 1 / 32, 0.0625, 224, 3, 0),
 }
 
 
@@ -251,13 +254,35 @@ def test_a_checkpoint_is_found_from_what_a_user_may_pass(tmp_path):
         assert convert(path)[0].encoder.out_dim == 16
 
 
-def test_auto_classifier_layer_follows_the_authors_folders(tmp_path):
-    """finetuned_1pct / finetuned_10pct folders put the classifier on head layer 1 (v2 paper)."""
+def test_the_classifier_layer_follows_the_authors_folders_or_is_asked_for(tmp_path):
+    """finetuned_1pct / finetuned_10pct folders put the classifier on head layer 1 (v2 paper),
+    however the path is spelled; where nothing tells (the shapes fit layers 0 and 1, the folder
+    is not the authors'), no classifier is guessed: --classifier asks for --ft-proj-layer."""
     folder = tmp_path / "finetuned_1pct" / "r50_1x_sk0"
     shutil.copytree(FIXTURES / "tf2_r50_ft", folder)
     *_, k, meta = convert(folder)
     assert k == 1 and meta["ft_proj_layer"] == 1 and meta["layout"] == "tf2" and meta["step"] == 1234
-    assert convert(FIXTURES / "tf2_r50_ft")[3] == 0  # elsewhere h, as the linear-eval heads
+    proc = subprocess.run([sys.executable, str(ROOT / "tf_checkpoint.py"), "r50_1x_sk0", "../a.pt",
+                           "--classifier"], cwd=folder.parent, capture_output=True, text=True)
+    assert proc.returncode == 0 and "classifier of 10 classes on head layer 1" in proc.stdout
+    assert "note: the classifier is on head layer 1, as in the authors' finetuned_1pct models" in proc.stdout
+    bare = tmp_path / "r50_1x_sk0"  # what `gsutil cp -r gs://.../finetuned_1pct/r50_1x_sk0 .` makes
+    shutil.copytree(FIXTURES / "tf2_r50_ft", bare)
+    model, _, classifier, k, meta = convert(bare)
+    assert classifier is None and k is None and "--ft-proj-layer 1" in meta["note"]
+    proc = convert_cli(bare, tmp_path / "b.pt", "--classifier", check=False)
+    assert proc.returncode == 1 and not (tmp_path / "b.pt").exists()
+    assert proc.stderr == ("tf_checkpoint.py: error: the supervised head fits head layer 0, 1 or 2 "
+                           "(each 64-d) and the weights cannot tell which it was trained on: pass "
+                           "--ft-proj-layer 1 for the authors' finetuned_1pct and finetuned_10pct "
+                           "models, 0 for finetuned_100pct and pretrained ones\n")
+    out = convert_cli(bare, tmp_path / "c.pt").stdout  # the network alone: the classifier left out
+    assert "note: the supervised head fits head layer 0, 1 or 2" in out and "the classifier was left out" in out
+    assert "classifier" not in torch.load(tmp_path / "c.pt", weights_only=True)
+    assert convert(bare, ft_proj_layer=1)[3] == 1
+    with pytest.raises(UserError, match="--ft-proj-layer 3: the supervised head takes 64 inputs, "
+                                        "which head layer 0, 1 or 2 gives"):
+        convert(bare, ft_proj_layer=3)
 
 
 def test_converted_checkpoints_go_through_linear_eval_finetune_and_distill(tmp_path):
@@ -265,7 +290,7 @@ def test_converted_checkpoints_go_through_linear_eval_finetune_and_distill(tmp_p
     take our own checkpoints; --evaluate scores its supervised head."""
     data = make_image_folder(tmp_path / "data", classes=10, train_per_class=2, val_per_class=1)
     src = FIXTURES / "tf1_r18_cifar"
-    out = convert_cli(src, tmp_path / "pre.pt", "--evaluate", data).stdout
+    out = convert_cli(src, tmp_path / "pre.pt", "--evaluate", data, "--ft-proj-layer", 0).stdout
     assert "tf1 checkpoint: resnet18 x0.03125, h 16-d, 2 head layer(s) -> 16, classifier of 10" in out
     assert "supervised head on" in out
     ckpt = torch.load(tmp_path / "pre.pt", weights_only=True)
@@ -277,7 +302,7 @@ def test_converted_checkpoints_go_through_linear_eval_finetune_and_distill(tmp_p
     run_script("finetune.py", "--checkpoint", tmp_path / "pre.pt", "--dataset", "folder",
                "--data-dir", data, "--label-fraction", 1.0, "--epochs", 1, "--batch-size", 10,
                "--workers", 0, "--out-dir", tmp_path / "ft")
-    convert_cli(src, tmp_path / "teacher.pt", "--classifier")
+    convert_cli(src, tmp_path / "teacher.pt", "--classifier", "--ft-proj-layer", 0)
     teacher = torch.load(tmp_path / "teacher.pt", weights_only=True)
     assert teacher["config"]["num_classes"] == 10 and teacher["config"]["ft_proj_layer"] == 0
     out = run_script("distill.py", "--teacher", tmp_path / "teacher.pt", "--dataset", "folder",
@@ -348,8 +373,8 @@ def test_bad_checkpoints_give_one_clear_line(problem, message, tmp_path):
     elif problem == "ema_on_tf2":
         prefix, extra = FIXTURES / "tf2_r50_ft", ["--ema"]
     elif problem == "wrong_classes":
-        extra = ["--evaluate", str(make_image_folder(tmp_path / "data", classes=3,
-                                                     train_per_class=1, val_per_class=1))]
+        extra = ["--ft-proj-layer", "0", "--evaluate", str(make_image_folder(
+            tmp_path / "data", classes=3, train_per_class=1, val_per_class=1))]
     elif problem == "no_classifier":
         prefix = rewrite_bundle(prefix, tmp_path / "d" / "model.ckpt-1", lambda t: {
             n: v for n, v in t.items() if not n.startswith("head_supervised")})

@@ -22,9 +22,11 @@ and saved by the authors' TF1 and tf2 code (fixtures/): h, z and logits equal Te
 1e-12 in float64 (test_tf_checkpoint.py).
 
 The supervised head becomes a classifier on h or on the first projection-head layer
-(--ft-proj-layer; by default 1 for the authors' finetuned_1pct and finetuned_10pct folders, as the
-v2 paper fine-tunes from that layer with 1% and 10% of the labels, else 0, on h: the pretrained
-checkpoints' linear-evaluation heads and 100% fine-tuning). Its class k is the k-th ImageNet
+(--ft-proj-layer). The weights cannot always tell which (every hidden head layer has h's width),
+and on the wrong layer it is wrong on every input: the authors' folder, found in the real path,
+decides (finetuned_1pct and finetuned_10pct: layer 1, as v2 fine-tunes with 1% and 10% of the
+labels; finetuned_100pct and pretrained, whose linear-evaluation head reads h: 0), and elsewhere
+--ft-proj-layer must say (classifier_layer). Its class k is the k-th ImageNet
 synset in sorted order: the authors' data.py takes labels from tensorflow_datasets' imagenet2012,
 whose label ids are line numbers in its sorted synset list, the order in which torchvision's
 ImageFolder numbers train/<synset>/ folders. Inputs are images in [0, 1], without mean/std.
@@ -502,12 +504,34 @@ def supervised_head(src, verify_crc=False):
     return (src.read(full + "kernel", verify_crc).T, src.read(full + "bias", verify_crc)), note
 
 
-def default_ft_proj_layer(path, layers):
-    """The head layer the authors' released classifiers sit on: v2 fine-tunes from the first
-    projection-head layer with 1% and 10% of the labels, from h with 100% (v2 paper); the
-    linear-evaluation heads of the pretrained checkpoints, and the supervised and distilled
-    models, read h."""
-    return 1 if layers and re.search(r"finetuned_(1|10)pct", str(path)) else 0
+def classifier_layer(path, model, inputs, asked=-1):
+    """(K, why): the projection-head layer the authors' supervised head (of `inputs` inputs) sits
+    on, or (None, why) when that cannot be known. The shapes tell where one layer alone has
+    `inputs` outputs; every hidden head layer has h's width, though, and a classifier on the
+    wrong layer is wrong on every input. Then the authors' folder (its real path, however it was
+    spelled) decides: v2 fine-tunes from layer 1 with 1% and 10% of the labels (finetuned_1pct,
+    finetuned_10pct), from h with all of them (finetuned_100pct), and the linear-evaluation head
+    of pretraining reads h (pretrained); elsewhere --ft-proj-layer must say."""
+    fits = [k for k in range(len(model.head.layers) + 1)
+            if (model.head.layers[k - 1][0].out_features if k else model.encoder.out_dim) == inputs]
+    choices = " or ".join(filter(None, [", ".join(map(str, fits[:-1])), str(fits[-1])])) if fits else ""
+    if asked >= 0:
+        if asked not in fits:
+            raise UserError(f"--ft-proj-layer {asked}: the supervised head takes {inputs} inputs, "
+                            f"which head layer {choices or '(none)'} gives")
+        return asked, ""
+    if len(fits) == 1:
+        return fits[0], ""
+    if not fits:
+        raise UserError(f"the supervised head takes {inputs} inputs: no head layer gives that many")
+    folder = re.search(r"finetuned_(\d+)pct|pretrained", str(Path(path).resolve()))
+    k = None if folder is None else 1 if folder.group(1) in ("1", "10") else 0
+    if k in fits:
+        return k, f"the classifier is on head layer {k}, as in the authors' {folder.group(0)} models"
+    return None, (f"the supervised head fits head layer {choices} (each {inputs}-d) and the "
+                  f"weights cannot tell which it was trained on: pass --ft-proj-layer 1 for the "
+                  f"authors' finetuned_1pct and finetuned_10pct models, 0 for finetuned_100pct "
+                  f"and pretrained ones")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,14 +546,12 @@ def convert(path, ema=False, ft_proj_layer=-1, verify_crc=False):
     model = build_model(cfg)
     load_into(model, src, cfg, verify_crc)
     head, note = supervised_head(src, verify_crc)
-    layers = len(model.head.layers)
-    k = default_ft_proj_layer(path, layers) if ft_proj_layer < 0 else ft_proj_layer
-    classifier = None
+    classifier = k = None
     if head is not None:
+        k, why = classifier_layer(path, model, head[0].shape[1], ft_proj_layer)
+        note = "; ".join(filter(None, [note, why]))
+    if k is not None:
         classifier = Classifier(model, k, len(head[1]))
-        if head[0].shape[1] != classifier.out_dim:
-            raise UserError(f"the supervised head takes {head[0].shape[1]} inputs, head layer {k} "
-                            f"gives {classifier.out_dim}: try another --ft-proj-layer")
         with torch.no_grad():
             classifier.fc.weight.copy_(head[0])
             classifier.fc.bias.copy_(head[1])
@@ -541,7 +563,8 @@ def convert(path, ema=False, ft_proj_layer=-1, verify_crc=False):
                      if name in src.ckpt.entries), None)
     step = int(src.ckpt.tensor(step_key).item()) if step_key else 0
     meta = dict(path=str(path), layout=src.layout, ema=ema, step=step, variables=len(src.used),
-                skipped=len(src.unused), ft_proj_layer=k if head is not None else None, note=note)
+                skipped=len(src.unused), supervised_head=head is not None, ft_proj_layer=k,
+                note=note)
     return model.eval(), cfg, classifier, k, meta
 
 
@@ -556,7 +579,9 @@ def parse_args(argv):
                         "finetuned.pt format (encoder, kept head layers, the authors' supervised "
                         "head): distill.py --teacher takes it")
     parser.add_argument("--ft-proj-layer", type=int, default=-1, help="projection-head layers "
-                        "under the supervised head; -1: 1 for finetuned_1pct/10pct folders, else 0")
+                        "under the supervised head; -1: what the shapes or the authors' folder "
+                        "(finetuned_1pct/10pct: 1, finetuned_100pct, pretrained: 0) tell, else "
+                        "the conversion asks for it")
     parser.add_argument("--evaluate", default="", metavar="DATA_DIR", help="top-1/top-5 of the "
                         "supervised head on DATA_DIR/val/<synset>/* (ImageNet order: sorted synsets)")
     parser.add_argument("--verify-crc", action="store_true", help="check the crc32c of every "
@@ -571,7 +596,8 @@ def main(argv=None):
         model, cfg, classifier, k, meta = convert(args.checkpoint, args.ema, args.ft_proj_layer,
                                                   args.verify_crc)
         if (args.classifier or args.evaluate) and classifier is None:
-            raise UserError(f"{args.checkpoint} has no supervised head (head_supervised)")
+            raise UserError(meta["note"] if meta["supervised_head"] else
+                            f"{args.checkpoint} has no supervised head (head_supervised)")
         config = dataclasses.asdict(cfg)
         results = None
         if args.evaluate:
@@ -604,22 +630,14 @@ def main(argv=None):
                f"{cfg.proj_dim}" if cfg.proj_head != "none" else "no projection head"
         cls = (f", classifier of {classifier.fc.out_features} classes on head layer {k}"
                if classifier is not None else "")
-        if classifier is not None and args.ft_proj_layer < 0 and len(model.head.layers) > 1:
-            why = ("the folder's name says finetuned_1pct or finetuned_10pct, which v2 fine-tunes "
-                   "from layer 1" if k else "the default, h (no finetuned_1pct / 10pct in the "
-                   "folder's name)")
-            meta["note"] = " ".join(filter(None, [meta["note"], (
-                f"the classifier was put on head layer {k} because {why}: the shapes cannot tell "
-                f"(every hidden head layer has h's width), and on the wrong layer it is wrong on "
-                f"every input; check with --evaluate, or convert again with --ft-proj-layer "
-                f"{1 - k if k <= 1 else 0}")]))
         print(f"{meta['layout']} checkpoint{' (EMA weights)' if args.ema else ''}: {cfg.arch} "
               f"x{cfg.width_multiplier:g}{' SK' if cfg.sk_ratio else ''}, h "
               f"{model.encoder.out_dim}-d, {head}{cls}; {meta['variables']} variables read, "
               f"{meta['skipped']} skipped (optimizer, step, memory{', online' if args.ema else ', EMA'}"
               f"); wrote {args.out}{' (finetuned.pt format)' if args.classifier else ''}")
         if meta["note"]:
-            print("note: " + meta["note"])
+            left_out = classifier is None and meta["supervised_head"]
+            print(f"note: {meta['note']}{'; the classifier was left out' if left_out else ''}")
 
     run_cli("tf_checkpoint.py", run)
 
