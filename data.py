@@ -85,16 +85,20 @@ SIDES = {"cifar10": 32, "cifar100": 32, "stl10": 96}  # px
 
 
 def load_split(dataset, data_dir, split, size, device, workers=0, views=0, log=print, crop=True,
-               val_fraction=0.0, val_dir=""):
+               val_fraction=0.0, val_dir="", held_out=None):
     """A split ready for batches on the device: CIFAR-10/100 and STL-10 as InMemory; image
     folders (ImageNet, your own) as an ImageFolder whose workers decode and crop (WorkerCrops;
     crop=False: the centre crop for every view, --augment without crop). val_fraction,
-    val_dir: where the evaluation images come from (build_dataset)."""
+    val_dir: where the evaluation images come from (build_dataset); a training split never holds
+    them, nor the files of held_out (excluding)."""
+    transform = (WorkerCrops(size, views, crop) if dataset not in SMALL_IMAGE_DATASETS else
+                 torchvision.transforms.functional.pil_to_tensor)
+    source = build_dataset(dataset, data_dir, split, transform, val_fraction, val_dir)
+    if split != "val":
+        source = excluding(source, evaluation_files(data_dir, val_dir) if held_out is None
+                           else held_out)
     if dataset not in SMALL_IMAGE_DATASETS:
-        return build_dataset(dataset, data_dir, split, WorkerCrops(size, views, crop),
-                             val_fraction, val_dir)
-    source = build_dataset(dataset, data_dir, split, torchvision.transforms.functional.pil_to_tensor,
-                           val_fraction, val_dir)
+        return source
     if hasattr(source, "samples"):  # an image-folder export: of the size --dataset says?
         with Image.open(source.samples[0][0]) as first:
             width, height = first.size
@@ -186,6 +190,22 @@ def eval_batches(data, size, batch_size, device, workers):
             yield x.to(device, non_blocking=True).float() / 255, y.to(device, non_blocking=True)
 
 
+def evaluation_files(data_dir, val_dir):
+    """The evaluation folder's images (--val-dir, or val/ or test/) if it lies inside the folder
+    the training images come from (<data-dir>/train, or <data-dir> itself without one), else
+    None: beside it, they cannot be training images."""
+    root = Path(data_dir)
+    tree = root / "train" if (root / "train").is_dir() else root
+    folder = Path(val_dir) if val_dir else next(
+        (root / s for s in ("val", "test") if (root / s).is_dir()), None)
+    if folder is None or not inside(folder, tree):
+        return None
+    try:
+        return _image_folder(folder, None, "--val-dir", labelled=False)
+    except UserError:
+        return None
+
+
 SPLIT_SEED = 0  # the held-out images depend on the folder and --val-fraction alone
 
 
@@ -211,9 +231,39 @@ def class_balanced(labels, fraction, seed):
 def evaluation_split(given, stored, same_data):
     """--val-fraction and --val-dir as given on the command line, else the stored configuration's
     (the checkpoint's) on the same data: every later script evaluates on the images pretraining
-    held out."""
-    return {name: given.get(name, stored.get(name, default) if same_data else default)
-            for name, default in (("val_fraction", 0.0), ("val_dir", ""))}
+    held out. On the same data another held-out fraction, or evaluation images among those the
+    checkpoint trained on, would evaluate on trained images: refused."""
+    split = {}
+    for name, default in (("val_fraction", 0.0), ("val_dir", "")):
+        theirs = stored.get(name, default) if same_data else default
+        split[name] = given.get(name, theirs)
+        if split[name] != theirs and (name == "val_fraction" or inside(
+                split[name], Path(stored["data_dir"]) / ("train" if (Path(stored["data_dir"]) /
+                                                                    "train").is_dir() else ""))):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {split[name]} differs from the checkpoint's {theirs or repr(theirs)}"
+                            f": it was trained on images that split holds; leave {flag} out (the "
+                            f"checkpoint's split is used), or evaluate another checkpoint")
+    return split
+
+
+def inside(path, folder):
+    """Whether path is folder or lies under it (paths as written, made absolute)."""
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def excluding(dataset, evaluation):
+    """dataset without the files of the evaluation split: an evaluation image is never a training
+    image, whatever folders were given (a --val-dir inside the training folder, an unlabeled
+    folder that holds the held-out images). Datasets without files (torchvision's arrays) are
+    disjoint by construction."""
+    if evaluation is None or getattr(dataset, "samples", None) is None or \
+            getattr(evaluation, "samples", None) is None:
+        return dataset
+    held_out = {os.path.abspath(file) for file, _ in evaluation.samples}
+    keep = [i for i, (file, _) in enumerate(dataset.samples) if os.path.abspath(file) not in held_out]
+    return dataset if len(keep) == len(dataset.samples) else select(dataset, keep)
 
 
 def preset(dataset, image_size):
@@ -369,10 +419,15 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         self.named = set()
 
     def __getitem__(self, index):
+        image, target = self.read(index)
+        return self.transform(image), target
+
+    def read(self, index):
+        """(PIL image, label) of the file at index, or of the next readable one."""
         for offset in range(self.MAX_IN_A_ROW):
             path, target = self.samples[(index + offset) % len(self.samples)]
             try:
-                image = self.loader(path)  # decodes the whole file
+                return self.loader(path), target  # decodes the whole file
             except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for a bad file
                 with self.unreadable.get_lock():
                     self.unreadable.value += 1
@@ -381,8 +436,6 @@ class ImageFolder(torchvision.datasets.ImageFolder):
                     sys.stderr.write(f"warning: unreadable image {path} ({type(e).__name__}: "
                                      f"{e}); using the next image instead\n")
                     sys.stderr.flush()
-                continue
-            return self.transform(image), target
         raise UserError(f"{self.MAX_IN_A_ROW} unreadable images in a row from "
                         f"{self.samples[index][0]} on: is {self.root} a folder of images?")
 
@@ -469,7 +522,7 @@ def save_augmentation_grid(path, data, augments, size, device, count=8):
         evaluation, _ = next(eval_batches(part, size, len(idx), device, 0))
     else:
         part = select(data, idx)
-        images = [data.loader(file) for file, _ in part.samples]  # PIL, RGB
+        images = [part.read(i)[0] for i in range(len(idx))]  # PIL, RGB; unreadable ones replaced
         originals = [torchvision.transforms.functional.pil_to_tensor(image) for image in images]
         evaluation = torch.stack([WorkerCrops(size)(image) for image in images]) / 255
     fitted = []

@@ -244,7 +244,8 @@ def train(cfg, teacher, teacher_ckpt, resume):
                                              views, log, True, cfg.val_fraction, cfg.val_dir)
     augment = build_augmentation(size)
     val_set = split("val")
-    unlabeled = (load_split("folder", cfg.unlabeled_dir, "pretrain", size, device, workers, 1, log)
+    unlabeled = (load_split("folder", cfg.unlabeled_dir, "pretrain", size, device, workers, 1, log,
+                            held_out=val_set)  # never the evaluation images
                  if cfg.unlabeled_dir else split("pretrain", 1))  # labels, if any, unused
     if len(val_set.classes) != num_classes:
         raise UserError(f"the teacher has {num_classes} classes, {cfg.dataset} "

@@ -81,6 +81,37 @@ def test_the_held_out_split_follows_the_checkpoint_into_every_later_script(label
     assert "18 unlabeled images" in st
 
 
+def test_held_out_images_never_reach_training(labelled, tmp_path):
+    """An unlabeled folder that holds the evaluation images (distill.py --unlabeled-dir on the
+    labelled folder), a val/ folder inside the folder pretraining reads, and another held-out
+    fraction than the checkpoint's on its own data: the evaluation images stay out, or the
+    command is refused."""
+    proc = run_script("pretrain.py", "--dataset", "folder", "--data-dir", labelled, *TINY,
+                      "--batch-size", 8, "--epochs", 1, "--val-fraction", 0.25, "--out-dir",
+                      tmp_path / "pre")
+    assert "24 images" in proc.stdout
+    ft = run_script("finetune.py", "--checkpoint", tmp_path / "pre", "--label-fraction", 0.5,
+                    "--batch-size", 4, "--epochs", 1, "--out-dir", tmp_path / "ft")
+    for unlabeled in ([], ["--unlabeled-dir", labelled]):  # the same 24 either way
+        st = run_script("distill.py", "--teacher", tmp_path / "ft", *unlabeled, "--batch-size", 6,
+                        "--epochs", 1, "--workers", 0, "--out-dir", tmp_path / f"st{len(unlabeled)}")
+        assert "24 unlabeled images" in st.stdout, st.stdout
+    for script, main in (("linear_eval.py", linear_eval.main), ("finetune.py", finetune.main)):
+        error = error_of(main, "--checkpoint", tmp_path / "pre", "--val-fraction", 0.5, "--out-dir"
+                         if script == "finetune.py" else "--out", tmp_path / "x")
+        assert error == (f"{script}: error: --val-fraction 0.5 differs from the checkpoint's 0.25: "
+                         f"it was trained on images that split holds; leave --val-fraction out "
+                         f"(the checkpoint's split is used), or evaluate another checkpoint")
+    nested = tmp_path / "nested"  # <data-dir>/<class>/... and <data-dir>/val/<class>/..., no train/
+    make_image_folder(nested, classes=2, train_per_class=6, val_per_class=3)
+    for c in (nested / "train").iterdir():
+        c.rename(nested / c.name)
+    (nested / "train").rmdir()
+    out = run_script("pretrain.py", "--dataset", "folder", "--data-dir", nested, *TINY,
+                     "--batch-size", 4, "--epochs", 1, "--out-dir", tmp_path / "nested-run").stdout
+    assert "12 images" in out  # not 18: val/ is the evaluation split
+
+
 def test_label_fraction_says_what_it_took(labelled):
     """1% of 8 images per class is one per class, 12.5%: said so."""
     log = []
@@ -219,10 +250,12 @@ def test_the_augmentation_picture(dataset, tiny_folder, tmp_path):
                                       *TINY, "--show-augmentations", tmp_path / "no" / "v.png")
 
 
-def test_the_converter_says_which_head_layer_and_how_to_choose(tmp_path):
-    """The layer a classifier reads cannot be told from the shapes: the conversion says which it
-    chose, why, and how to choose another."""
+def test_the_converter_asks_which_head_layer_where_nothing_tells(tmp_path):
+    """The layer a classifier reads cannot be told from the shapes here (h and the hidden head
+    layer are 16-d) nor from the folder: the conversion asks, and takes the answer."""
     src = ROOT / "fixtures" / "tf1_r18_cifar"
-    out = run_script("tf_checkpoint.py", src, tmp_path / "c.pt", "--classifier").stdout
-    assert "on head layer 0" in out and "because the default, h (no finetuned_1pct / 10pct in " \
-        "the folder's name)" in out and "--ft-proj-layer 1" in out
+    proc = run_script("tf_checkpoint.py", src, tmp_path / "c.pt", "--classifier", check=False)
+    assert proc.returncode == 1 and "--ft-proj-layer 1 for the authors' finetuned_1pct" in proc.stderr
+    out = run_script("tf_checkpoint.py", src, tmp_path / "c.pt", "--classifier",
+                     "--ft-proj-layer", 0).stdout
+    assert "classifier of 10 classes on head layer 0" in out
