@@ -36,8 +36,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import (Progress, UserError, checkpoint_path, console, git_revision, load_checkpoint, opt,
-                 parse_config, per_process_batch, prepare_out_dir, run_cli, setup, world_info)
+from cli import (Progress, UserError, checkpoint_path, console, git_revision, identity,
+                 load_checkpoint, opt, parse_config, per_process_batch, prepare_out_dir, run_cli,
+                 setup, world_info)
 from data import (InMemory, ViewLoader, build_augmentation, check_same_classes, default_workers,
                   evaluation_split, load_split, preset)
 from pretrain import (Representation, build_model, build_optimizer, extract_features, knn_predict,
@@ -57,7 +58,7 @@ class LinearConfig:
                        "transfer (Sec. 6)", ["cifar10", "cifar100", "stl10", "imagenet", "folder"])
     data_dir: str = opt("", "dataset root, empty: the checkpoint's when --dataset is its")
     workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at most 8)",
-                       min=-1)
+                       min=-1, changeable=True)
     # protocol (Appendix B.6)
     batch_size: int = opt(512, "global batch size B in images", min=1)
     epochs: int = opt(100, "epochs of the linear layer; 0: no linear layer (kNN only)", min=0)
@@ -78,10 +79,11 @@ class LinearConfig:
     val_dir: str = opt("", "the evaluation images (<class>/<image>) instead of <data-dir>/val "
                        "(default: the checkpoint's, on its data)")
     # system
-    device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"])
+    device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"],
+                      changeable=True)
     seed: int = opt(0, "random seed (data order, augmentation, --random-init weights)")
     out: str = opt("", "results JSON, empty: <checkpoint dir>/linear_eval[_random][_<dataset>]"
-                   ".json")
+                   ".json", changeable=True)
 
 
 # Images per forward pass when computing features; BN is in inference mode, so only memory changes.
@@ -277,12 +279,30 @@ def knn_accuracy(train_f, train_l, val_f, val_l, num_classes, k, temperature):
 
 
 def results_path(cfg, pretrain_dataset):
-    if cfg.out:
-        return Path(cfg.out)
+    """--out, or beside the checkpoint: linear_eval[_random][_layer<K>][_<dataset>].json, after
+    the checkpoint's name where it is not its run folder's own (r18.pt: r18.linear_eval.json),
+    so that two checkpoints in one folder keep their results apart. A file that holds another
+    evaluation's results (other flags or another checkpoint) is not overwritten: refused."""
     name = "linear_eval" + ("_random" if cfg.random_init else "") + (
         f"_layer{cfg.layer}" if cfg.layer else "") + (
         f"_{cfg.dataset}" if cfg.dataset != pretrain_dataset else "")
-    return Path(cfg.checkpoint).parent / f"{name}.json"
+    ckpt = Path(cfg.checkpoint)
+    out = Path(cfg.out) if cfg.out else ckpt.parent / (
+        f"{name}.json" if ckpt.name in ("ckpt.pt", "student.pt") else f"{ckpt.stem}.{name}.json")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name")
+    try:
+        theirs = identity(LinearConfig, json.loads(out.read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError):  # none yet (or not ours): written
+        return out
+    ours = identity(LinearConfig, cfg)
+    differ = [k for k in ours if ours[k] != theirs[k]]
+    if differ:
+        shown = ", ".join(f"--{k.replace('_', '-')} {theirs[k]!r} there ({ours[k]!r} here)"
+                          for k in differ[:3])
+        raise UserError(f"{out} holds the results of another evaluation ({shown}): pass --out "
+                        f"to keep both")
+    return out
 
 
 def trained_for(ckpt):
@@ -301,8 +321,6 @@ def run(cfg, ckpt):
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
     pre = ckpt["config"]
     out = results_path(cfg, pre["dataset"])
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a file name")
     image_size = pre["image_size"]  # the encoder's input size, also for transfer datasets
 
     torch.manual_seed(cfg.seed)  # the same --random-init weights on every rank
@@ -329,7 +347,7 @@ def run(cfg, ckpt):
     check_same_classes(train_plain, val)
     train = (train_plain if cfg.cached_features or isinstance(train_plain, InMemory) else
              split("train", views=1))  # the paper's protocol on a folder: crops by the workers
-    if cfg.epochs and not cfg.cached_features and len(train) < cfg.batch_size:
+    if cfg.epochs and len(train) < cfg.batch_size:  # the lr is scaled by a batch that must exist
         raise UserError(f"{len(train)} training images are fewer than one batch of "
                         f"{cfg.batch_size}: lower --batch-size to at most {len(train)}")
     num_classes = len(val.classes)

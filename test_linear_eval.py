@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import UserError, load_checkpoint
-from conftest import ROOT, make_image_folder, run_script
+import linear_eval
+from conftest import ROOT, error_of, make_image_folder, run_script
 from data import load_split
 from linear_eval import (FeatureLoader, check_encoder_unchanged, encoder_snapshot, evaluate_linear,
                          knn_accuracy, linear_classifier, load_encoder, main, train_linear)
@@ -220,6 +221,39 @@ def test_cached_features_end_to_end(pretrained_checkpoint, tmp_path):
     assert result["protocol"] == "cached-features"
     # the tiny folder's classes are colours: any encoder separates them, linearly and by kNN
     assert result["top1"] >= 75.0 and result["knn_top1"] >= 75.0, result
+
+
+def test_results_of_two_checkpoints_in_one_folder_or_two_evaluations_stay_apart(
+        pretrained_checkpoint, tmp_path):
+    """Converted checkpoints share a folder (r18.pt, r18sk.pt): each has its own results file;
+    another evaluation of the same checkpoint does not overwrite them (refused, --out keeps
+    both); the same evaluation again replaces its own."""
+    for name in ("r18.pt", "r18b.pt"):
+        shutil.copy(pretrained_checkpoint, tmp_path / name)
+        run_script("linear_eval.py", "--checkpoint", tmp_path / name, "--epochs", 0, "--knn", 5,
+                   "--workers", 0)
+    assert read_json(tmp_path / "r18.linear_eval.json")["checkpoint"] == str(tmp_path / "r18.pt")
+    assert read_json(tmp_path / "r18b.linear_eval.json")["checkpoint"] == str(tmp_path / "r18b.pt")
+    before = (tmp_path / "r18.linear_eval.json").read_bytes()
+    error = error_of(linear_eval.main, "--checkpoint", tmp_path / "r18.pt", "--epochs", 0,
+                     "--knn", 7, "--workers", 0)
+    assert error == (f"linear_eval.py: error: {tmp_path / 'r18.linear_eval.json'} holds the "
+                     f"results of another evaluation (--knn 5 there (7 here)): pass --out to keep both")
+    assert (tmp_path / "r18.linear_eval.json").read_bytes() == before
+    run_script("linear_eval.py", "--checkpoint", tmp_path / "r18.pt", "--epochs", 0, "--knn", 5,
+               "--workers", 1)  # how it runs may differ
+    assert read_json(tmp_path / "r18.linear_eval.json")["config"]["workers"] == 1
+
+
+def test_cached_features_refuse_a_batch_larger_than_the_data(pretrained_checkpoint, tmp_path):
+    """Its learning rate is scaled by the batch: one that cannot exist is refused, as without
+    --cached-features."""
+    for cached in ([], ["--cached-features"]):
+        error = error_of(linear_eval.main, "--checkpoint", pretrained_checkpoint, *cached,
+                         "--epochs", 1, "--out", tmp_path / "x.json")
+        assert "48 training images are fewer than one batch of 512: lower --batch-size to at most " \
+               "48" in error
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_random_init_transfer_and_knn_end_to_end(pretrained_checkpoint, tmp_path):

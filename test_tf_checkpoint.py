@@ -296,7 +296,7 @@ def test_converted_checkpoints_go_through_linear_eval_finetune_and_distill(tmp_p
     ckpt = torch.load(tmp_path / "pre.pt", weights_only=True)
     assert ckpt["converted_from"]["layout"] == "tf1" and ckpt["classifier"]["weight"].shape == (10, 16)
     run_script("linear_eval.py", "--checkpoint", tmp_path / "pre.pt", "--dataset", "folder",
-               "--data-dir", data, "--cached-features", "--epochs", 2, "--workers", 0,
+               "--data-dir", data, "--cached-features", "--epochs", 2, "--batch-size", 10, "--workers", 0,
                "--out", tmp_path / "lin.json")
     assert 0 <= json.loads((tmp_path / "lin.json").read_text())["top1"] <= 100
     run_script("finetune.py", "--checkpoint", tmp_path / "pre.pt", "--dataset", "folder",
