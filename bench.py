@@ -41,11 +41,11 @@ import torch
 from einops import rearrange
 from torch.utils.flop_counter import FlopCounterMode
 
-from cli import UserError, git_revision, opt, parse_config, prepare_out_dir, run_cli, setup
+from cli import UserError, git_revision, opt, prepare_out_dir, run_cli, setup
 from data import InMemory, ViewLoader, default_workers, load_split
 from objective import build_objective
-from pretrain import (PRESETS, Config, build_model, build_optimizer, scaled_lr, train_step,
-                      view_augmentations)
+from pretrain import (PRESETS, Config, build_model, build_optimizer, parse_with_presets, scaled_lr,
+                      train_step, view_augmentations)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -406,7 +406,8 @@ def report(result):
 
 def main(argv=None):
     def run():
-        cfg, _ = parse_config(BenchConfig, argv, BENCH_PRESETS, __doc__.splitlines()[0])
+        cfg, _ = parse_with_presets(argv, BenchConfig, BENCH_PRESETS,  # as pretrain.py
+                                    __doc__.splitlines()[0])
         if cfg.out:  # checked before the measurements, not after
             prepare_out_dir(Path(cfg.out).parent, "--out")
         result = bench(cfg)

@@ -631,20 +631,29 @@ def train(cfg, ckpt=None):
         f"checkpoint {run.path}")
 
 
-def resolve_config(argv):
-    """Flags over presets; for a run that continues (--resume, or a checkpoint already in
-    --out-dir: cli.continue_run), the changeable flags over the checkpoint's stored
-    configuration. Returns (config, the checkpoint continued or None)."""
-    cfg, given = parse_config(Config, argv, PRESETS, __doc__.splitlines()[0])
+def parse_with_presets(argv, cls=None, presets=None, description=None):
+    """(config, flags given): the flags over their dataset's preset (pretrain.py's Config and
+    PRESETS, or bench.py's), where a folder of images of 32 px or less takes CIFAR-10's
+    (data.preset); a folder preset's size far above the images' own is refused."""
+    cls, presets = cls or Config, presets or PRESETS
+    cfg, given = parse_config(cls, argv, presets, description or __doc__.splitlines()[0])
     if preset(cfg.dataset, cfg.image_size) != cfg.dataset:  # a folder of small images
-        cfg, given = parse_config(Config, argv, {cfg.dataset: PRESETS[preset(cfg.dataset, cfg.image_size)]})
-    if cfg.dataset == "folder" and "image_size" not in given and not cfg.resume:
+        cfg, given = parse_config(cls, argv, {cfg.dataset: presets[preset(cfg.dataset, cfg.image_size)]})
+    if cfg.dataset == "folder" and "image_size" not in given and not getattr(cfg, "resume", ""):
         side = typical_side(cfg.data_dir)
         if side and cfg.image_size > 2 * side:
             raise UserError(f"the images under {cfg.data_dir} are about {side} px (shorter side): "
                             f"--image-size {cfg.image_size}, the folder preset's, would upscale them "
                             f"{cfg.image_size / side:.1f}x; pass --image-size {side} (32 or less: "
                             f"CIFAR-10's stem and recipe), or --image-size {cfg.image_size} to keep it")
+    return cfg, given
+
+
+def resolve_config(argv):
+    """Flags over presets; for a run that continues (--resume, or a checkpoint already in
+    --out-dir: cli.continue_run), the changeable flags over the checkpoint's stored
+    configuration. Returns (config, the checkpoint continued or None)."""
+    cfg, given = parse_with_presets(argv)
     cfg, ckpt = continue_run(Config, cfg, given, "pretrain", f"{cfg.dataset}-{cfg.arch}")
     if ckpt and cfg.max_steps and ckpt["step"] >= cfg.max_steps:
         raise Done(f"{cfg.resume} is at step {ckpt['step']}, --max-steps {cfg.max_steps}: nothing "

@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cli import UserError, _Parser, git_revision, parse_config, run_cli
+from cli import UserError, _Parser, git_revision, run_cli
 
 ROOT = Path(__file__).parent
 
@@ -66,7 +66,7 @@ SCALES = {
         "a tiny image folder and a ResNet-18 at 1/8 width: seconds per run, for the tests",
         ["--arch", "resnet18", "--width-multiplier", "0.125", "--image-size", "32",
          "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0"],
-        ["--cached-features", "--epochs", "2", "--knn", "5", "--workers", "0"],
+        ["--cached-features", "--epochs", "2", "--knn", "5", "--batch-size", "16", "--workers", "0"],
         {0.01: ["--epochs", "1", "--batch-size", "2", "--workers", "0"],
          0.1: ["--epochs", "1", "--batch-size", "2", "--workers", "0"]},
         dataset="folder", batch_size=16),
@@ -342,11 +342,10 @@ class Job:
 def canonical(scale, name):
     """The first PRETRAIN name whose run pretrain.py would configure exactly as this one's (the
     base recipe first): "tau-0.5" is the base recipe at the CIFAR scales, not at paper scale."""
-    from pretrain import PRESETS, Config  # torch: only once runs are planned
+    from pretrain import parse_with_presets  # torch: only once runs are planned
 
-    def resolved(n):
-        cfg, _ = parse_config(Config, pretrain_flags(scale, n, "DATA"), PRESETS)
-        return dataclasses.asdict(cfg)
+    def resolved(n):  # as pretrain.py resolves it (a folder of 32 px images: CIFAR's preset)
+        return dataclasses.asdict(parse_with_presets(pretrain_flags(scale, n, "DATA"))[0])
 
     return next(n for n in PRETRAIN if resolved(n) == resolved(name))
 
@@ -423,8 +422,9 @@ def pretrain_finished(run_dir):
     ckpt_path, log = run_dir / "ckpt.pt", run_dir / "log.jsonl"
     if not ckpt_path.exists() or not log.exists():
         return None
-    if not torch.load(ckpt_path, map_location="cpu", weights_only=True).get("finished"):
-        return None
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if not ckpt.get("finished", ckpt["step"] >= ckpt["config"]["epochs"] * ckpt["steps_per_epoch"]):
+        return None  # (checkpoints before "finished" was written: at the end of the schedule)
     return json.loads(log.read_text().strip().splitlines()[-1])
 
 
@@ -738,7 +738,8 @@ def parse_args(argv):
                         + ", ".join(EXPERIMENTS))
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 of every run (default 1)")
     parser.add_argument("--data-dir", default="", help="the dataset (default: the scale's, "
-                        "e.g. data/cifar10: an image-folder export or torchvision's download)")
+                        "e.g. data/cifar10 in the repository: an image-folder export or "
+                        "torchvision's download)")
     parser.add_argument("--out", default="results", help="records, runs and figures (default results/)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--report", action="store_true", help="only write the tables (and "
@@ -754,7 +755,13 @@ def parse_args(argv):
     if args.seeds < 1:
         raise UserError(f"--seeds must be >= 1, not {args.seeds}")
     args.names = names
-    args.data_dir = args.data_dir or SCALES[args.scale].data_dir
+    if not args.data_dir and not SCALES[args.scale].data_dir:
+        raise UserError(f"--scale {args.scale} needs --data-dir (a small image folder of "
+                        f"<class>/<image>, as the tests make)")
+    # the scripts run in the repository: the user's paths are made absolute from where they are
+    args.data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else str(
+        ROOT / SCALES[args.scale].data_dir)
+    args.out = str(Path(args.out).resolve())
     return args
 
 

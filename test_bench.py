@@ -106,7 +106,19 @@ def test_bench_runs_on_cpu_and_reports_every_row(dataset, source, tiny_folder, t
 
 def test_bad_rows_is_one_line_error(tiny_folder):
     proc = run_script("bench.py", "--dataset", "folder", "--data-dir", tiny_folder, "--rows",
-                      "memory,speed", check=False)
+                      "memory,speed", "--image-size", 32, check=False)
     assert proc.returncode != 0
     assert proc.stderr.strip().startswith("bench.py: error: --rows") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_folder_of_small_images_is_measured_as_pretrain_py_trains_it(tiny_folder):
+    """Not at the folder preset's 224 px (7x the images): refused as pretrain.py refuses it, and
+    at 32 px with the CIFAR recipe."""
+    proc = run_script("bench.py", "--dataset", "folder", "--data-dir", tiny_folder, check=False)
+    assert proc.returncode == 1 and "would upscale them 7.0x" in proc.stderr
+    from bench import BENCH_PRESETS, BenchConfig
+    from pretrain import parse_with_presets
+    cfg, _ = parse_with_presets(["--dataset", "folder", "--data-dir", str(tiny_folder),
+                                 "--image-size", "32"], BenchConfig, BENCH_PRESETS)
+    assert (cfg.blur, cfg.color_strength, cfg.temperature) == (False, 0.5, 0.5)

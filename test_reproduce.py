@@ -5,6 +5,7 @@ import json
 import pytest
 
 import reproduce
+from cli import UserError
 from conftest import run_script
 
 
@@ -87,6 +88,21 @@ def test_runs_equal_to_the_base_recipe_share_its_pretraining():
     assert reproduce.canonical("cpu", "batch-256-linear") == "base"
     assert reproduce.canonical("paper", "tau-0.5") == "tau-0.5"
     assert reproduce.canonical("paper", "tau-0.1") == "base"
+    # the smoke scale's folder of 32 px images takes the CIFAR recipe, as pretrain.py gives it
+    assert reproduce.canonical("smoke", "tau-0.5") == "base"
+    assert reproduce.canonical("smoke", "strength-1/2") == "base"
+    assert reproduce.canonical("smoke", "tau-0.1") == "tau-0.1"
+    assert reproduce.canonical("smoke", "strength-1") == "strength-1"
+
+
+def test_paths_are_the_users_and_the_smoke_scale_needs_data(tiny_folder, tmp_path, monkeypatch):
+    """The scripts run in the repository: a relative --data-dir or --out is read from where the
+    user is, and the smoke scale does not train on the repository's own pictures."""
+    monkeypatch.chdir(tiny_folder.parent)
+    args = reproduce.parse_args(["--scale", "smoke", "--data-dir", tiny_folder.name, "--out", "sweep"])
+    assert args.data_dir == str(tiny_folder) and args.out == str(tiny_folder.parent / "sweep")
+    with pytest.raises(UserError, match="--scale smoke needs --data-dir"):
+        reproduce.parse_args(["--scale", "smoke"])
 
 
 @pytest.mark.parametrize("args, message", [
