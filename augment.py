@@ -94,11 +94,11 @@ def _crop_boxes(u_ratio, u_height, u_offset, height, width):
 
 def center_crop_box(height, width, size, proportion=CROP_PROPORTION):
     """The evaluation crop (data_util.center_crop) for a square output of side size: a centred
-    square of rint(proportion x the shorter side) in float32, offsets rounded up; the whole
-    image when size <= 32, as data.py turns the crop off there. Returns 4 ints."""
-    if size <= 32:
-        return 0, 0, height, width
-    side = int((torch.tensor(proportion) * min(height, width)).round())
+    square of rint(proportion x the shorter side) in float32, offsets rounded up. When size <= 32
+    the authors' data.py turns the crop off (a CIFAR image is used whole); an image that is not
+    square is then cut to its centred square, not squashed. Returns 4 ints."""
+    side = min(height, width) if size <= 32 else int(
+        (torch.tensor(proportion) * min(height, width)).round())
     return (height - side + 1) // 2, (width - side + 1) // 2, side, side
 
 

@@ -151,6 +151,12 @@ def test_center_crop_box_is_the_authors_centre_crop():
     assert A.center_crop_box(256, 256, 224) == (16, 16, 224, 224)
     assert A.center_crop_box(44, 50, 40) == (3, 6, 38, 38)
     assert A.center_crop_box(32, 32, 32) == (0, 0, 32, 32)  # data.py: no crop at 32 px or less
+    # ... but an image that is not square is cut to its centred square, not squashed
+    assert A.center_crop_box(100, 80, 32) == (10, 0, 80, 80)
+    assert A.center_crop_box(30, 50, 16) == (0, 10, 30, 30)
+    image = torch.randint(0, 256, (3, 100, 80), dtype=torch.uint8)
+    view = A.center_crop_resize(image, 32)
+    assert torch.equal(view, A.center_crop_resize(image[:, 10:90], 32))  # the centre, whole
 
 
 # ---------------------------------------------------------------------------------------------

@@ -136,6 +136,20 @@ def test_unreadable_images_are_named_counted_and_replaced(tmp_path):
     assert record["unreadable_images"] == 2 and record["step"] == 3
 
 
+def test_the_augmentation_picture_replaces_an_unreadable_image(tmp_path):
+    """As pretraining does: the file is named, the next image takes its place, no traceback."""
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=4, val_per_class=1)
+    for f in (data / "train").rglob("*.png"):
+        f.rename(f.with_suffix(".jpg"))  # PNG bytes under .jpg: PIL reads them by content
+    good = (data / "train" / "class0" / "000.jpg").read_bytes()
+    for i in range(3):  # truncated files, among 8: some are among the 8 the picture shows
+        (data / "train" / "class0" / f"00{i}.jpg").write_bytes(good[:len(good) // 3])
+    proc = run_script("pretrain.py", *TINY_PRETRAIN, "--data-dir", data, "--show-augmentations",
+                      tmp_path / "views.png", "--out-dir", tmp_path / "run", check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "warning: unreadable image" in proc.stderr and (tmp_path / "views.png").is_file()
+
+
 def test_a_folder_of_non_images_stops_with_one_line(tmp_path):
     for c in ("a", "b"):
         (tmp_path / "data" / "train" / c).mkdir(parents=True)
