@@ -21,7 +21,6 @@ What is the authors', what is MoCo's, what is ours:
 RESULTS.md ("The memory") has the experiments behind each choice.
 """
 import copy
-import math
 
 import torch
 import torch.nn as nn
