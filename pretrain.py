@@ -101,9 +101,9 @@ class Config:
     # optimisation (Sec. 2.2, Appendix B)
     batch_size: int = opt(512, "global batch size N in images (each gives 2 views)", min=2)
     epochs: int = opt(1000, "training epochs; the schedule spans them", min=1)
-    max_steps: int = opt(0, "stop (with a checkpoint) after this many optimizer steps, 0: no "
-                         "limit; the schedule still spans --epochs, so the run can be resumed",
-                         min=0, changeable=True)
+    max_steps: int = opt(0, "stop (with a checkpoint) at this optimizer step, 0: at the end; "
+                         "the schedule still spans --epochs, and the same command without it "
+                         "(or --resume) continues to the end", min=0, changeable=True)
     optimizer: str = opt("lars", "LARS as in the paper; sgd and adam for comparison",
                          ["lars", "sgd", "adam"])
     lr: float = opt(1.0, "base learning rate, scaled by --lr-scaling", above=0)
