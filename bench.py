@@ -41,7 +41,7 @@ import torch
 from einops import rearrange
 from torch.utils.flop_counter import FlopCounterMode
 
-from cli import UserError, git_revision, opt, prepare_out_dir, run_cli, setup
+from cli import UserError, git_revision, opt, precision_for, prepare_out_dir, run_cli, setup
 from data import InMemory, ViewLoader, default_workers, load_split
 from objective import build_objective
 from pretrain import (PRESETS, Config, build_model, build_optimizer, parse_with_presets, scaled_lr,
@@ -221,7 +221,7 @@ def bench(cfg):
     device, _, _ = setup(cfg.device)
     torch.manual_seed(cfg.seed)
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision, autocast, _ = precision_for(cfg.precision, device)
     augments = view_augmentations(cfg)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(1)
     dataset = load_split(cfg.dataset, cfg.data_dir, "pretrain", cfg.image_size, device, workers,
@@ -268,7 +268,6 @@ def bench(cfg):
     if cfg.compile:
         model = torch.compile(model)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
     model.train()
     objective = build_objective("nt-xent", cfg.temperature)
     step = lambda views: train_step(model, *views, optimizer, objective, scaler, autocast,

@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import (Progress, Run, UserError, console, continue_run, git_revision, load_checkpoint,
-                 load_model_state, opt, parse_config, per_process_batch, prepare_out_dir,
-                 restore_random_state, run_cli, setup)
+                 load_model_state, opt, parse_config, per_process_batch, precision_for,
+                 prepare_out_dir, restore_random_state, run_cli, setup)
 from data import (ResumableSampler, ViewLoader, build_augmentation, check_same_classes,
                   default_workers, evaluation_split, load_split, select, unreadable_images)
 from finetune import (build_classifier, build_finetune_optimizer, choose_labeled, epoch_totals,
@@ -106,7 +106,8 @@ class DistillConfig:
     # system
     device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"],
                       changeable=True)
-    precision: str = opt("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere",
+    precision: str = opt("auto", "auto: bf16 autocast on CUDA and on CPUs with native bf16, "
+                         "fp32 elsewhere",
                          ["auto", "bf16", "fp32"], changeable=True)
     log_every: int = opt(50, "print a log line every this many steps (and after the first)",
                          min=1, changeable=True)
@@ -232,7 +233,7 @@ def train(cfg, teacher, teacher_ckpt, resume):
     main = rank == 0
     log = console(main)
     local_batch = per_process_batch(cfg.batch_size, world)
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision, autocast, why = precision_for(cfg.precision, device)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
     out_dir = Path(cfg.out_dir)  # continue_run's choice
     pre = teacher_ckpt["config"]["pretrain"]
@@ -290,13 +291,12 @@ def train(cfg, teacher, teacher_ckpt, resume):
             student = convert_to_global_bn(student)
         student = nn.parallel.DistributedDataParallel(
             student, device_ids=[device] if device.type == "cuda" else None)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
     if main:  # made once every check has passed: a failed start leaves no folder behind
         prepare_out_dir(out_dir)
         if cfg.alpha < 1:
             (out_dir / "subset.txt").write_text("\n".join(image_names(train_set, indices)) + "\n")
 
-    log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | {precision} | "
+    log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | {precision} ({why}) | "
         f"teacher {pre['arch']} x{pre['width_multiplier']:g} | student {cfg.arch} "
         f"x{cfg.width_multiplier:g} ({'from ' + cfg.init if cfg.init else 'random init'}) | "
         f"{sum(p.numel() for p in raw_student.parameters()) / 1e6:.2f}M student parameters")

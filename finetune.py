@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from cli import (Progress, Run, UserError, checkpoint_path, console, continue_run, git_revision,
                  load_checkpoint, load_model_state, opt, parse_config, per_process_batch,
-                 prepare_out_dir, restore_random_state, run_cli, setup, world_info)
+                 precision_for, prepare_out_dir, restore_random_state, run_cli, setup, world_info)
 from data import (ResumableSampler, ViewLoader, build_augmentation, check_same_classes,
                   class_balanced, dataset_labels, default_workers, eval_batches, evaluation_split,
                   load_split, preset, select, unreadable_images)
@@ -101,7 +101,8 @@ class FinetuneConfig:
     # system
     device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"],
                       changeable=True)
-    precision: str = opt("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere",
+    precision: str = opt("auto", "auto: bf16 autocast on CUDA and on CPUs with native bf16, "
+                         "fp32 elsewhere",
                          ["auto", "bf16", "fp32"], changeable=True)
     log_every: int = opt(50, "print a log line every this many steps (and after the first)",
                          min=1, changeable=True)
@@ -327,7 +328,7 @@ def evaluate(model, dataset, size, batch_size, device, workers=0, log=None):
         done += len(y)
         if progress.due(done):
             progress.show(done, "images")
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with precision_for("auto", device)[1]:
             logits = model(x).float()  # b x classes
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # b x 5
         hits = top == y[:, None]
@@ -365,7 +366,7 @@ def train(cfg, pretrain_config, weights, resume):
     main = rank == 0
     log = console(main)
     local_batch = per_process_batch(cfg.batch_size, world)
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision, autocast, why = precision_for(cfg.precision, device)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
     out_dir = Path(cfg.out_dir)  # continue_run's choice
 
@@ -408,13 +409,12 @@ def train(cfg, pretrain_config, weights, resume):
             model = convert_to_global_bn(model)
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
     if main:  # made once every check has passed: a failed start leaves no folder behind
         prepare_out_dir(out_dir)
         (out_dir / "subset.txt").write_text("\n".join(image_names(train_set, indices)) + "\n")
 
     n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-    log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | {precision} | "
+    log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | {precision} ({why}) | "
         f"{'random init' if cfg.from_scratch else cfg.checkpoint} | "
         f"{cfg.ft_proj_layer} head layer(s) kept | {n_params / 1e6:.2f}M trained parameters | "
         f"{num_classes} classes")

@@ -37,8 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import (Progress, UserError, checkpoint_path, console, git_revision, identity,
-                 load_checkpoint, opt, parse_config, per_process_batch, prepare_out_dir, run_cli,
-                 setup, world_info)
+                 load_checkpoint, opt, parse_config, per_process_batch, precision_for,
+                 prepare_out_dir, run_cli, setup, world_info)
 from data import (InMemory, ViewLoader, build_augmentation, check_same_classes, default_workers,
                   evaluation_split, load_split, preset)
 from pretrain import (Representation, build_model, build_optimizer, extract_features, knn_predict,
@@ -214,7 +214,7 @@ def train_linear(classifier, encoder, loader, epochs, peak_lr, weight_decay=0.0,
     _, world = world_info()
     optimizer = build_optimizer(classifier, "sgd", peak_lr, weight_decay, momentum, nesterov=True)
     total_steps = epochs * len(loader)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    autocast = precision_for("auto", device)[1]
     encoder.eval()  # BN uses the pretraining statistics and does not update them
     classifier.train()
     step, progress = 0, Progress(log, "epoch", epochs, len(loader.sampler), seconds=10)

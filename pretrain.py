@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from cli import (Done, Progress, Run, UserError, console, continue_run, git_revision,
-                 load_model_state, opt, parse_config, per_process_batch, prepare_out_dir,
-                 restore_random_state, run_cli, setup, world_info)
+                 load_model_state, opt, parse_config, per_process_batch, precision_for,
+                 prepare_out_dir, restore_random_state, run_cli, setup, world_info)
 from data import (InMemory, ResumableSampler, ViewLoader, build_augmentation, default_workers,
                   eval_batches, load_split, preset, save_augmentation_grid, typical_side,
                   unreadable_images)
@@ -129,7 +129,8 @@ class Config:
     # system
     device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"],
                       changeable=True)
-    precision: str = opt("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere; fp16 uses a "
+    precision: str = opt("auto", "auto: bf16 autocast on CUDA and on CPUs with native bf16 "
+                         "(AVX512-BF16, AMX), fp32 elsewhere; fp16 uses a "
                          "gradient scaler", ["auto", "bf16", "fp16", "fp32"], changeable=True)
     compile: bool = opt(False, "torch.compile the model (slower start, faster steps on GPU)",
                         changeable=True)
@@ -350,7 +351,7 @@ def extract_features(encoder, dataset, size, batch_size, device, workers=0, log=
     progress = Progress(log or (lambda *a: None), name, len(range(rank, len(dataset), world)))
     feats, labels, done = [], [], 0
     for x, y in eval_batches(dataset, size, batch_size, device, workers):
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with precision_for("auto", device)[1]:
             feats.append(encoder(x).float())
         labels.append(y)
         done += len(y)
@@ -452,7 +453,7 @@ def train(cfg, ckpt=None):
     log = console(main)
 
     local_batch = per_process_batch(cfg.batch_size, world)
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision, autocast, why = precision_for(cfg.precision, device)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
     try:
         objective = build_objective(cfg.loss, cfg.temperature, cfg.l2_norm, cfg.semi_hard, cfg.margin)
@@ -540,7 +541,7 @@ def train(cfg, ckpt=None):
         prepare_out_dir(out_dir)
 
     n_params = sum(p.numel() for p in raw_model.encoder.parameters())
-    log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | {precision} | "
+    log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | {precision} ({why}) | "
         f"{'global BN | ' if under_torchrun and cfg.global_bn else ''}{cfg.arch} "
         f"x{cfg.width_multiplier:g} with the {raw_model.encoder.stem_name} at {cfg.image_size} px, "
         f"{n_params / 1e6:.2f}M parameters, h {raw_model.encoder.out_dim}-d"
@@ -563,8 +564,6 @@ def train(cfg, ckpt=None):
                     epoch_sums=epoch_sums.cpu(), finished=step >= total_steps,
                     **({"memory": memory.state_dict()} if memory is not None else {}))
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
-                              enabled=precision in ("bf16", "fp16"))
     model.train()
     progress = Progress(log, "step", last_step, cfg.batch_size, every=cfg.log_every, start=step)
     since_log, t_start, stopping = 0, time.time(), False
