@@ -1,0 +1,117 @@
+"""The encoder outside this repository: export.py's torch.export program run by a Python that
+cannot import the repository, torchvision's ResNet with export.py's weights and lines against
+h, the refusals, and hubconf.py's entry points through torch.hub itself."""
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+import export
+from conftest import ROOT, error_of, run_script
+from finetune import load_finetuned
+from pretrain import Config, Representation, build_model
+from cli import load_checkpoint
+
+
+def encoder_of(path, layer=0):
+    ckpt = load_checkpoint(path)
+    return Representation(build_model(ckpt["config"], ckpt["model"]), layer, "layer").eval()
+
+
+def test_pt2_runs_without_the_repository(pretrained_checkpoint, tmp_path):
+    """h and head layer 1 from the exported programs, at two batch sizes the export never saw,
+    in `python -I` from another folder (no repository on sys.path), equal the checkpoint's."""
+    torch.manual_seed(0)
+    x = {n: torch.rand(n, 3, 32, 32) for n in (1, 5)}
+    for layer in (0, 1):
+        out = tmp_path / f"layer{layer}.pt2"
+        run_script("export.py", pretrained_checkpoint, out, "--layer", layer)
+        torch.save(x, tmp_path / "x.pt")
+        program = (
+            "import sys, torch\n"
+            "try:\n    import pretrain\nexcept ImportError:\n    pass\n"
+            "else:\n    sys.exit('the repository is importable')\n"
+            f"f = torch.export.load({str(out)!r}).module()\n"
+            f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+            f"torch.save({{n: f(v) for n, v in x.items()}}, {str(tmp_path / 'y.pt')!r})\n")
+        proc = subprocess.run([sys.executable, "-I", "-c", program], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        y, f = torch.load(tmp_path / "y.pt"), encoder_of(pretrained_checkpoint, layer)
+        with torch.no_grad():
+            for n, v in x.items():
+                assert y[n].shape == (n, f.out_dim)
+                torch.testing.assert_close(y[n], f(v), rtol=1e-4, atol=1e-5)
+
+
+def random_encoder(arch, size):
+    """A width-1 network with random weights and BN statistics far from (0, 1), so that a
+    misplaced BN or padding shows in h."""
+    cfg = Config(arch=arch, image_size=size, width_multiplier=1.0)
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model, dataclasses.asdict(cfg)
+
+
+@pytest.mark.parametrize("arch,size", [("resnet18", 32), ("resnet18", 64), ("resnet50", 64)])
+def test_torchvision_with_the_lines_computes_h(arch, size):
+    """torchvision's ResNet, the printed lines applied, loads the weights with only fc.* missing
+    and computes h; without the 'SAME' pool (the ImageNet stem) it does not."""
+    model, config = random_encoder(arch, size)
+    state, lines = export.torchvision_state(model, config)
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+    def torchvision_h(lines):
+        tv = getattr(torchvision.models, arch)()
+        for line in lines:
+            exec(line, {"torch": torch, "model": tv})
+        result = tv.load_state_dict(state, strict=False)
+        assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+        tv.fc = torch.nn.Identity()
+        with torch.no_grad():
+            return tv.eval()(x)
+
+    with torch.no_grad():
+        h = model.encoder(x)
+    torch.testing.assert_close(torchvision_h(lines), h, rtol=1e-4, atol=1e-4)
+    if size > 32:  # torchvision's own max-pool pads 1 on both sides: other features
+        plain = torchvision_h([line for line in lines if line != export.SAME_MAXPOOL])
+        assert (plain - h).norm() > 0.01 * h.norm()
+
+
+def test_torchvision_refusals(pretrained_checkpoint, finetuned_checkpoint, tmp_path):
+    """One line and no file where torchvision has no such network, for --layer with it, for a
+    folder as the output and for a checkpoint that is not an encoder."""
+    out = tmp_path / "r18.pth"
+    assert "torchvision has no resnet18 at width 0.125" in error_of(
+        export.main, pretrained_checkpoint, out, "--format", "torchvision")
+    assert "--layer is for --format pt2" in error_of(
+        export.main, pretrained_checkpoint, out, "--format", "torchvision", "--layer", 1)
+    assert "is a folder" in error_of(export.main, pretrained_checkpoint, tmp_path)
+    assert "finetuned" in error_of(export.main, finetuned_checkpoint, out)
+    assert not out.exists()
+
+
+def test_hub_entry_points(pretrained_checkpoint, finetuned_checkpoint):
+    """torch.hub.load on this clone gives the checkpoint's encoder (its run folder as well) and
+    the fine-tuned classifier, in eval mode."""
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    f = torch.hub.load(str(ROOT), "encoder", checkpoint=str(pretrained_checkpoint.parent),
+                       layer=1, source="local")
+    assert not f.training and f.image_size == 32
+    g = torch.hub.load(str(ROOT), "classifier", checkpoint=str(finetuned_checkpoint),
+                       source="local")
+    reference = load_finetuned(finetuned_checkpoint)[0].eval()
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), encoder_of(pretrained_checkpoint, 1)(x))
+        torch.testing.assert_close(g(x), reference(x))
+    assert g(x).shape == (3, 4) and not g.training
