@@ -505,10 +505,13 @@ class Run:
         self.last_save = time.time()
 
     def record(self, record):
-        """One line of log.jsonl (an epoch's, written before that epoch's checkpoint)."""
+        """One line of log.jsonl (an epoch's, written before that epoch's checkpoint), and the
+        run's curves.png where matplotlib is importable (curves.py)."""
         if self.main:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            import curves  # here: curves.py is a script that imports this module
+            curves.plot_if_possible(self.log_path.parent)
 
     def stopped(self, step, log):
         log(f"stopped by signal {self.signum} at step {step}, checkpoint {self.path}; the same "

@@ -537,16 +537,30 @@ def save_augmentation_grid(path, data, augments, size, device, count=8):
         fitted.append(cell)
     views, _ = next(iter(ViewLoader(part, range(len(idx)), len(idx), augments, device, 0)))
     columns = [torch.stack(fitted), evaluation.cpu(), *(v.cpu() for v in views)]
-    grid = torchvision.utils.make_grid(torch.stack(columns, 1).flatten(0, 1), nrow=len(columns),
-                                       padding=2, pad_value=1.0)  # 3 x H x W
-    zoom = max(1, 96 // size)  # 32 px images are shown 3x, so that the headers fit
+    return save_grid(path, torch.stack(columns, 1),
+                     ["original", "evaluation", *(f"view {i + 1}" for i in range(len(augments)))])
+
+
+def save_grid(path, images, headers, captions=None):
+    """A PNG at path of images (rows x columns x 3 x S x S, values in [0, 1]), a header over
+    each column and, with captions (rows x columns strings), a line under each image; images of
+    32 px are shown 3x, so that the text fits. The one picture writer of the scripts."""
+    rows, columns, _, size, _ = images.shape
+    grid = torchvision.utils.make_grid(images.flatten(0, 1).float(), nrow=columns, padding=2,
+                                       pad_value=1.0)  # 3 x H x W
+    zoom, line = max(1, 96 // size), 12 if captions else 0
+    cell = (size + 2) * zoom
     picture = torchvision.transforms.functional.to_pil_image(grid).resize(
         (grid.shape[2] * zoom, grid.shape[1] * zoom), Image.NEAREST)
-    titles = ["original", "evaluation", *(f"view {i + 1}" for i in range(len(augments)))]
-    canvas = Image.new("RGB", (picture.width, picture.height + 16), "white")
-    canvas.paste(picture, (0, 16))
-    draw, cell = ImageDraw.Draw(canvas), (size + 2) * zoom
-    for i, title in enumerate(titles):
+    canvas = Image.new("RGB", (picture.width, 16 + rows * (cell + line) + 2 * zoom), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r in range(rows):
+        canvas.paste(picture.crop((0, r * cell, picture.width, (r + 1) * cell)),
+                     (0, 16 + r * (cell + line)))
+        for c in range(columns if captions else 0):
+            draw.text((c * cell + 2 * zoom, 16 + r * (cell + line) + cell),
+                      captions[r][c][:cell // 6], fill="black")
+    for i, title in enumerate(headers):
         draw.text((i * cell + 2 * zoom, 2), title, fill="black")
     try:
         canvas.save(path)

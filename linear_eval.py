@@ -16,7 +16,9 @@ Top-1 and top-5 on the evaluation split go to a JSON file beside the checkpoint.
 --cached-features computes h once per image, without augmentation, and trains the linear layer
 on the stored features: seconds instead of hours on a CPU, and usually a little different from
 the augmented protocol (README.md). --knn K adds weighted k-nearest-neighbour top-1 on normalised
-h (no training); --epochs 0 --knn 200 gives the kNN alone. --random-init evaluates the same
+h (no training); --epochs 0 --knn 200 gives the kNN alone. --show-neighbours nn.png writes a
+picture of what the encoder learned, evaluation images and their nearest training images, and
+nothing else. --random-init evaluates the same
 architecture untrained, the baseline that shows what pretraining added. --dataset other than the
 checkpoint's is transfer (Sec. 6): images are resized to the encoder's input size.
 Under torchrun each process takes batch_size / world images, the linear layer's gradients are
@@ -40,7 +42,7 @@ from cli import (Progress, UserError, checkpoint_path, console, git_revision, id
                  load_checkpoint, opt, parse_config, per_process_batch, precision_for,
                  prepare_out_dir, run_cli, setup, world_info)
 from data import (InMemory, ViewLoader, build_augmentation, check_same_classes, default_workers,
-                  evaluation_split, load_split, preset)
+                  eval_batches, evaluation_split, load_split, preset, save_grid, select)
 from pretrain import (Representation, build_model, build_optimizer, extract_features, knn_predict,
                       learning_rate, scaled_lr)
 
@@ -84,6 +86,12 @@ class LinearConfig:
     seed: int = opt(0, "random seed (data order, augmentation, --random-init weights)")
     out: str = opt("", "results JSON, empty: <checkpoint dir>/linear_eval[_random][_<dataset>]"
                    ".json", changeable=True)
+    show_neighbours: str = opt("", "write a PNG of --queries evaluation images, each followed by "
+                               "its 8 nearest training images by cosine similarity of h (the kNN's "
+                               "neighbours), with their classes, and nothing else; e.g. nn.png",
+                               changeable=True)
+    queries: int = opt(8, "--show-neighbours: evaluation images shown, evenly spaced in the split",
+                       min=1, changeable=True)
 
 
 # Images per forward pass when computing features; BN is in inference mode, so only memory changes.
@@ -120,7 +128,7 @@ def resolve_config(argv):
     cfg = LinearConfig(**{**defaults, **PRESETS.get(preset(dataset, pre["image_size"]), {}), **given,
                           "dataset": dataset, "data_dir": data_dir,
                           **evaluation_split(given, pre, data_dir == pre.get("data_dir"))})
-    if cfg.epochs == 0 and cfg.knn == 0:
+    if cfg.epochs == 0 and cfg.knn == 0 and not cfg.show_neighbours:
         raise UserError("nothing to do: --epochs 0 trains no linear layer; add --knn K")
     return cfg, ckpt
 
@@ -305,6 +313,20 @@ def results_path(cfg, pretrain_dataset):
     return out
 
 
+def save_neighbours(path, val, train, val_f, val_l, train_f, train_l, size, device, queries, k=8):
+    """The --show-neighbours picture: `queries` evaluation images evenly spaced in the split, each
+    followed by its k nearest training images by cosine similarity of the features (those the
+    kNN votes with), every image captioned with its class."""
+    q = torch.linspace(0, len(val) - 1, queries).round().long().unique().tolist()
+    nearest = (F.normalize(val_f[q], dim=1) @ F.normalize(train_f, dim=1).T).topk(k, dim=1).indices
+    view = lambda data, idx: next(eval_batches(select(data, idx), size, len(idx), device, 0))
+    rows = torch.cat([view(val, q)[0][:, None], view(train, nearest.flatten().tolist())[0]
+                      .unflatten(0, (len(q), k))], 1).cpu()
+    captions = [[val.classes[y] for y in [val_l[i].item(), *train_l[n].tolist()]]
+                for i, n in zip(q, nearest)]
+    return save_grid(path, rows, ["query", *(f"nearest {i + 1}" for i in range(k))], captions)
+
+
 def trained_for(ckpt):
     """How far the checkpoint's training got, in words: it may have stopped mid-epoch."""
     step, per_epoch = ckpt.get("step"), ckpt.get("steps_per_epoch")
@@ -320,7 +342,9 @@ def run(cfg, ckpt):
     local_batch = per_process_batch(cfg.batch_size, world)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
     pre = ckpt["config"]
-    out = results_path(cfg, pre["dataset"])
+    out = None if cfg.show_neighbours else results_path(cfg, pre["dataset"])
+    if cfg.show_neighbours and world > 1:
+        raise UserError("--show-neighbours runs in one process: without torchrun")
     image_size = pre["image_size"]  # the encoder's input size, also for transfer datasets
 
     torch.manual_seed(cfg.seed)  # the same --random-init weights on every rank
@@ -345,25 +369,31 @@ def run(cfg, ckpt):
                                              workers, views, log, True, cfg.val_fraction, cfg.val_dir)
     val, train_plain = split("val"), split("train")
     check_same_classes(train_plain, val)
-    train = (train_plain if cfg.cached_features or isinstance(train_plain, InMemory) else
+    train = (train_plain if cfg.cached_features or cfg.show_neighbours or
+             isinstance(train_plain, InMemory) else
              split("train", views=1))  # the paper's protocol on a folder: crops by the workers
-    if cfg.epochs and len(train) < cfg.batch_size:  # the lr is scaled by a batch that must exist
+    if cfg.epochs and not cfg.show_neighbours and len(train) < cfg.batch_size:  # the lr is scaled by a batch that must exist
         raise UserError(f"{len(train)} training images are fewer than one batch of "
                         f"{cfg.batch_size}: lower --batch-size to at most {len(train)}")
     num_classes = len(val.classes)
     if main:  # checked before the features: the evaluation may take hours
-        prepare_out_dir(out.parent, "--out")
+        prepare_out_dir(Path(cfg.show_neighbours).parent if out is None else out.parent,
+                        "--show-neighbours" if out is None else "--out")
 
     # Evaluation features: the image as it is (32 px) or a centre crop (ImageNet), gathered.
     t_start = time.time()
     val_f, val_l = extract_features(encoder, val, image_size, EXTRACT_BATCH, device, workers, log,
                                     "features: val")
     train_f = train_l = None
-    if cfg.cached_features or cfg.knn:
+    if cfg.cached_features or cfg.knn or cfg.show_neighbours:
         train_f, train_l = extract_features(encoder, train_plain, image_size, EXTRACT_BATCH,
                                             device, workers, log, "features: train")
         log(f"features of {len(train_plain)} training and {len(val)} evaluation images in "
             f"{time.time() - t_start:.0f}s")
+    if cfg.show_neighbours:
+        log("saved " + save_neighbours(cfg.show_neighbours, val, train_plain, val_f, val_l,
+                                       train_f, train_l, image_size, device, cfg.queries))
+        return {}
     results = dict(dataset=cfg.dataset, pretrain_dataset=pre["dataset"], checkpoint=cfg.checkpoint,
                    checkpoint_epoch=ckpt.get("epoch"), random_init=cfg.random_init,
                    encoder=dict(arch=pre["arch"], width_multiplier=pre["width_multiplier"],

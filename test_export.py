@@ -88,9 +88,10 @@ def test_torchvision_with_the_lines_computes_h(arch, size):
         assert (plain - h).norm() > 0.01 * h.norm()
 
 
-def test_torchvision_refusals(pretrained_checkpoint, finetuned_checkpoint, tmp_path):
-    """One line and no file where torchvision has no such network, for --layer with it, for a
-    folder as the output and for a checkpoint that is not an encoder."""
+def test_refusals(pretrained_checkpoint, finetuned_checkpoint, tmp_path):
+    """One line and no file where torchvision has no such network, for --layer with it or out of
+    range, for a folder or an unwritable path as the output, for a checkpoint that is not an
+    encoder."""
     out = tmp_path / "r18.pth"
     assert "torchvision has no resnet18 at width 0.125" in error_of(
         export.main, pretrained_checkpoint, out, "--format", "torchvision")
@@ -98,7 +99,10 @@ def test_torchvision_refusals(pretrained_checkpoint, finetuned_checkpoint, tmp_p
         export.main, pretrained_checkpoint, out, "--format", "torchvision", "--layer", 1)
     assert "is a folder" in error_of(export.main, pretrained_checkpoint, tmp_path)
     assert "finetuned" in error_of(export.main, finetuned_checkpoint, out)
-    assert not out.exists()
+    assert "--layer" in error_of(export.main, pretrained_checkpoint, out, "--layer", 7)
+    (tmp_path / "a file").write_text("")
+    assert "a file" in error_of(export.main, pretrained_checkpoint, tmp_path / "a file" / "x.pt2")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a file"]
 
 
 def test_hub_entry_points(pretrained_checkpoint, finetuned_checkpoint):

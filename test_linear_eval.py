@@ -349,3 +349,49 @@ def test_bad_checkpoints_give_one_line(pretrained_checkpoint, tiny_folder, tmp_p
     torch.save(ckpt, unknown)
     assert "does not describe a model" in error_line(
         ["--checkpoint", str(unknown), "--data-dir", str(tiny_folder), "--workers", "0"])
+
+
+# --- the neighbours picture -------------------------------------------------------------------
+
+
+def test_neighbours_are_the_nearest_by_cosine(monkeypatch):
+    """Each query's row holds the 8 training images of highest cosine similarity, in order (a
+    naive float64 loop), and every caption is the image's class."""
+    from data import InMemory
+    g = torch.Generator().manual_seed(0)
+    classes = ["cat", "dog", "frog"]
+    train = InMemory(torch.randint(0, 256, (30, 3, 32, 32), generator=g, dtype=torch.uint8),
+                     torch.arange(30) % 3, classes)
+    val = InMemory(torch.randint(0, 256, (10, 3, 32, 32), generator=g, dtype=torch.uint8),
+                   torch.arange(10) % 3, classes)
+    train_f, val_f = torch.randn(30, 5, generator=g), torch.randn(10, 5, generator=g)
+    shown = {}
+    monkeypatch.setattr(linear_eval, "save_grid", lambda path, rows, headers, captions:
+                        shown.update(rows=rows, headers=headers, captions=captions) or path)
+    linear_eval.save_neighbours("nn.png", val, train, val_f, val.labels, train_f, train.labels, 32,
+                                CPU, queries=4)
+    queries = [0, 3, 6, 9]  # evenly spaced in the split
+    assert shown["rows"].shape == (4, 9, 3, 32, 32) and len(shown["headers"]) == 9
+    for row, q in enumerate(queries):
+        cos = [float(val_f[q].double() @ train_f[i].double() /
+                     (val_f[q].double().norm() * train_f[i].double().norm())) for i in range(30)]
+        nearest = sorted(range(30), key=lambda i: -cos[i])[:8]
+        expected = torch.stack([val.images[q], *train.images[nearest]]).float() / 255
+        torch.testing.assert_close(shown["rows"][row], expected)
+        assert shown["captions"][row] == [classes[q % 3], *(classes[i % 3] for i in nearest)]
+
+
+def test_show_neighbours_writes_the_picture_only(pretrained_checkpoint, tmp_path):
+    """The command writes one PNG (queries rows of query + 8 neighbours) and no results file;
+    a path in a missing folder is made, an unknown extension is one line."""
+    from PIL import Image
+    out = tmp_path / "pictures" / "nn.png"
+    before = sorted(pretrained_checkpoint.parent.iterdir())
+    run_script("linear_eval.py", "--checkpoint", pretrained_checkpoint, "--show-neighbours", out,
+               "--queries", 3, "--workers", 0)
+    assert sorted(pretrained_checkpoint.parent.iterdir()) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["nn.png"]
+    picture = Image.open(out)
+    assert picture.width == (9 * 34 + 2) * 3 and picture.height > 3 * 34 * 3  # 32 px cells, 3x
+    assert "cannot write" in error_of(main, "--checkpoint", pretrained_checkpoint, "--workers", 0,
+                                      "--show-neighbours", tmp_path / "nn.unknown")

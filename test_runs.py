@@ -227,3 +227,32 @@ def test_torchrun_restarts_after_a_worker_is_killed_and_ends_as_if_uninterrupted
         assert load_checkpoint(out)["rng"] and len(load_checkpoint(out)["rng"]) == 2
         assert epochs_logged(out) == [1, 2], launch
         assert same_weights(straight / "ckpt.pt", out / "ckpt.pt"), launch
+
+
+def test_curves(pretrained_checkpoint, tmp_path, monkeypatch):
+    """curves.py draws one panel per number the log records (kNN top-1 where some epochs have
+    it); the loops draw it at epoch ends with matplotlib; without matplotlib the command says
+    so in one line and the loops write nothing more."""
+    import curves
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        dict(epoch=1, step=3, loss=3.2, lr=0.1, time=1.0), dict(epoch=2, step=6, loss=3.1, lr=0.05,
+                                                                 knn_top1=40.0, time=2.0)]))
+    if _has_matplotlib():  # optional: CI has none
+        from PIL import Image
+        assert (pretrained_checkpoint.parent / "curves.png").is_file()
+        curves.main([str(run)])
+        assert Image.open(run / "curves.png").width == 3 * 280  # loss, lr, knn_top1
+        (run / "curves.png").unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    assert "needs matplotlib: pip install matplotlib" in error_of(curves.main, run)
+    assert curves.plot_if_possible(run) is None and not (run / "curves.png").exists()
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
