@@ -33,6 +33,7 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,8 @@ import torch
 from einops import rearrange
 from torch.utils.flop_counter import FlopCounterMode
 
-from cli import UserError, git_revision, opt, precision_for, prepare_out_dir, run_cli, setup
+from cli import (UserError, git_revision, opt, precision_for, prepare_out_dir, random_states, run_cli,
+                 save_checkpoint, setup)
 from data import InMemory, ViewLoader, default_workers, load_split
 from objective import build_objective
 from pretrain import (PRESETS, Config, build_model, build_optimizer, parse_with_presets, scaled_lr,
@@ -94,7 +96,8 @@ class BenchConfig:
                                 "leaves it off); measure with and without")
     rows: str = opt("data,memory,full", "rows to measure, comma-separated: data (pipeline "
                     "alone), memory (step on a batch in memory, with the loss and optimizer "
-                    "shares), full (step fed by the pipeline)")
+                    "shares), full (step fed by the pipeline); checkpoint (seconds to write the "
+                    "run's checkpoint as pretrain.py does, in the current folder) on request")
     warmup: int = opt(3, "untimed steps before each row (cuDNN autotuning, torch.compile); rows "
                       "fed by the pipeline take at least 2 per worker (prefetched batches)",
                       min=0)
@@ -108,7 +111,7 @@ class BenchConfig:
 # pretrain.py's per-dataset presets, restricted to the options above.
 BENCH_PRESETS = {dataset: {k: v for k, v in preset.items() if k in BenchConfig.__dataclass_fields__}
                  for dataset, preset in PRESETS.items()}
-ROWS = ("data", "memory", "full")
+ROWS = ("data", "memory", "full", "checkpoint")
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s, matched in this
 # order against torch.cuda.get_device_name(). An estimate of what the hardware allows: clocks
@@ -318,6 +321,25 @@ def bench(cfg):
         result.update(loss_ms=loss_ms, optimizer_ms=optimizer_ms, loss_share=loss_ms / step_ms,
                       optimizer_share=optimizer_ms / step_ms)
 
+    # Writing the run's checkpoint (model, optimizer with its momentum, random states) as
+    # pretrain.py writes it: atomically, the previous one kept, on the disk of the current folder
+    # (where runs/ goes by default). A run pays this every --checkpoint-every minutes.
+    if "checkpoint" in rows:
+        for p in raw_model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        optimizer.step()  # the optimizer's state as in a run
+        seconds = []
+        with tempfile.TemporaryDirectory(dir=".", prefix=".bench-checkpoint-") as folder:
+            path = Path(folder) / "ckpt.pt"
+            for _ in range(cfg.repeats):
+                start = time.perf_counter()
+                save_checkpoint(path, dict(model=raw_model.state_dict(), rng=random_states(device),
+                                           optimizer=optimizer.state_dict()), keep_previous=True)
+                seconds.append(time.perf_counter() - start)
+            size = path.stat().st_size
+        result["checkpoint"] = dict(seconds=statistics.median(seconds), seconds_repeats=seconds,
+                                    mb=size / 1e6, share_at_10_min=statistics.median(seconds) / 600)
+
     # FLOPs and the fraction of the device's peak that the step reaches.
     forward, backward = model_flops_per_view(cfg)
     train_flops = 2 * (forward + backward)  # per image: two views, forward and backward
@@ -353,7 +375,7 @@ def report(result):
     lines = [f"{'row':<30} {'images/s':>10} {'ms/step':>10} {'(min-max)':>15} {'peak MB':>9} "
              f"{'s/epoch':>9}"]
     for name in ROWS:
-        if name in rows:
+        if name in rows and name != "checkpoint":
             r = rows[name]
             epoch = f"{r['epoch_s']:.1f}" if "epoch_s" in r else "-"
             spread = f"{min(r['ms_per_step_repeats']):.1f}-{max(r['ms_per_step_repeats']):.1f}"
@@ -396,6 +418,11 @@ def report(result):
         ratio = rows["full"]["images_per_s"] / rows["memory"]["images_per_s"]
         lines.append(f"target, pipeline keeps up: row 3 / row 2 = {ratio:.2f} (want >= 0.90: "
                      f"{'met' if ratio >= 0.9 else 'not met'})")
+    if "checkpoint" in result:
+        c = result["checkpoint"]
+        lines.append(f"checkpoint: {c['mb']:.1f} MB written in {c['seconds']:.2f} s (median of "
+                     f"{cfg['repeats']}) = {100 * c['share_at_10_min']:.2f}% of a run that "
+                     f"checkpoints every 10 minutes")
     if "loss_ms" in result:
         share = result["loss_share"] + result["optimizer_share"]
         lines.append(f"target, loss + optimizer < 5% of the step: {100 * share:.1f}% "

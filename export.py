@@ -15,8 +15,8 @@ stem), with a dynamic batch size, that a program with torch alone runs:
 with only fc.* missing, for the networks torchvision can express (width 1, no SK). Two
 differences from torchvision's ResNet, each one line on the model (export.py prints them):
 - the stem's max-pool is TensorFlow's 'SAME' (0 pixels padded before, 1 after on the stem's even
-  output size, 112 for 224 px) where torchvision's pads 1 and 1: the features differ (measured in
-  RESULTS.md, "Exported encoders"); exact with
+  output size, 112 for 224 px) where torchvision's pads 1 and 1: h differs (by 2.5% and 1.5% of
+  its norm for a ResNet-18 and -50 with random weights at 224 px; docs/checkpoints.md); exact with
   `model.maxpool = torch.nn.Sequential(torch.nn.ZeroPad2d((0, 1, 0, 1)), torch.nn.MaxPool2d(3, 2))`
   (zeros pad like -inf here: the pool follows a ReLU);
 - ResNet-18/34 project the shortcut of stage 1's first block (the authors' code), which

@@ -21,6 +21,7 @@ The CIFAR-10 preset is the authors' recipe (ResNet-18, 1000 epochs, batch 512, L
 lists what this code measured next to what the papers report.
 """
 import contextlib
+import copy
 import dataclasses
 import datetime
 import json
@@ -445,6 +446,27 @@ def train_step(model, x1, x2, optimizer, objective, scaler=None, autocast=contex
     return loss.detach(), acc, entropy
 
 
+# The README's laptop run (about half an hour on 2 cores): where a long run on a CPU points to.
+LAPTOP_RUN = ("python pretrain.py --dataset cifar10 --data-dir {} --width-multiplier 0.25 "
+              "--batch-size 256 --epochs 10 --warmup-epochs 1 --eval-every 5")
+
+
+def seconds_per_image(model, cfg, objective, autocast, images=16):
+    """The step's time per image, timed on a copy of the model and random images (the best of
+    two steps after an untimed one): a CPU run's estimate before its first step. The run's own
+    weights, optimizer and random streams are not touched."""
+    probe = copy.deepcopy(model)
+    optimizer = build_optimizer(probe, cfg.optimizer, 0.0, 0.0, cfg.momentum)
+    times = []
+    with torch.random.fork_rng(devices=[]):
+        x = torch.rand(2, images, 3, cfg.image_size, cfg.image_size)
+        for _ in range(3):
+            start = time.perf_counter()
+            train_step(probe, x[0], x[1], optimizer, objective, autocast=autocast)
+            times.append(time.perf_counter() - start)
+    return min(times[1:]) / images
+
+
 def train(cfg, ckpt=None):
     """Pretrain as cfg says; ckpt: the checkpoint of --resume, read by resolve_config."""
     device, rank, world = setup(cfg.device)
@@ -550,6 +572,13 @@ def train(cfg, ckpt=None):
     log(f"{len(dataset)} images, {steps_per_epoch} steps/epoch of {cfg.batch_size} "
         f"({local_batch} per process), {last_step} of {total_steps} steps, peak lr {peak_lr:.4g}, "
         f"out {out_dir}" + (f"; continuing {cfg.resume} from step {step}" if ckpt else ""))
+
+    if device.type == "cpu" and not under_torchrun and not ckpt and not cfg.compile:
+        seconds = seconds_per_image(raw_model, cfg, objective, autocast) * last_step * cfg.batch_size
+        log(f"on this CPU the run takes about {datetime.timedelta(seconds=round(seconds))} "
+            f"(its step timed on 16 images; evaluations not counted)" + (
+                f"; a laptop's run: {LAPTOP_RUN.format(cfg.data_dir or 'DIR')}"
+                if seconds > 2 * 3600 else ""))
 
     run = Run(out_dir, "ckpt.pt", device, cfg.checkpoint_every, step)
     # loss, contrast_acc, entropy, non-finite losses: since the last log line, and this epoch's

@@ -280,3 +280,23 @@ def test_bf16_autocast_steps_follow_the_fp32_steps():
     assert abs(loss16 - loss32) <= 0.005 * loss32 and loss16 != loss32  # bf16 really ran
     assert torch.nn.functional.cosine_similarity(update16, update32, dim=0) > 0.98
     assert abs(update16.norm() / update32.norm() - 1) < 0.05
+
+
+def test_a_long_cpu_run_says_how_long_and_what_fits_a_laptop(tiny_folder, tmp_path, monkeypatch,
+                                                            capsys):
+    """Before its first step a CPU run prints its time at the probed rate (the probe leaves the
+    run's weights, buffers and random stream as they were) and, past two hours, the laptop run."""
+    model = build_model(Config(arch="resnet18", width_multiplier=0.125, image_size=32))
+    before, rng = copy.deepcopy(model.state_dict()), torch.random.get_rng_state()
+    cfg = Config(arch="resnet18", width_multiplier=0.125, image_size=32)
+    assert pretrain.seconds_per_image(model, cfg, pretrain.build_objective("nt-xent", 0.5),
+                                      precision_for("fp32", torch.device("cpu"))[1]) > 0
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for per_image, laptop in ((1e-6, False), (1000.0, True)):  # 16 images: 16,000 s
+        monkeypatch.setattr(pretrain, "seconds_per_image", lambda *a, s=per_image: s)
+        pretrain.main([*TINY_PRETRAIN, "--data-dir", str(tiny_folder), "--max-steps", "1",
+                       "--out-dir", str(tmp_path / str(laptop))])
+        out = capsys.readouterr().out
+        assert "on this CPU the run takes about" in out
+        assert ("a laptop's run: python pretrain.py --dataset cifar10" in out) == laptop
