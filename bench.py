@@ -25,7 +25,7 @@ absorb cuDNN autotuning and torch.compile), and the table shows the median over 
         --batch-size 64 --warmup 1 --steps 2 --repeats 3 --out bench.json        # CPU, < 1 min
 
 On a shared 2-core CPU the last command took 19 s and gave about 760 images/s for the pipeline
-and 120 for the step; README.md ("Speed") holds the full table and what it means for a GPU.
+and 120 for the step; RESULTS.md holds the full tables; docs/protocols.md ("Speed") what they mean for a GPU.
 """
 import dataclasses
 import json

@@ -21,7 +21,7 @@ BatchNorm and biases), crop + flip, temperature 1. The batch (256) and epochs (1
 choice for CIFAR-10. Written to --out-dir: student.pt (the pretraining-checkpoint format, so
 linear_eval.py and finetune.py --ft-proj-layer 0 load it; the classifier is under "classifier"),
 results.json (teacher and student top-1/top-5 on the evaluation split) and log.jsonl.
-Measured on a 2-core CPU (README.md): a ResNet-18 w0.25 student distilled for 4 epochs (16
+Measured on a 2-core CPU (RESULTS.md): a ResNet-18 w0.25 student distilled for 4 epochs (16
 minutes) from a teacher fine-tuned on 1% of the CIFAR-10 labels reaches 44.3% top-1, the
 teacher 43.9% (two seeds: 44.3%, 44.2%); with Eq. 3 on the teacher's 500 labels (--alpha 0.5)
 46.0%.

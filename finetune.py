@@ -20,7 +20,7 @@ crop + flip, global BatchNorm under torchrun; ImageNet B 1024, 60 epochs for 1% 
 CIFAR uses B 64 (1% of CIFAR-10 is only 500 images) and the same epoch rule. Written to
 --out-dir: finetuned.pt (the teacher for distill.py), results.json (top-1/top-5 on the
 evaluation split), subset.txt (the labelled images, to repeat the run with --subset-file) and
-log.jsonl. Measured on a 2-core CPU (README.md): from a 5-epoch CIFAR-10 checkpoint of ResNet-18
+log.jsonl. Measured on a 2-core CPU (RESULTS.md): from a 5-epoch CIFAR-10 checkpoint of ResNet-18
 at width 0.25, 1% of the labels give 43.9% top-1 in 2 minutes (31.1% from scratch), 10% give
 50.2% in 10 epochs (37.2% from scratch).
 """

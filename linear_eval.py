@@ -15,7 +15,7 @@ Top-1 and top-5 on the evaluation split go to a JSON file beside the checkpoint.
 
 --cached-features computes h once per image, without augmentation, and trains the linear layer
 on the stored features: seconds instead of hours on a CPU, and usually a little different from
-the augmented protocol (README.md). --knn K adds weighted k-nearest-neighbour top-1 on normalised
+the augmented protocol (RESULTS.md). --knn K adds weighted k-nearest-neighbour top-1 on normalised
 h (no training); --epochs 0 --knn 200 gives the kNN alone. --show-neighbours nn.png writes a
 picture of what the encoder learned, evaluation images and their nearest training images, and
 nothing else. --random-init evaluates the same
@@ -25,7 +25,7 @@ Under torchrun each process takes batch_size / world images, the linear layer's 
 averaged over processes, and evaluation features are gathered from all of them.
 Measured on a 2-core CPU: a ResNet-18 at width 0.25 pretrained for 5 epochs on CIFAR-10 gives
 54.1% top-1 (--cached-features, 100 epochs, 1.5 minutes), its untrained twin (--random-init)
-29.1%; README.md lists these next to what the papers report.
+29.1%; RESULTS.md lists these next to what the papers report.
 """
 import dataclasses
 import json

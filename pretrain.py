@@ -15,7 +15,9 @@ command-line plumbing (flags, errors, checkpoints, stopping) in cli.py.
 --batch-size is the global batch: under torchrun each process takes batch_size / world_size
 images, BatchNorm statistics are global (Sec. 2.2, "Global BN") and every process scores its
 views against the views of all processes. Checkpoints go to --out-dir (default
-runs/<dataset>-<arch>-<time>/ckpt.pt) every epoch and on Ctrl-C; --resume continues a run.
+runs/<dataset>-<arch>-<digest of the configuration>/ckpt.pt) every epoch, every
+--checkpoint-every minutes and on Ctrl-C or SIGTERM; the same command continues the run
+(docs/long-runs.md). On a CPU the run says before its first step how long it will take.
 The CIFAR-10 preset is the authors' recipe (ResNet-18, 1000 epochs, batch 512, LARS); a
 --dataset folder of images of 32 px or less takes it too, larger ones ImageNet's. RESULTS.md
 lists what this code measured next to what the papers report.

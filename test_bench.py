@@ -1,6 +1,6 @@
 """bench.py: its timer measures what the device did, its FLOP count matches a hand count, and the
-whole benchmark runs on a CPU at tiny settings and reports every row (the README's speed table
-comes from it)."""
+whole benchmark runs on a CPU at tiny settings and reports every row (RESULTS.md's speed tables
+come from it)."""
 import json
 import os
 import time
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import bench
-from conftest import TINY_MODEL, run_script
+from cli import precision_for
+from conftest import ROOT, TINY_MODEL, run_script
 
 CPU = torch.device("cpu")
 
@@ -101,7 +102,29 @@ def test_bench_runs_on_cpu_and_reports_every_row(dataset, source, tiny_folder, t
     assert 0 < result["loss_share"] < 1 and 0 < result["optimizer_share"] < 1
     assert result["forward_gflops_per_view"] > 0
     assert result["train_gflops_per_image"] > 2 * result["forward_gflops_per_view"]
-    assert result["device"] == "cpu" and result["precision"] == "fp32"
+    assert result["device"] == "cpu" and result["precision"] == precision_for("auto", torch.device("cpu"))[0]
+
+
+def test_the_checkpoint_row_writes_the_runs_checkpoint_and_leaves_nothing(tiny_folder, tmp_path):
+    """--rows checkpoint: the size written is that of the model and optimizer state (checked
+    against torch.save of a model and LARS state built here), the time positive, and its
+    temporary folder is gone afterwards."""
+    import io
+    from pretrain import build_model, build_optimizer
+    out = tmp_path / "bench.json"
+    run_script("bench.py", "--dataset", "folder", "--data-dir", tiny_folder, *TINY_MODEL,
+               "--batch-size", "8", "--rows", "checkpoint", "--repeats", "2", "--out", out)
+    result = json.loads(out.read_text())["checkpoint"]
+    model = build_model(bench.Config(arch="resnet18", width_multiplier=0.125, image_size=32))
+    optimizer = build_optimizer(model, "lars", 0.1, 1e-6)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    buffer = io.BytesIO()
+    torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict()), buffer)
+    assert result["mb"] == pytest.approx(buffer.tell() / 1e6, rel=0.1)
+    assert result["seconds"] > 0 and len(result["seconds_repeats"]) == 2
+    assert not list(ROOT.glob(".bench-checkpoint-*"))
 
 
 def test_bad_rows_is_one_line_error(tiny_folder):

@@ -5,7 +5,7 @@ maps the authors' variables onto pretrain.py's network (whose ResNet is theirs, 
 and writes a checkpoint that linear_eval.py, finetune.py and distill.py take as they take ours.
 Architecture, width, selective kernels and projection head are read from the variables' shapes.
 
-    gsutil -m cp -r gs://simclr-checkpoints/simclrv2/pretrained/r50_1x_sk0 .   # bucket: README.md
+    gsutil -m cp -r gs://simclr-checkpoints/simclrv2/pretrained/r50_1x_sk0 .   # buckets: docs/checkpoints.md
     python tf_checkpoint.py r50_1x_sk0 r50_1x_sk0.pt              # the folder or model.ckpt-<step>
     python tf_checkpoint.py r50_1x_sk0 r50_1x_sk0_ema.pt --ema    # the moving-average weights
     python linear_eval.py --checkpoint r50_1x_sk0.pt --dataset imagenet --data-dir /data/imagenet
