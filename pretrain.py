@@ -270,6 +270,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not self.training:
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))  # all but the channel dimension
+        x, dtype = x.to(torch.promote_types(x.dtype, torch.float32)), x.dtype  # bf16: fp32 sums
         count = x.new_tensor([x.numel() / x.shape[1]])
         stats = dist_nn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
         total, total_sq, n = stats[:x.shape[1]], stats[x.shape[1]:-1], stats[-1]
@@ -281,7 +282,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
         shape = [1, -1] + [1] * (x.dim() - 2)
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return y * self.weight.view(shape) + self.bias.view(shape)
+        return (y * self.weight.view(shape) + self.bias.view(shape)).to(dtype)  # as BatchNorm
 
 
 def convert_to_global_bn(module):

@@ -135,3 +135,25 @@ def test_torchrun_batch_must_divide(tiny_folder, tmp_path):
                     "--out-dir", tmp_path, check=False)
     assert proc.returncode != 0
     assert "--batch-size 15 is not divisible by 2 processes" in proc.stderr
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's note on dist_nn, as pretrain.py
+def test_global_bn_under_bf16_autocast_is_batchnorm(tmp_path):
+    """On a CPU with native bf16, --precision auto runs torchrun jobs under bf16 autocast: global
+    BN then takes bf16 activations. It must give what BatchNorm gives them (bf16 out, float32
+    statistics from float32 sums), not fail on its running statistics' update."""
+    from pretrain import GlobalBatchNorm
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        x = (torch.randn(8, 5, 6, 6) * 3 + 1).bfloat16()
+        bn, gbn = nn.BatchNorm2d(5), GlobalBatchNorm(5)
+        with torch.autocast("cpu", torch.bfloat16):
+            want, got = bn(x), gbn(x)
+    finally:
+        dist.destroy_process_group()
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
+    assert gbn.running_mean.dtype == torch.float32
+    torch.testing.assert_close(gbn.running_mean, bn.running_mean, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(gbn.running_var, bn.running_var, rtol=1e-3, atol=1e-4)

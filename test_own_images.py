@@ -162,7 +162,8 @@ def test_a_batch_larger_than_the_data_says_what_to_lower_it_to(labelled, tiny_fo
     for extra in ([], ["--knn", 20]):
         assert "48 training images are fewer than one batch of 512: lower --batch-size to at " \
                "most 48" in error_of(linear_eval.main, "--checkpoint", pretrained_checkpoint,
-                                     "--dataset", "folder", "--data-dir", tiny_folder, *extra)
+                                     "--dataset", "folder", "--data-dir", tiny_folder, *extra,
+                                     "--out", tmp_path / "eval.json")  # not another test's file
     assert "labelled images are fewer than one batch of 1024: lower --batch-size to at most 4" in \
         error_of(finetune.main, "--checkpoint", pretrained_checkpoint, "--dataset", "imagenet",
                  "--data-dir", tiny_folder, "--out-dir", tmp_path / "run")
