@@ -59,6 +59,8 @@ def plot_if_possible(run_dir):
 def main(argv=None):
     def run():
         args = sys.argv[1:] if argv is None else argv
+        if args in (["-h"], ["--help"]):
+            return print(__doc__.strip())
         if len(args) != 1 or args[0].startswith("-"):
             raise UserError("usage: python curves.py RUN_DIR (a folder with log.jsonl)")
         try:

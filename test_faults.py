@@ -17,7 +17,8 @@ from cli import Progress, UserError, load_checkpoint, parse_config
 from conftest import ROOT, TINY_PRETRAIN, error_of, make_image_folder, run_script
 from pretrain import PRESETS, Config
 
-SCRIPTS = ["pretrain.py", "linear_eval.py", "finetune.py", "distill.py", "bench.py"]
+SCRIPTS = ["pretrain.py", "linear_eval.py", "finetune.py", "distill.py", "bench.py", "reproduce.py",
+           "tf_checkpoint.py", "export.py", "curves.py"]
 TINY_FT = ["--batch-size", "8", "--workers", "0", "--log-every", "1", "--label-fraction", "1.0"]
 
 
@@ -165,11 +166,26 @@ def test_a_folder_of_non_images_stops_with_one_line(tmp_path):
 # ------------------------------------------------------------------------------------ bad input
 
 
+def documented_flags(script):
+    """The flags that the commands of README.md and docs/ give script (continued lines joined,
+    up to a comment or the next command)."""
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    flags = set()
+    for line in text.replace("\\\n", " ").splitlines():
+        if re.match(r"\s*(python|torchrun|OMP_NUM_THREADS)", line) and f" {script}" in line:
+            tail = re.split(r"#|&&|\|", line.split(f" {script}", 1)[1])[0]
+            flags |= set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", tail))
+    return flags
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_help_of_every_script(name):
+    """--help works, and names every flag that the README's and docs' commands give the script."""
     proc = run_script(name, "--help")
-    assert proc.stdout.startswith("usage:") and "Traceback" not in proc.stderr
+    assert proc.stdout.startswith(("usage:", "A run's training curves")) and "Traceback" not in proc.stderr
     assert "(default )" not in proc.stdout and "default runs/<dataset>-<arch>-<time>) (" not in proc.stdout
+    missing = [f for f in documented_flags(name) if f not in proc.stdout.replace("[no-", "[")]
+    assert not missing, f"README or docs give {name} {missing}, which it does not take"
 
 
 @pytest.mark.parametrize("args, message", [
