@@ -1,12 +1,15 @@
 """The authors' network and checkpoints: tf_checkpoint.py's reader, and our ResNet against the
 outputs of the authors' own TensorFlow code (fixtures/, made by fixtures/make_tf_fixtures.py)."""
+import contextlib
 import copy
 import functools
+import io
 import json
 import math
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -240,7 +243,20 @@ def test_reader_reads_tensorflows_files_and_checks_tensor_checksums(tmp_path):
 
 
 def convert_cli(*args, check=True):
-    return run_script("tf_checkpoint.py", *args, check=check)
+    """tf_checkpoint.py's command line, run in this process (no interpreter to start): what it
+    printed, what it exited with (run_cli's one line goes to stderr as the interpreter puts it)."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            tf_checkpoint.main([str(a) for a in args])
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+            if isinstance(exit.code, str):
+                err.write(exit.code + "\n")
+    proc = types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+    if check and code:
+        raise AssertionError(f"tf_checkpoint.py exited {code}\n{proc.stdout}\n{proc.stderr}")
+    return proc
 
 
 def test_a_checkpoint_is_found_from_what_a_user_may_pass(tmp_path):
@@ -285,7 +301,7 @@ def test_the_classifier_layer_follows_the_authors_folders_or_is_asked_for(tmp_pa
         convert(bare, ft_proj_layer=3)
 
 
-def test_converted_checkpoints_go_through_linear_eval_finetune_and_distill(tmp_path):
+def test_converted_checkpoints_go_through_linear_eval_finetune_and_distill(tmp_path, capsys):
     """The CIFAR ResNet-18 fixture (10 classes) as linear_eval.py, finetune.py and distill.py
     take our own checkpoints; --evaluate scores its supervised head."""
     data = make_image_folder(tmp_path / "data", classes=10, train_per_class=2, val_per_class=1)
@@ -295,20 +311,23 @@ def test_converted_checkpoints_go_through_linear_eval_finetune_and_distill(tmp_p
     assert "supervised head on" in out
     ckpt = torch.load(tmp_path / "pre.pt", weights_only=True)
     assert ckpt["converted_from"]["layout"] == "tf1" and ckpt["classifier"]["weight"].shape == (10, 16)
-    run_script("linear_eval.py", "--checkpoint", tmp_path / "pre.pt", "--dataset", "folder",
-               "--data-dir", data, "--cached-features", "--epochs", 2, "--batch-size", 10, "--workers", 0,
-               "--out", tmp_path / "lin.json")
+    import distill, finetune, linear_eval  # in this process: no interpreter to start
+    script = lambda module, *args: module.main([str(a) for a in args])
+    script(linear_eval, "--checkpoint", tmp_path / "pre.pt", "--dataset", "folder",
+           "--data-dir", data, "--cached-features", "--epochs", 2, "--batch-size", 10, "--workers", 0,
+           "--out", tmp_path / "lin.json")
     assert 0 <= json.loads((tmp_path / "lin.json").read_text())["top1"] <= 100
-    run_script("finetune.py", "--checkpoint", tmp_path / "pre.pt", "--dataset", "folder",
-               "--data-dir", data, "--label-fraction", 1.0, "--epochs", 1, "--batch-size", 10,
-               "--workers", 0, "--out-dir", tmp_path / "ft")
+    script(finetune, "--checkpoint", tmp_path / "pre.pt", "--dataset", "folder",
+           "--data-dir", data, "--label-fraction", 1.0, "--epochs", 1, "--batch-size", 10,
+           "--workers", 0, "--out-dir", tmp_path / "ft")
     convert_cli(src, tmp_path / "teacher.pt", "--classifier", "--ft-proj-layer", 0)
     teacher = torch.load(tmp_path / "teacher.pt", weights_only=True)
     assert teacher["config"]["num_classes"] == 10 and teacher["config"]["ft_proj_layer"] == 0
-    out = run_script("distill.py", "--teacher", tmp_path / "teacher.pt", "--dataset", "folder",
-                     "--data-dir", data, "--epochs", 1, "--batch-size", 10, "--workers", 0,
-                     "--out-dir", tmp_path / "distill").stdout
-    assert "teacher: top-1" in out and (tmp_path / "distill" / "student.pt").is_file()
+    capsys.readouterr()
+    script(distill, "--teacher", tmp_path / "teacher.pt", "--dataset", "folder",
+           "--data-dir", data, "--epochs", 1, "--batch-size", 10, "--workers", 0,
+           "--out-dir", tmp_path / "distill")
+    assert "teacher: top-1" in capsys.readouterr().out and (tmp_path / "distill" / "student.pt").is_file()
 
 
 def rewrite_bundle(src_prefix, dst_prefix, change):
