@@ -63,11 +63,10 @@ def main(argv=None):
             return print(__doc__.strip())
         if len(args) != 1 or args[0].startswith("-"):
             raise UserError("usage: python curves.py RUN_DIR (a folder with log.jsonl)")
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
+        out = plot_if_possible(args[0])
+        if out is None:
             raise UserError("curves.png needs matplotlib: pip install matplotlib")
-        print(f"wrote {plot(args[0])}")
+        print(f"wrote {out}")
 
     run_cli("curves.py", run)
 

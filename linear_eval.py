@@ -318,6 +318,7 @@ def save_neighbours(path, val, train, val_f, val_l, train_f, train_l, size, devi
     followed by its k nearest training images by cosine similarity of the features (those the
     kNN votes with), every image captioned with its class."""
     q = torch.linspace(0, len(val) - 1, queries).round().long().unique().tolist()
+    k = min(k, len(train_f))  # no more neighbours than training images, as the kNN
     nearest = (F.normalize(val_f[q], dim=1) @ F.normalize(train_f, dim=1).T).topk(k, dim=1).indices
     view = lambda data, idx: next(eval_batches(select(data, idx), size, len(idx), device, 0))
     rows = torch.cat([view(val, q)[0][:, None], view(train, nearest.flatten().tolist())[0]
