@@ -81,6 +81,15 @@ SCALES = {
         {0.01: ["--epochs", "60", "--workers", "1"],
          0.1: ["--epochs", "10", "--workers", "1"]},
         data_dir="data/cifar10"),
+    "laptop": Scale(
+        "CIFAR-10 on a laptop: the README's first laptop recipe (ResNet-18 at 1/4 width, B 256, "
+        "10 epochs, 1 of warmup); the clock rows change it to fit 30 minutes on 2 cores, "
+        "pretraining and evaluation together; linear layer on cached features and kNN (k 200)",
+        ["--width-multiplier", "0.25", "--batch-size", "256", "--epochs", "10",
+         "--warmup-epochs", "1"],
+        ["--cached-features", "--knn", "200"],
+        {0.01: ["--epochs", "60"], 0.1: ["--epochs", "10"]},
+        data_dir="data/cifar10"),
     "gpu": Scale(
         "CIFAR-10, ResNet-18 at full width, B 512, 100 epochs (the authors' CIFAR recipe, "
         "shortened); linear layer on cached features and kNN; fine-tuning as the v2 paper "
@@ -153,6 +162,14 @@ for _b in (128, 256, 512, 1024):
     PRETRAIN[f"batch-{_b}-linear"] = ["--batch-size", str(_b), "--lr-scaling", "linear"]
     PRETRAIN[f"batch-{_b}-sqrt"] = ["--batch-size", str(_b), "--lr-scaling", "sqrt", "--lr", "LR/4"]
 
+# The laptop recipe tuned to the clock (--scale laptop): each run changes the README's first
+# laptop recipe so that pretraining and evaluation fit 30 minutes on 2 cores, its epochs from
+# bench.py's rate on 2 threads (RESULTS.md, "A laptop recipe tuned to the clock").
+PRETRAIN.update({
+    "clock-b128-e18": ["--batch-size", "128", "--epochs", "18"],
+    "clock-w0.5-b128-e8": ["--width-multiplier", "0.5", "--batch-size", "128", "--epochs", "8"],
+})
+
 
 @dataclass
 class Row:
@@ -171,6 +188,7 @@ class Experiment:
     finding: str
     extra: list = field(default_factory=list)  # further metrics to show: "contrast_acc", ...
     paper_extra: dict = field(default_factory=dict)  # label -> {metric: paper value}
+    scale: str = ""  # the one scale it is defined at, empty: every scale
 
 
 def head_depth_rows(fraction, three_layers, two_layer):
@@ -268,6 +286,14 @@ EXPERIMENTS = {
          Row("no memory, tau 0.1", "tau-0.1", below="memory, tau 0.1")],
         "About +1% in linear evaluation (and in 1% fine-tuning), at the paper's tau 0.1; the "
         "tau 0.1 rows are ours (the CIFAR recipe's tau is 0.5)."),
+    "clock": Experiment(
+        "The laptop recipe tuned to the clock", "ours: 30 minutes on 2 cores, --scale laptop",
+        [Row("B 128, 18 epochs", "clock-b128-e18"),
+         Row("width 0.5, B 128, 8 epochs", "clock-w0.5-b128-e8"),
+         Row("README's first recipe: B 256, 10 epochs", "base")],
+        "Each row changes the base recipe to fit 30 minutes of pretraining and evaluation on 2 "
+        "cores (its epochs from bench.py's rate there); minutes are as measured, on the "
+        "threads the runs table gives.", ["minutes"], scale="laptop"),
 }
 
 
@@ -279,8 +305,16 @@ EXPERIMENTS = {
 def pretrain_flags(scale, name, data_dir):
     """pretrain.py's flags for a run: data, the base recipe, the run's own knob."""
     s = SCALES[scale]
-    flags = ["--dataset", s.dataset, "--data-dir", data_dir, *s.pretrain]
-    own = list(PRETRAIN[name])
+    base, own, i = list(s.pretrain), [], 0
+    while i < len(PRETRAIN[name]):  # the run's value replaces the base recipe's, in place
+        flag = PRETRAIN[name][i]
+        if flag.startswith("--") and flag in base:
+            base[base.index(flag) + 1] = PRETRAIN[name][i + 1]
+            i += 1
+        else:
+            own.append(flag)
+        i += 1
+    flags = ["--dataset", s.dataset, "--data-dir", data_dir, *base]
     batch = int(own[own.index("--batch-size") + 1]) if "--batch-size" in own else s.batch_size
     for i, v in enumerate(own):
         if v == "LR/4":
@@ -470,6 +504,8 @@ def _run_job(job, data_dir, stop, records, log):
     eval_cmd, t = job.evaluation_command(), time.time()
     if not run_script(eval_cmd, job.run_dir / "evaluation.out", stop):  # continues a fine-tuning
         return False
+    eval_seconds = time.time() - t
+    pre_seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else None
     metrics = ({} if "random" in job.evaluation else  # the pretraining's metrics are not its
                dict(loss=last["loss"], contrast_acc=100 * last["contrast_acc"],
                     entropy=last.get("entropy")))
@@ -479,11 +515,13 @@ def _run_job(job, data_dir, stop, records, log):
     else:
         result = json.loads((job.run_dir / job.evaluation / "results.json").read_text())
         metrics.update(top1=result["top1"], top5=result["top5"])
+    if pre_seconds is not None:  # the run from start to result, its evaluation included
+        metrics["minutes"] = (pre_seconds + eval_seconds) / 60
     record = dict(key=job.key, scale=job.scale, pretrain=job.pretrain, evaluation=job.evaluation,
                   seed=job.seed, commands=[shown(pre_cmd), shown(eval_cmd)], git=git_revision(),
                   hardware=hardware(), load=dict(start=start_load, end=os.getloadavg()),
-                  pretrain_seconds=json.loads(timing.read_text())["seconds"] if timing.exists() else None,
-                  evaluation_seconds=time.time() - t, metrics=metrics,
+                  pretrain_seconds=pre_seconds,
+                  evaluation_seconds=eval_seconds, metrics=metrics,
                   finished=datetime.datetime.now().isoformat(timespec="seconds"))
     with open(records, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -747,11 +785,12 @@ def parse_args(argv):
     parser.add_argument("--update", default="", help="with --report: the file whose marked "
                         "section gets the tables (RESULTS.md)")
     args = parser.parse_args(argv)
-    names = [n for n in args.only.split(",") if n] or list(EXPERIMENTS)
-    unknown = [n for n in names if n not in EXPERIMENTS]
+    here = [n for n, e in EXPERIMENTS.items() if e.scale in ("", args.scale)]
+    names = [n for n in args.only.split(",") if n] or here
+    unknown = [n for n in names if n not in here]
     if unknown:
-        raise UserError(f"--only: unknown experiment {unknown[0]!r}; choose from "
-                        f"{', '.join(EXPERIMENTS)}")
+        raise UserError(f"--only: no experiment {unknown[0]!r} at --scale {args.scale}; choose "
+                        f"from {', '.join(here)}")
     if args.seeds < 1:
         raise UserError(f"--seeds must be >= 1, not {args.seeds}")
     args.names = names

@@ -32,6 +32,8 @@ def test_smoke_scale_runs_records_and_skips_what_is_done(tiny_folder, tmp_path, 
         assert ("entropy" in r["metrics"]) == (r["evaluation"] == "linear")
         assert r["evaluation"] != "linear" or r["metrics"]["entropy"] > 0
         assert r["hardware"]["cores"] and r["pretrain_seconds"] > 0
+        # the run from start to result: its pretraining and this evaluation
+        assert r["metrics"]["minutes"] * 60 == pytest.approx(r["pretrain_seconds"] + r["evaluation_seconds"])
     assert "[4/4]" in first.stdout
     reproduce.main(list(map(str, args)))
     again = capsys.readouterr().out
@@ -95,6 +97,22 @@ def test_runs_equal_to_the_base_recipe_share_its_pretraining():
     assert reproduce.canonical("smoke", "strength-1") == "strength-1"
 
 
+def test_a_runs_flags_replace_the_base_recipes():
+    """A run's own value takes the base recipe's flag's place (each flag once in the recorded
+    command), a flag the base recipe lacks is added, and values equal to a base flag's value
+    (0.25 is the cpu scale's width) are values, not flags."""
+    flags = reproduce.pretrain_flags("cpu", "batch-128-sqrt", "DATA")
+    assert flags.count("--batch-size") == 1 and flags[flags.index("--batch-size") + 1] == "128"
+    assert flags[flags.index("--lr") + 1] == "0.25" and "--lr-scaling" in flags
+    flags = reproduce.pretrain_flags("cpu", "strength-1/4", "DATA")
+    assert flags[flags.index("--color-strength") + 1] == "0.25"
+    assert flags[flags.index("--width-multiplier") + 1] == "0.25" and flags[-1] == "--no-blur"
+    flags = reproduce.pretrain_flags("laptop", "clock-w0.5-b128-e8", "DATA")
+    assert [flags[flags.index(f) + 1] for f in ("--width-multiplier", "--batch-size", "--epochs")] == \
+        ["0.5", "128", "8"]
+    assert len(flags) == len(reproduce.pretrain_flags("laptop", "base", "DATA"))
+
+
 def test_paths_are_the_users_and_the_smoke_scale_needs_data(tiny_folder, tmp_path, monkeypatch):
     """The scripts run in the repository: a relative --data-dir or --out is read from where the
     user is, and the smoke scale does not train on the repository's own pictures."""
@@ -106,7 +124,8 @@ def test_paths_are_the_users_and_the_smoke_scale_needs_data(tiny_folder, tmp_pat
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--only", "table9"], "unknown experiment 'table9'"),
+    (["--only", "table9"], "no experiment 'table9' at --scale cpu"),
+    (["--only", "clock"], "no experiment 'clock' at --scale cpu"),  # the laptop scale's
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--scale", "smoke", "--data-dir", "/nonexistent"], "/nonexistent does not exist"),
 ])
