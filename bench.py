@@ -136,10 +136,14 @@ def synchronize(device):
 
 
 def measure(step, device, warmup, steps, repeats):
-    """Seconds per call of step(): `warmup` untimed calls, then `repeats` timings of `steps`
-    calls each, every timing between two synchronisations. Returns one number per repeat."""
+    """Seconds per call of step(): `warmup` calls, then `repeats` timings of `steps` calls each,
+    every timing between two synchronisations. Returns (one number per repeat, the seconds the
+    warm-up took: torch.compile's compilation is in it)."""
+    start = time.perf_counter()
     for _ in range(warmup):
         step()
+    synchronize(device)
+    warmup_seconds = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         synchronize(device)
@@ -148,7 +152,7 @@ def measure(step, device, warmup, steps, repeats):
             step()
         synchronize(device)
         times.append((time.perf_counter() - start) / steps)
-    return times
+    return times, warmup_seconds
 
 
 def peak_memory_mb(device):
@@ -208,11 +212,12 @@ def bf16_peak_tflops(device_name):
 # ---------------------------------------------------------------------------------------------
 
 
-def row_result(seconds_per_batch, steps, batch_size, device):
+def row_result(measured, steps, batch_size, device):
+    seconds_per_batch, warmup_seconds = measured
     median = statistics.median(seconds_per_batch)
     return dict(images_per_s=batch_size / median, ms_per_step=1000 * median,
                 ms_per_step_repeats=[1000 * t for t in seconds_per_batch], steps_per_repeat=steps,
-                peak_memory_mb=peak_memory_mb(device))
+                warmup_seconds=warmup_seconds, peak_memory_mb=peak_memory_mb(device))
 
 
 def bench(cfg):
@@ -314,9 +319,10 @@ def bench(cfg):
 
         for p in raw_model.parameters():
             p.grad = torch.randn_like(p) * 1e-3 if p.requires_grad else None
-        loss_ms = 1000 * statistics.median(measure(loss_step, device, cfg.warmup, cfg.steps, cfg.repeats))
+        loss_ms = 1000 * statistics.median(
+            measure(loss_step, device, cfg.warmup, cfg.steps, cfg.repeats)[0])
         optimizer_ms = 1000 * statistics.median(
-            measure(optimizer.step, device, cfg.warmup, cfg.steps, cfg.repeats))
+            measure(optimizer.step, device, cfg.warmup, cfg.steps, cfg.repeats)[0])
         step_ms = result["rows"]["memory"]["ms_per_step"]
         result.update(loss_ms=loss_ms, optimizer_ms=optimizer_ms, loss_share=loss_ms / step_ms,
                       optimizer_share=optimizer_ms / step_ms)
@@ -387,6 +393,11 @@ def report(result):
                  f"{cfg['steps']} or more steps; peak MB: {memory_kind}; s/epoch: "
                  f"{cfg['epoch_images'] // cfg['batch_size']} steps of {cfg['batch_size']}"
                  + ")")
+    if cfg["compile"] and "memory" in rows:  # the price torch.compile pays before its first step
+        r = rows["memory"]
+        extra = r["warmup_seconds"] - cfg["warmup"] * r["ms_per_step"] / 1000
+        lines.append(f"torch.compile: row 2's {cfg['warmup']} warm-up steps took "
+                     f"{r['warmup_seconds']:.1f} s, {extra:.1f} s more than as many steps at its rate")
     if "data" in rows and not result["workers"]:
         lines.append(f"pipeline: images in memory, indexed and augmented on the {result['device']}"
                      f" ({rows['data']['images_per_s']:.0f} images/s)")

@@ -23,10 +23,11 @@ def test_measure_times_a_known_sleep():
         calls.append(1)
         time.sleep(0.02)
 
-    times = bench.measure(step, CPU, warmup=2, steps=3, repeats=4)
-    assert len(times) == 4 and len(calls) == 2 + 3 * 4  # warm-up calls happen, untimed
+    times, warmup_seconds = bench.measure(step, CPU, warmup=2, steps=3, repeats=4)
+    assert len(times) == 4 and len(calls) == 2 + 3 * 4  # warm-up calls happen, outside the times
     for t in times:  # seconds per call
         assert 0.02 <= t < 0.05  # not 0.06: the time is per call, not per repeat
+    assert 0.04 <= warmup_seconds < 0.08  # the two warm-up calls together (torch.compile's cost)
 
 
 def test_measure_waits_for_queued_device_work(monkeypatch):
@@ -37,10 +38,11 @@ def test_measure_waits_for_queued_device_work(monkeypatch):
     stream = ThreadPoolExecutor(max_workers=1)
     monkeypatch.setattr(bench, "synchronize", lambda device: stream.submit(lambda: None).result())
     step = lambda: stream.submit(time.sleep, 0.05)
-    times = bench.measure(step, torch.device("cuda"), warmup=1, steps=1, repeats=3)
+    times, warmup_seconds = bench.measure(step, torch.device("cuda"), warmup=1, steps=1, repeats=3)
     stream.shutdown()
     for t in times:
         assert 0.05 <= t < 0.09
+    assert 0.05 <= warmup_seconds < 0.09  # the warm-up's queued work waited for as well
 
 
 def test_flop_count_matches_a_hand_count():
