@@ -168,6 +168,8 @@ for _b in (128, 256, 512, 1024):
 PRETRAIN.update({
     "clock-b128-e18": ["--batch-size", "128", "--epochs", "18"],
     "clock-w0.5-b128-e8": ["--width-multiplier", "0.5", "--batch-size", "128", "--epochs", "8"],
+    "clock-b128-e18-tau0.2": ["--batch-size", "128", "--epochs", "18", "--temperature", "0.2"],
+    "clock-b128-e18-lr2": ["--batch-size", "128", "--epochs", "18", "--lr", "2.0"],
 })
 
 
@@ -290,6 +292,8 @@ EXPERIMENTS = {
         "The laptop recipe tuned to the clock", "ours: 30 minutes on 2 cores, --scale laptop",
         [Row("B 128, 18 epochs", "clock-b128-e18"),
          Row("width 0.5, B 128, 8 epochs", "clock-w0.5-b128-e8"),
+         Row("B 128, 18 epochs, tau 0.2", "clock-b128-e18-tau0.2"),
+         Row("B 128, 18 epochs, lr 2.0 x B/256", "clock-b128-e18-lr2"),
          Row("README's first recipe: B 256, 10 epochs", "base")],
         "Each row changes the base recipe to fit 30 minutes of pretraining and evaluation on 2 "
         "cores (its epochs from bench.py's rate there); minutes are as measured, on the "
