@@ -70,6 +70,9 @@ class LinearConfig:
     cached_features: bool = opt(False, "compute h once without augmentation and train on the "
                                 "stored features (fast; not the paper's augmented protocol)")
     random_init: bool = opt(False, "evaluate the same architecture untrained: the baseline")
+    image_size: int = opt(0, "evaluate at this resolution in pixels, 0: the pretraining's; a "
+                          "CIFAR-10 encoder pretrained on 24 px crops sees its 32 px images "
+                          "(FixRes, Touvron et al. 2019: random crops enlarge objects)", min=0)
     layer: int = opt(0, "the representation: 0 h = f(x) (v1); K the output of the projection "
                      "head's layer K (v2 Sec. 2; the last layer is z, Fig. 8's h vs z)", min=0)
     knn: int = opt(0, "also report weighted kNN top-1 with K neighbours on normalised h (200 is "
@@ -346,7 +349,7 @@ def run(cfg, ckpt):
     out = None if cfg.show_neighbours else results_path(cfg, pre["dataset"])
     if cfg.show_neighbours and world > 1:
         raise UserError("--show-neighbours runs in one process: without torchrun")
-    image_size = pre["image_size"]  # the encoder's input size, also for transfer datasets
+    image_size = cfg.image_size or pre["image_size"]  # also for transfer datasets
 
     torch.manual_seed(cfg.seed)  # the same --random-init weights on every rank
     encoder = load_encoder(ckpt, cfg.checkpoint, cfg.random_init, cfg.layer)

@@ -170,6 +170,7 @@ PRETRAIN.update({
     "clock-w0.5-b128-e8": ["--width-multiplier", "0.5", "--batch-size", "128", "--epochs", "8"],
     "clock-b128-e18-tau0.2": ["--batch-size", "128", "--epochs", "18", "--temperature", "0.2"],
     "clock-b128-e18-lr2": ["--batch-size", "128", "--epochs", "18", "--lr", "2.0"],
+    "clock-b128-s24-e28": ["--batch-size", "128", "--epochs", "28", "--image-size", "24"],
 })
 
 
@@ -178,7 +179,8 @@ class Row:
     label: str
     pretrain: str  # a PRETRAIN name
     paper: float = None  # the paper's value (top-1 %), None where it prints none
-    evaluation: str = "linear"  # linear, linear-layer<K>, linear-random, finetune-<fraction>-layer<K>
+    evaluation: str = "linear"  # linear, linear-layer<K>, linear-random, linear-<S>px (at S px),
+    # finetune-<fraction>-layer<K>
     below: str = None  # the row the paper ranks just above this one (default: by paper value)
 
 
@@ -294,6 +296,8 @@ EXPERIMENTS = {
          Row("width 0.5, B 128, 8 epochs", "clock-w0.5-b128-e8"),
          Row("B 128, 18 epochs, tau 0.2", "clock-b128-e18-tau0.2"),
          Row("B 128, 18 epochs, lr 2.0 x B/256", "clock-b128-e18-lr2"),
+         Row("B 128, 24 px, 28 epochs", "clock-b128-s24-e28"),
+         Row("B 128, 24 px, 28 epochs, evaluated at 32 px", "clock-b128-s24-e28", evaluation="linear-32px"),
          Row("README's first recipe: B 256, 10 epochs", "base")],
         "Each row changes the base recipe to fit 30 minutes of pretraining and evaluation on 2 "
         "cores (its epochs from bench.py's rate there); minutes are as measured, on the "
@@ -363,10 +367,11 @@ class Job:
     def evaluation_command(self):
         s, ckpt = SCALES[self.scale], str(self.run_dir / "ckpt.pt")
         name = self.evaluation
-        if name.startswith("linear"):  # linear, linear-layer<K>, linear-random
+        if name.startswith("linear"):  # linear, linear-layer<K>, linear-random, linear-<S>px
             layer = name.removeprefix("linear-layer") if "layer" in name else "0"
+            size = ["--image-size", name[7:-2]] if name.endswith("px") else []
             return command("linear_eval.py", ["--checkpoint", ckpt, *s.linear, "--layer", layer,
-                                              *(["--random-init"] if "random" in name else []),
+                                              *(["--random-init"] if "random" in name else []), *size,
                                               "--seed", str(self.seed),
                                               "--out", str(self.run_dir / f"{name}.json")])
         _, fraction, layer = name.split("-")  # finetune-<fraction>-layer<K>

@@ -10,8 +10,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 
-from cli import UserError, load_checkpoint
+from augment import crop_resize
+
+from cli import UserError, load_checkpoint, precision_for
 import linear_eval
 from conftest import ROOT, error_of, make_image_folder, run_script
 from data import load_split
@@ -221,6 +225,35 @@ def test_cached_features_end_to_end(pretrained_checkpoint, tmp_path):
     assert result["protocol"] == "cached-features"
     # the tiny folder's classes are colours: any encoder separates them, linearly and by kNN
     assert result["top1"] >= 75.0 and result["knn_top1"] >= 75.0, result
+
+
+def test_image_size_evaluates_at_that_resolution(pretrained_checkpoint, tiny_folder, tmp_path,
+                                                 monkeypatch):
+    """--image-size 24 on an encoder pretrained at 32 px: the features are the frozen encoder's
+    on each evaluation image resized whole to 24 px by TF's bicubic resize (augment.crop_resize,
+    itself tested against TensorFlow), computed here image by image, and the results say 24."""
+    seen = []
+
+    def spy(encoder, dataset, size, *args, **kwargs):
+        feats, labels = extract_features(encoder, dataset, size, *args, **kwargs)
+        seen.append((encoder, dataset, size, feats))
+        return feats, labels
+
+    monkeypatch.setattr(linear_eval, "extract_features", spy)
+    results = linear_eval.run(*linear_eval.resolve_config([
+        "--checkpoint", str(pretrained_checkpoint), "--epochs", "0", "--knn", "5",
+        "--image-size", "24", "--workers", "0", "--out", str(tmp_path / "r.json")]))
+    assert results["encoder"]["image_size"] == 24 and read_json(tmp_path / "r.json")["knn_top1"] >= 0
+    encoder, val, size, feats = seen[0]
+    assert size == 24 and feats.shape[0] == len(val.samples)
+    for i in (0, len(val.samples) - 1):
+        with Image.open(val.samples[i][0]) as picture:
+            image = pil_to_tensor(picture.convert("RGB"))
+        box = torch.tensor([[0, 0, 32, 32]])
+        x = crop_resize(image[None].float(), box, 24).round().clamp(0, 255) / 255  # 1 x 3 x 24 x 24
+        with torch.no_grad(), precision_for("auto", torch.device("cpu"))[1]:
+            h = encoder(x.contiguous(memory_format=torch.channels_last)).float()[0]
+        assert (h - feats[i]).norm() <= 2e-2 * h.norm()
 
 
 def test_results_of_two_checkpoints_in_one_folder_or_two_evaluations_stay_apart(
