@@ -495,7 +495,7 @@ def run_job(job, data_dir, stop, records, log):
 
 
 def _run_job(job, data_dir, stop, records, log):
-    start_load, timing = os.getloadavg(), job.run_dir / "pretrain_seconds.json"
+    start_load, timing, git = os.getloadavg(), job.run_dir / "pretrain_seconds.json", git_revision()
     pre_cmd, ckpt = job.pretrain_command(data_dir), job.run_dir / "ckpt.pt"
     if not pretrain_finished(job.run_dir):
         if ckpt.exists():  # the same command continues it
@@ -527,7 +527,7 @@ def _run_job(job, data_dir, stop, records, log):
     if pre_seconds is not None:  # the run from start to result, its evaluation included
         metrics["minutes"] = (pre_seconds + eval_seconds) / 60
     record = dict(key=job.key, scale=job.scale, pretrain=job.pretrain, evaluation=job.evaluation,
-                  seed=job.seed, commands=[shown(pre_cmd), shown(eval_cmd)], git=git_revision(),
+                  seed=job.seed, commands=[shown(pre_cmd), shown(eval_cmd)], git=git,  # at the start
                   hardware=hardware(), load=dict(start=start_load, end=os.getloadavg()),
                   pretrain_seconds=pre_seconds,
                   evaluation_seconds=eval_seconds, metrics=metrics,
@@ -597,7 +597,7 @@ def experiment_table(name, records, scale):
     exp = EXPERIMENTS[name]
     metric = "top1"
     means = {r.label: mean_and_spread(value_of(records, scale, r, metric)) for r in exp.rows}
-    if not any(m[0] is not None for m in means.values()):
+    if exp.scale not in ("", scale) or not any(m[0] is not None for m in means.values()):
         return ""
     tolerance = noise(records, scale, metric)
     above = paper_order(exp.rows)
@@ -607,8 +607,12 @@ def experiment_table(name, records, scale):
     for m in exp.extra:
         head += [f"paper {m}", f"ours {m}"]
     head += ["kNN top-1", "paper's order here"]
+    # an experiment of ours (no paper value, no order to check) shows no paper columns
+    keep = [i for i, h in enumerate(head) if not h.startswith("paper") or above or
+            exp.paper_extra or any(r.paper is not None for r in exp.rows)]
+    row_line = lambda cells: "| " + " | ".join(cells[i] for i in keep) + " |"
     lines = [f"### {exp.title} ({name}; {exp.source})", ""] + ([exp.finding, ""] if exp.finding else [])
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [row_line(head), "|" + "---|" * len(keep)]
     for row in exp.rows:
         mean, spread = means[row.label]
         seeds = len(value_of(records, scale, row, metric))
@@ -627,7 +631,7 @@ def experiment_table(name, records, scale):
                          f"{verdict(means[above[row.label]][0], mean, tolerance)}")
         else:
             cells.append("")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(row_line(cells))
     lines.append("")
     lines.append(f"Ties: differences within {tolerance:.2f} points, the base recipe's spread over "
                  f"seeds at this scale." if tolerance is not None else
@@ -641,7 +645,7 @@ def summary_table(tables):
     the tables' last column)."""
     lines = ["| experiment | holds | tie | reversed | not run |", "|---|---:|---:|---:|---:|"]
     for name, table in zip(EXPERIMENTS, tables):
-        if not table or name == "base":
+        if not table or name == "base" or "paper's order here" not in table:
             continue
         cells = [line.rsplit("|", 2)[-2] for line in table.splitlines() if line.startswith("| ")]
         counts = [sum(c.strip().endswith(": " + v) for c in cells)
@@ -677,7 +681,8 @@ def report(out, scales=None):
         if not any(tables):
             continue
         parts.append(f"## Scale `{scale}`: {SCALES[scale].about}\n")
-        parts.append(summary_table(tables))
+        summary = summary_table(tables)
+        parts += [summary] if summary.count("\n") > 2 else []  # experiments with an order to check
         parts += [t for t in tables if t]
         parts.append(f"#### The runs behind the `{scale}` tables\n\n{runs_table(records, scale)}")
     return "\n".join(parts)

@@ -43,14 +43,17 @@ def test_smoke_scale_runs_records_and_skips_what_is_done(tiny_folder, tmp_path, 
     assert "The base recipe, over seeds" in table and "| base recipe |  |" in table
 
 
-def fabricated(rows):
+def fabricated(rows, scale="cpu"):
     """Records as the sweep writes them: {(pretrain, evaluation): [top-1 per seed]}."""
     records = {}
     for (pretrain, evaluation), values in rows.items():
         for seed, v in enumerate(values):
-            key = f"cpu/{pretrain}/{evaluation}/seed{seed}"
-            records[key] = dict(key=key, scale="cpu", pretrain=pretrain, evaluation=evaluation,
-                                seed=seed, metrics=dict(top1=v))
+            key = f"{scale}/{pretrain}/{evaluation}/seed{seed}"
+            records[key] = dict(key=key, scale=scale, pretrain=pretrain, evaluation=evaluation,
+                                seed=seed, metrics=dict(top1=v, minutes=29.5),
+                                commands=["python pretrain.py", "python linear_eval.py"],
+                                hardware=dict(gpu=None, cpu="CPU", cores=2, omp_num_threads="2"),
+                                load=dict(start=[1.0], end=[1.0]), pretrain_seconds=1700, git="-")
     return records
 
 
@@ -74,6 +77,21 @@ def test_order_column_holds_ties_and_reversals_from_records():
     assert column["1/8"] == "below 1/4: not run"
     assert "| 1/2 | 62.6 | 50.50 (spread 1.00) | 2 |" in table
     assert "differences within 1.00 points" in table
+
+
+def test_an_experiment_of_ours_has_no_paper_columns_and_stays_at_its_scale(tmp_path):
+    """The clock search has no paper value and no order to check: its table shows ours only
+    (with the minutes each run took), at the laptop scale only, under no summary of orders."""
+    records = fabricated({("base", "linear"): [57.0, 58.0], ("clock-b128-e18", "linear"): [60.0]},
+                         "laptop")
+    table = reproduce.experiment_table("clock", records, "laptop")
+    assert "paper" not in table.split("\n|---")[0].rsplit("\n", 1)[-1]  # the header row
+    assert "| B 128, 18 epochs | 60.00 | 1 | 29.50 |" in table
+    assert "| README's first recipe: B 256, 10 epochs | 57.50 (spread 1.00) | 2 | 29.50 |" in table
+    assert reproduce.experiment_table("clock", fabricated({("base", "linear"): [47.0]}), "cpu") == ""
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records.values()))
+    text = reproduce.report(tmp_path)
+    assert "## Scale `laptop`" in text and "| experiment | holds" not in text
 
 
 def test_without_two_seeds_every_difference_counts():
