@@ -597,7 +597,9 @@ def experiment_table(name, records, scale):
     exp = EXPERIMENTS[name]
     metric = "top1"
     means = {r.label: mean_and_spread(value_of(records, scale, r, metric)) for r in exp.rows}
-    if exp.scale not in ("", scale) or not any(m[0] is not None for m in means.values()):
+    own = [r for r in exp.rows if means[r.label][0] is not None and (name == "base" or (
+        canonical(scale, r.pretrain), r.evaluation) != ("base", "linear"))]
+    if exp.scale not in ("", scale) or not own:  # the base recipe's run alone is not a result
         return ""
     tolerance = noise(records, scale, metric)
     above = paper_order(exp.rows)
