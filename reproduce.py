@@ -293,6 +293,8 @@ EXPERIMENTS = {
     "clock": Experiment(
         "The laptop recipe tuned to the clock", "ours: 30 minutes on 2 cores, --scale laptop",
         [Row("B 128, 18 epochs", "clock-b128-e18"),
+         Row("B 128, 18 epochs, evaluated at 40 px", "clock-b128-e18", evaluation="linear-40px"),
+         Row("B 128, 18 epochs, evaluated at 48 px", "clock-b128-e18", evaluation="linear-48px"),
          Row("width 0.5, B 128, 8 epochs", "clock-w0.5-b128-e8"),
          Row("B 128, 18 epochs, tau 0.2", "clock-b128-e18-tau0.2"),
          Row("B 128, 18 epochs, lr 2.0 x B/256", "clock-b128-e18-lr2"),
