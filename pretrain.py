@@ -166,8 +166,7 @@ PRESETS = {
     "stl10": dict(arch="resnet18", image_size=96, batch_size=512, epochs=1000, lr=1.0,
                   lr_scaling="linear", weight_decay=1e-4, temperature=0.5, color_strength=0.5,
                   blur=False),
-    # Paper, Sec. 2.2 and B.1: ResNet-50, 224 px, B 4096, 100 epochs, lr 0.3 x B/256 (= 4.8),
-    # wd 1e-6, tau 0.1, colour strength 1.0, blur.
+    # Paper, Sec. 2.2, B.1: ResNet-50, 224 px, B 4096, 100 epochs, lr 0.3 x B/256, wd 1e-6, tau 0.1.
     "imagenet": dict(arch="resnet50", image_size=224, batch_size=4096, epochs=100, lr=0.3,
                      lr_scaling="linear", weight_decay=1e-6, temperature=0.1, color_strength=1.0,
                      blur=True),
@@ -449,9 +448,10 @@ def train_step(model, x1, x2, optimizer, objective, scaler=None, autocast=contex
     return loss.detach(), acc, entropy
 
 
-# The README's laptop run (about half an hour on 2 cores): where a long run on a CPU points to.
-LAPTOP_RUN = ("python pretrain.py --dataset cifar10 --data-dir {} --width-multiplier 0.25 "
-              "--batch-size 256 --epochs 10 --warmup-epochs 1 --eval-every 5")
+# The README's laptop recipe, 30 minutes on 2 cores (reproduce.py --scale laptop, RESULTS.md)
+LAPTOP_RUN = ("python pretrain.py --dataset cifar10 --data-dir {} --width-multiplier 0.25 --batch-size "
+              "128 --image-size 24 --epochs 30 --warmup-epochs 1 --lr 2.0, then python linear_eval.py "
+              "--checkpoint <its folder> --cached-features --knn 200 --image-size 40")
 
 
 def seconds_per_image(model, cfg, objective, autocast, images=16):
@@ -580,7 +580,7 @@ def train(cfg, ckpt=None):
         seconds = seconds_per_image(raw_model, cfg, objective, autocast) * last_step * cfg.batch_size
         log(f"on this CPU the run takes about {datetime.timedelta(seconds=round(seconds))} "
             f"(its step timed on 16 images; evaluations not counted)" + (
-                f"; a laptop's run: {LAPTOP_RUN.format(cfg.data_dir or 'DIR')}"
+                f"; the laptop recipe: {LAPTOP_RUN.format(cfg.data_dir or 'DIR')}"
                 if seconds > 2 * 3600 else ""))
 
     run = Run(out_dir, "ckpt.pt", device, cfg.checkpoint_every, step)

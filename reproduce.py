@@ -174,6 +174,8 @@ PRETRAIN.update({
     "clock-b128-s24-e28": ["--batch-size", "128", "--epochs", "28", "--image-size", "24"],
     "clock-b128-s24-e30-lr2": ["--batch-size", "128", "--epochs", "30", "--image-size", "24",
                                "--lr", "2.0"],
+    "clock-b128-s24-e30-lr2-fp32": ["--batch-size", "128", "--epochs", "30", "--image-size", "24",
+                                    "--lr", "2.0", "--precision", "fp32"],
 })
 
 
@@ -312,10 +314,30 @@ EXPERIMENTS = {
          Row("B 128, 24 px, 28 epochs, evaluated at 40 px", "clock-b128-s24-e28", evaluation="linear-40px"),
          Row("B 128, 24 px, 30 epochs, lr 2.0 x B/256, evaluated at 32 px", "clock-b128-s24-e30-lr2",
              evaluation="linear-32px"),
+         Row("B 128, 24 px, 30 epochs, lr 2.0 x B/256, evaluated at 36 px", "clock-b128-s24-e30-lr2",
+             evaluation="linear-36px"),
+         Row("B 128, 24 px, 30 epochs, lr 2.0 x B/256, evaluated at 40 px", "clock-b128-s24-e30-lr2",
+             evaluation="linear-40px"),
+         Row("B 128, 24 px, 30 epochs, lr 2.0 x B/256, evaluated at 48 px", "clock-b128-s24-e30-lr2",
+             evaluation="linear-48px"),
          Row("README's first recipe: B 256, 10 epochs", "base")],
         "Each row changes the base recipe to fit 30 minutes of pretraining and evaluation on 2 "
         "cores (its epochs from bench.py's rate there); minutes are as measured, on the "
         "threads the runs table gives.", ["minutes"], scale="laptop"),
+    "laptop": Experiment(
+        "The laptop recipe", "the README's, chosen by the clock search",
+        [Row("the README's recipe (bf16 where the CPU has it), evaluated at 40 px",
+             "clock-b128-s24-e30-lr2", evaluation="linear-40px"),
+         Row("the same, evaluated at 32 px (the paper's protocol)", "clock-b128-s24-e30-lr2",
+             evaluation="linear-32px")],
+        "Seed 0 ran in the search (one core); seed 1 alone on 2 cores, its minutes the recipe's.",
+        ["minutes"], scale="laptop"),
+    "laptop-fp32": Experiment(
+        "The laptop recipe in fp32", "--precision fp32 against auto's bf16, on two seeds",
+        [Row("fp32, evaluated at 40 px", "clock-b128-s24-e30-lr2-fp32", evaluation="linear-40px"),
+         Row("fp32, evaluated at 32 px", "clock-b128-s24-e30-lr2-fp32", evaluation="linear-32px")],
+        "The features for the evaluation are computed as --precision auto does (bf16 here).",
+        ["minutes"], scale="laptop"),
 }
 
 

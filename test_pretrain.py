@@ -299,4 +299,4 @@ def test_a_long_cpu_run_says_how_long_and_what_fits_a_laptop(tiny_folder, tmp_pa
                        "--out-dir", str(tmp_path / str(laptop))])
         out = capsys.readouterr().out
         assert "on this CPU the run takes about" in out
-        assert ("a laptop's run: python pretrain.py --dataset cifar10" in out) == laptop
+        assert ("the laptop recipe: python pretrain.py --dataset cifar10" in out) == laptop

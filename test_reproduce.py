@@ -1,12 +1,15 @@
-"""reproduce.py: the smoke scale end to end (runs, records, the skip on a rerun), and the report's
-order column from fabricated records."""
+"""reproduce.py: the smoke scale end to end (runs, records, the skip on a rerun), the report's
+order column from fabricated records, and the laptop recipe that the README, pretrain.py and the
+clock search share."""
 import json
+import shlex
 
 import pytest
 
 import reproduce
 from cli import UserError
-from conftest import run_script
+from conftest import ROOT, run_script
+from pretrain import LAPTOP_RUN, parse_with_presets
 
 
 def test_smoke_scale_runs_records_and_skips_what_is_done(tiny_folder, tmp_path, capsys):
@@ -151,3 +154,17 @@ def test_bad_input_is_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as exit:
         reproduce.main(args)
     assert message in str(exit.value) and "Traceback" not in capsys.readouterr().err
+
+
+def test_the_laptop_recipe_is_the_searchs_choice_in_the_readme_and_the_bare_command():
+    """The README's laptop commands are the ones a long CPU run prints (pretrain.LAPTOP_RUN), and
+    they configure the run and evaluation of the clock search's chosen row."""
+    readme = " ".join((ROOT / "README.md").read_text().replace("\\\n", " ").split())
+    pretraining, evaluation = LAPTOP_RUN.format("data/cifar10").split(", then ")
+    assert pretraining in readme and evaluation.replace("<its folder>", "runs/<run>") in readme
+    row = reproduce.EXPERIMENTS["laptop"].rows[0]
+    assert parse_with_presets(shlex.split(pretraining)[2:])[0] == parse_with_presets(
+        reproduce.pretrain_flags("laptop", row.pretrain, "data/cifar10"))[0]
+    job = reproduce.Job("laptop", row.pretrain, row.evaluation, 0, ROOT / "results")
+    flags = " ".join(job.evaluation_command())
+    assert all(f in flags for f in evaluation.split("<its folder> ")[1].split(" --"))
