@@ -174,7 +174,8 @@ class ViewLoader:
 
 def eval_batches(data, size, batch_size, device, workers):
     """Every world-th image of data (this process's share), in order, as the evaluation sees
-    it (the centre crop; 32 px images as they are): yields (float n x 3 x S x S, labels)."""
+    it (the centre crop, clipped to [0, 1] as the authors' preprocess_for_eval; 32 px images as
+    they are): yields (float n x 3 x S x S, labels)."""
     rank, world = world_info()
     if isinstance(data, InMemory):
         box = center_crop_box(*data.images.shape[2:], size)
@@ -182,7 +183,7 @@ def eval_batches(data, size, batch_size, device, workers):
         for idx in torch.arange(rank, len(data), world, device=device).split(batch_size):
             x = data.images[idx].float() / 255  # n x 3 x H x W
             if box != (0, 0, size, size):
-                x = crop_resize(x, boxes.expand(len(idx), 4), size)
+                x = crop_resize(x, boxes.expand(len(idx), 4), size).clamp(0, 1)  # bicubic overshoots
             yield x, data.labels[idx]
     else:
         part = torch.utils.data.Subset(data, range(rank, len(data), world))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from augment import crop_resize
+from augment import center_crop_resize, crop_resize
 
 from cli import UserError, load_checkpoint, precision_for
 import linear_eval
@@ -254,6 +254,24 @@ def test_image_size_evaluates_at_that_resolution(pretrained_checkpoint, tiny_fol
         with torch.no_grad(), precision_for("auto", torch.device("cpu"))[1]:
             h = encoder(x.contiguous(memory_format=torch.channels_last)).float()[0]
         assert (h - feats[i]).norm() <= 2e-2 * h.norm()
+
+
+def test_the_evaluation_view_in_memory_is_clipped_as_the_authors_and_the_folders():
+    """Images in memory resized for the evaluation (here 32 -> 40 and 32 -> 24 px) are clipped
+    to [0, 1] after the bicubic resize, as the authors' preprocess_for_eval and as the image
+    folders' uint8 view (center_crop_resize), which they equal to its rounding; noise makes the
+    resize overshoot by far more than that."""
+    from data import InMemory, eval_batches
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 32, 32), generator=g, dtype=torch.uint8)
+    data = InMemory(images, torch.zeros(6, dtype=torch.long), ["a"])
+    for size in (40, 24):
+        x, _ = next(eval_batches(data, size, 6, CPU, 0))
+        raw = crop_resize(images.float() / 255, torch.tensor([[0, 0, 32, 32]] * 6), size)
+        assert raw.min() < -0.05 and raw.max() > 1.05  # what the clip is there for
+        assert x.shape == (6, 3, size, size) and x.min() >= 0 and x.max() <= 1
+        folder = torch.stack([center_crop_resize(image, size) for image in images]) / 255
+        assert (x - folder).abs().max() <= 0.5 / 255 + 1e-6
 
 
 def test_results_of_two_checkpoints_in_one_folder_or_two_evaluations_stay_apart(
