@@ -24,7 +24,7 @@ device: SimCLRAugmentation(224, blur=True)(crops, cropped=True).
 Where this departs from the authors' code, on purpose: the blur's sigma is drawn per image (the
 paper's wording; their code draws one per batch); worker crops are rounded to uint8 (0.5/255 at
 most); and TF's CPU saturation kernel, which turns a pixel gray when red is the max and green a
-hair (about 1e-7 of the range) below blue, is not copied (2 pixels in 10 million on CIFAR-10).
+hair (about 1e-7 of the range) below blue, is not copied (a few pixels in ten million).
 """
 from dataclasses import dataclass
 

@@ -24,8 +24,7 @@ absorb cuDNN autotuning and torch.compile), and the table shows the median over 
     OMP_NUM_THREADS=1 python bench.py --data-dir data/cifar10 --width-multiplier 0.25 \\
         --batch-size 64 --warmup 1 --steps 2 --repeats 3 --out bench.json        # CPU, < 1 min
 
-On a shared 2-core CPU the last command took 19 s and gave about 760 images/s for the pipeline
-and 120 for the step; RESULTS.md holds the full tables; docs/protocols.md ("Speed") what they mean for a GPU.
+RESULTS.md holds the tables it measured; docs/protocols.md ("Speed") what they mean for a GPU.
 """
 import dataclasses
 import json
@@ -35,65 +34,34 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from einops import rearrange
 from torch.utils.flop_counter import FlopCounterMode
 
-from cli import (UserError, git_revision, opt, precision_for, prepare_out_dir, random_states, run_cli,
-                 save_checkpoint, setup)
-from data import InMemory, ViewLoader, default_workers, load_split
+from data import InMemory, ViewLoader, load_split
+from model import build_model, build_optimizer, scaled_lr
 from objective import build_objective
-from pretrain import (PRESETS, Config, build_model, build_optimizer, parse_with_presets, scaled_lr,
-                      train_step, view_augmentations)
+from pretrain import Config, parse_with_presets, train_step, view_augmentations
+from runs import (UserError, default_workers, git_revision, opt, precision_for, prepare_out_dir,
+                  random_states, run_cli, save_checkpoint, setup)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------
 
 
-def pretrain_option(name):
-    """The option of pretrain.py's Config with this name: same default and help, defined once."""
-    f = Config.__dataclass_fields__[name]
-    return field(default=f.default, metadata=f.metadata)
-
-
 @dataclass
-class BenchConfig:
-    # what is measured: pretrain.py's options
-    dataset: str = pretrain_option("dataset")
-    data_dir: str = pretrain_option("data_dir")
-    image_size: int = pretrain_option("image_size")
-    workers: int = pretrain_option("workers")
-    augment: str = pretrain_option("augment")
-    color_strength: float = pretrain_option("color_strength")
-    blur: bool = pretrain_option("blur")
-    one_branch: bool = pretrain_option("one_branch")
-    arch: str = pretrain_option("arch")
-    width_multiplier: float = pretrain_option("width_multiplier")
-    sk_ratio: float = pretrain_option("sk_ratio")
-    proj_head: str = pretrain_option("proj_head")
-    proj_layers: int = pretrain_option("proj_layers")
-    proj_dim: int = pretrain_option("proj_dim")
-    temperature: float = pretrain_option("temperature")
-    batch_size: int = pretrain_option("batch_size")
-    optimizer: str = pretrain_option("optimizer")
-    lr: float = pretrain_option("lr")
-    lr_scaling: str = pretrain_option("lr_scaling")
-    weight_decay: float = pretrain_option("weight_decay")
-    momentum: float = pretrain_option("momentum")
-    device: str = pretrain_option("device")
-    precision: str = pretrain_option("precision")
-    compile: bool = pretrain_option("compile")
-    seed: int = pretrain_option("seed")
+class BenchConfig(Config):
+    """pretrain.py's options (what is measured, with its presets), and how it is measured."""
     # how it is measured
     channels_last: bool = opt(True, "NHWC activations and weights, as pretrain.py runs; "
                               "--no-channels-last measures the NCHW layout it replaced")
-    cudnn_benchmark: bool = opt(False, "torch.backends.cudnn.benchmark: let cuDNN time its "
-                                "convolution algorithms for the fixed batch shape (pretrain.py "
-                                "leaves it off); measure with and without")
+    cudnn_benchmark: bool = opt(True, "torch.backends.cudnn.benchmark: let cuDNN time its "
+                                "convolution algorithms for the fixed batch shape, as pretrain.py "
+                                "does; --no-cudnn-benchmark measures without")
     rows: str = opt("data,memory,full", "rows to measure, comma-separated: data (pipeline "
                     "alone), memory (step on a batch in memory, with the loss and optimizer "
                     "shares), full (step fed by the pipeline); checkpoint (seconds to write the "
@@ -108,9 +76,6 @@ class BenchConfig:
     out: str = opt("", "also write the results as JSON to this file")
 
 
-# pretrain.py's per-dataset presets, restricted to the options above.
-BENCH_PRESETS = {dataset: {k: v for k, v in preset.items() if k in BenchConfig.__dataclass_fields__}
-                 for dataset, preset in PRESETS.items()}
 ROWS = ("data", "memory", "full", "checkpoint")
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s, matched in this
@@ -443,8 +408,7 @@ def report(result):
 
 def main(argv=None):
     def run():
-        cfg, _ = parse_with_presets(argv, BenchConfig, BENCH_PRESETS,  # as pretrain.py
-                                    __doc__.splitlines()[0])
+        cfg, _ = parse_with_presets(argv, BenchConfig)  # pretrain.py's flags, as it resolves them
         if cfg.out:  # checked before the measurements, not after
             prepare_out_dir(Path(cfg.out).parent, "--out")
         result = bench(cfg)

@@ -4,15 +4,15 @@ as curves.png in the run folder.
 
     python curves.py runs/cifar10-resnet18-...      # any run folder of the three scripts
 
-The training loops write the same picture at every epoch end where matplotlib is importable
-(pip install matplotlib: optional, as reproduce.py's figures); without it this command says so.
+It needs matplotlib (pip install matplotlib: optional, as reproduce.py's figures); without it
+this command says so. The loops draw nothing: a picture is drawn when it is asked for.
 """
 import json
 import os
 import sys
 from pathlib import Path
 
-from cli import UserError, run_cli
+from runs import UserError, run_cli
 
 NOT_CURVES = ("epoch", "step", "time", "images_per_s", "unreadable_images")
 
@@ -48,7 +48,7 @@ def plot(run_dir):
 
 
 def plot_if_possible(run_dir):
-    """plot() where matplotlib is importable (the loops' call at each epoch end), else nothing."""
+    """plot() where matplotlib is importable, else None."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -26,7 +26,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from augment import (SimCLRAugmentation, center_crop_box, center_crop_resize, crop_resize,
                      parse_augment, random_crop_resize_uint8, sample_crop_boxes)
-from cli import Progress, UserError, first_line, world_info
+from runs import Progress, UserError, first_line, world_info
 
 SMALL_IMAGE_DATASETS = ("cifar10", "cifar100", "stl10")  # decoded once into device memory
 
@@ -227,6 +227,75 @@ def class_balanced(labels, fraction, seed):
         k = max(1, round(fraction * len(members)))
         chosen += [members[j] for j in torch.randperm(len(members), generator=generator)[:k].tolist()]
     return sorted(chosen)
+
+
+def image_names(dataset, indices):
+    """What subset.txt stores: <class>/<file> for image folders, the index for other datasets."""
+    if getattr(dataset, "samples", None) is None:  # torchvision arrays (in memory or not)
+        return [str(i) for i in indices]
+    return [Path(dataset.samples[i][0]).relative_to(dataset.root).as_posix() for i in indices]
+
+
+def read_subset_file(path, dataset):
+    """Indices of the images a subset file names, one per line.
+
+    A line may be <class>/<file> (what image_names writes) or a bare file name, as in the
+    authors' ImageNet lists (n01440764_10026.JPEG), matched on the file's base name; for
+    datasets that are not image folders (torchvision's CIFAR) lines are indices.
+    """
+    try:
+        lines = [s.strip() for s in Path(path).read_text().splitlines()]
+    except OSError as e:
+        raise UserError(f"cannot read --subset-file {path}: {e.strerror}")
+    lines = [s for s in lines if s and not s.startswith("#")]
+    if not lines:
+        raise UserError(f"--subset-file {path} names no images")
+    if getattr(dataset, "samples", None) is None:  # torchvision arrays (in memory or not)
+        try:
+            indices = [int(s) for s in lines]
+        except ValueError:
+            raise UserError(f"--subset-file {path}: this dataset has no image files, so each "
+                            f"line must be an index into the training split")
+        bad = [i for i in indices if not 0 <= i < len(dataset)]
+        if bad:
+            raise UserError(f"--subset-file {path}: index {bad[0]} is outside the "
+                            f"{len(dataset)} training images")
+        return sorted(set(indices))
+    by_path, by_name = {}, {}
+    for i, (file, _) in enumerate(dataset.samples):
+        by_path[Path(file).relative_to(dataset.root).as_posix()] = i
+        by_name.setdefault(Path(file).name, []).append(i)
+    indices, missing = [], []
+    for s in lines:
+        if s in by_path:
+            indices.append(by_path[s])
+        elif len(by_name.get(s, [])) == 1:
+            indices.append(by_name[s][0])
+        elif s in by_name:
+            raise UserError(f"--subset-file {path}: {s} names {len(by_name[s])} images; "
+                            f"write it as <class>/{s}")
+        else:
+            missing.append(s)
+    if missing:
+        raise UserError(f"--subset-file {path}: {len(missing)} of {len(lines)} images are not in "
+                        f"{dataset.root} (first: {missing[0]})")
+    return sorted(set(indices))
+
+
+def choose_labeled(cfg, train_set, log):
+    """The labelled indices (from --subset-file or drawn with --label-fraction and --seed)."""
+    if cfg.subset_file:
+        indices = read_subset_file(cfg.subset_file, train_set)
+        log(f"{len(indices)} labelled images from {cfg.subset_file}")
+    else:
+        labels = dataset_labels(train_set)
+        indices = class_balanced(labels, cfg.label_fraction, cfg.seed)
+        share = len(indices) / len(labels)
+        log(f"{len(indices)} labelled images: {100 * share:.3g}% of the {len(labels)} training "
+            f"images" + (f" ({100 * cfg.label_fraction:g}% asked, at least one of each class)"
+                         if abs(share - cfg.label_fraction) > 0.1 * cfg.label_fraction else
+                         f", {100 * cfg.label_fraction:g}% of each class") + f", seed {cfg.seed}")
+    return indices
 
 
 def evaluation_split(given, stored, same_data):
@@ -459,21 +528,6 @@ class ImageFiles(ImageFolder):
         return [(str(p), -1) for p in files]
 
 
-def unreadable_images(dataset, device, log):
-    """{'unreadable_images': the files an ImageFolder (or a Subset of one) has replaced so far,
-    summed over processes}, with a summary line; {} for datasets that cannot have any."""
-    folder = getattr(dataset, "dataset", dataset)
-    if not isinstance(folder, ImageFolder):
-        return {}
-    count = torch.tensor(folder.unreadable.value, device=device)
-    if world_info()[1] > 1:
-        dist.all_reduce(count)
-    if count.item():
-        log(f"{count.item()} unreadable image(s) so far, each replaced by the next image "
-            f"(named on stderr)")
-    return {"unreadable_images": count.item()}
-
-
 def _quiet_worker(worker_id):
     # Ctrl-C and SIGTERM reach every process of the group; the main process answers them
     # (cli.Run) and then shuts its workers down, so a worker must not die first.
@@ -486,8 +540,9 @@ def make_loader(dataset, batch_size, device, workers, sampler=None, drop_last=Fa
     """The DataLoader of every script: pinned memory on CUDA, workers that leave signals to the
     main process, persistent workers on request (their start-up is paid once per run)."""
     # The workers' seeds come from a generator seeded once, here: drawing them from the main
-    # random stream at every epoch's start would make a run resumed mid-epoch diverge.
-    seeds = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))
+    # random stream at every epoch's start would make a run resumed mid-epoch diverge. A loader
+    # in order (an evaluation, a decode) draws nothing at random: it leaves the stream alone.
+    seeds = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())) if sampler else 0)
     return torch.utils.data.DataLoader(
         dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
         pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0,
@@ -505,11 +560,6 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
     def __len__(self):
         return self.num_samples - self.start
-
-
-def default_workers(world_size):
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    return max(1, min(8, (os.cpu_count() or 1) // local))
 
 
 def save_augmentation_grid(path, data, augments, size, device, count=8):

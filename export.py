@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cli import UserError, _Parser, checkpoint_path, load_checkpoint, prepare_out_dir, run_cli
-from pretrain import Representation, build_model
+from model import Representation, build_model
+from runs import (Parser, UserError, as_user_error, checkpoint_path, load_checkpoint,
+                  prepare_out_dir, run_cli)
 
 # The lines that make a torchvision ResNet compute this project's encoder (the docstring's).
 SAME_MAXPOOL = ("model.maxpool = torch.nn.Sequential(torch.nn.ZeroPad2d((0, 1, 0, 1)), "
@@ -80,7 +81,7 @@ def torchvision_state(model, config):
 
 def main(argv=None):
     def run():
-        parser = _Parser(description=__doc__.splitlines()[0],
+        parser = Parser(description=__doc__.splitlines()[0],
                          formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("checkpoint", help="pretrain.py's ckpt.pt (or its run folder), a "
                             "student.pt, or a converted checkpoint (tf_checkpoint.py)")
@@ -94,7 +95,8 @@ def main(argv=None):
         path = checkpoint_path(args.checkpoint)
         ckpt = load_checkpoint(path, ("pretrain", "converted", "student"))
         config = ckpt["config"]
-        model = build_model(config, ckpt["model"], path).eval()
+        with as_user_error(path):
+            model = build_model(config, ckpt["model"]).eval()
         out = Path(args.out)
         if out.is_dir():
             raise UserError(f"{out} is a folder; give a file name")
@@ -108,7 +110,8 @@ def main(argv=None):
                   "; model.load_state_dict(torch.load(...), strict=False) leaves only fc.* "
                   "missing; model.fc = torch.nn.Identity() gives h")
             return
-        f = Representation(model, args.layer, "--layer").eval()
+        with as_user_error(f"--layer {args.layer}"):
+            f = Representation(model, args.layer).eval()
         prepare_out_dir(out.parent, "output path")
         size = config["image_size"]
         x = torch.rand(2, 3, size, size)

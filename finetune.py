@@ -18,32 +18,25 @@ The dataset and data directory default to the checkpoint's. Settings are the aut
 and official code): LARS, lr 0.005 x sqrt(B), weight decay 0, no warmup, cosine decay,
 crop + flip, global BatchNorm under torchrun; ImageNet B 1024, 60 epochs for 1% and 30 for 10%.
 CIFAR uses B 64 (1% of CIFAR-10 is only 500 images) and the same epoch rule. Written to
---out-dir: finetuned.pt (the teacher for distill.py), results.json (top-1/top-5 on the
-evaluation split), subset.txt (the labelled images, to repeat the run with --subset-file) and
-log.jsonl. Measured on a 2-core CPU (RESULTS.md): from a 5-epoch CIFAR-10 checkpoint of ResNet-18
-at width 0.25, 1% of the labels give 43.9% top-1 in 2 minutes (31.1% from scratch), 10% give
-50.2% in 10 epochs (37.2% from scratch).
+--out-dir: finetuned.pt (the teacher for distill.py; the one before it kept as
+finetuned.prev.pt), results.json (top-1/top-5 on the evaluation split), subset.txt (the
+labelled images, to repeat the run with --subset-file) and log.jsonl, one record per epoch.
+RESULTS.md has what it measured.
 """
 import dataclasses
-import datetime
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import (Progress, Run, UserError, checkpoint_path, console, continue_run, git_revision,
-                 load_checkpoint, load_model_state, opt, parse_config, per_process_batch,
-                 precision_for, prepare_out_dir, restore_random_state, run_cli, setup, world_info)
 from data import (ResumableSampler, ViewLoader, build_augmentation, check_same_classes,
-                  class_balanced, dataset_labels, default_workers, eval_batches, evaluation_split,
-                  load_split, preset, select, unreadable_images)
-from pretrain import (Config, Representation, build_model, build_optimizer, convert_to_global_bn,
-                      learning_rate, scaled_lr)
+                  choose_labeled, evaluation_split, image_names, load_split, preset, select)
+from evaluation import evaluate
+from model import (V1_HEAD, build_classifier, build_classifier_optimizers, head_layers,
+                   learning_rate, load_state, scaled_lr)
+from runs import (Run, Training, UserError, as_user_error, checkpoint_path, continue_run,
+                  load_checkpoint, opt, parse_config, run_cli)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -51,29 +44,23 @@ from pretrain import (Config, Representation, build_model, build_optimizer, conv
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Training):
+    """finetune.py's options (runs.Training adds the run's: --out-dir, --resume, ...)."""
     checkpoint: str = opt("", "pretraining checkpoint (pretrain.py's ckpt.pt, or a student of "
-                          "distill.py); with --from-scratch only its architecture is used")
+                          "distill.py); with --from-scratch only its architecture is used",
+                          path=True)
     from_scratch: bool = opt(False, "random initialisation instead of the checkpoint's weights: "
                              "the supervised baseline")
     # data
     dataset: str = opt("", "which data (default: the checkpoint's)",
                        ["cifar10", "cifar100", "stl10", "imagenet", "folder"])
-    data_dir: str = opt("", "dataset root (default: the checkpoint's)")
-    out_dir: str = opt("", "where finetuned.pt, results.json and subset.txt go "
-                       "(default runs/finetune-<dataset>-<labels>-<digest of the configuration>); "
-                       "the same command continues the run in it", changeable=True)
-    workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at most 8)",
-                       min=-1, changeable=True)
-    resume: str = opt("", "finetuned.pt to continue (the same command continues its --out-dir "
-                      "without it); its configuration is used, with the flags given here on top",
-                      changeable=True)
+    data_dir: str = opt("", "dataset root (default: the checkpoint's)", path=True)
     # labels (v2 Sec. 3: 1% and 10% of ImageNet, class-balanced)
     label_fraction: float = opt(0.01, "fraction of each class's training images whose labels "
                                 "are used: 0.01, 0.1 or 1.0", above=0, max=1)
     subset_file: str = opt("", "labelled images, one name per line, instead of "
                            "--label-fraction: the authors' ImageNet lists (file names such as "
-                           "n01440764_10026.JPEG) or a subset.txt this script wrote")
+                           "n01440764_10026.JPEG) or a subset.txt this script wrote", path=True)
     seed: int = opt(0, "random seed: which images are labelled, initialisation, data order")
     # model (v2 Sec. 2)
     ft_proj_layer: int = opt(1, "keep this many projection-head layers under the classifier: "
@@ -88,7 +75,7 @@ class FinetuneConfig:
     batch_size: int = opt(64, "global batch size B in images", min=2)
     epochs: int = opt(0, "training epochs; 0: 60 for <= 1% of the labels, 30 above (v2)", min=0)
     optimizer: str = opt("lars", "LARS for the network as in the paper (the new classifier "
-                         "always gets momentum SGD, see build_finetune_optimizer)",
+                         "always gets momentum SGD, model.build_classifier_optimizers)",
                          ["lars", "sgd", "adam"])
     lr: float = opt(0.005, "base learning rate, scaled by --lr-scaling", above=0)
     lr_scaling: str = opt("sqrt", "sqrt: lr x sqrt(B) (the authors' fine-tuning choice); "
@@ -97,25 +84,14 @@ class FinetuneConfig:
                               min=0)
     momentum: float = opt(0.9, "momentum of LARS and SGD", min=0, below=1)
     warmup_epochs: float = opt(0.0, "linear warmup from 0, then cosine decay to 0", min=0)
-    global_bn: bool = opt(True, "BatchNorm statistics over the global batch under torchrun")
     # system
-    device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"],
-                      changeable=True)
-    precision: str = opt("auto", "auto: bf16 autocast on CUDA and on CPUs with native bf16, "
-                         "fp32 elsewhere",
-                         ["auto", "bf16", "fp32"], changeable=True)
-    log_every: int = opt(50, "print a log line every this many steps (and after the first)",
-                         min=1, changeable=True)
-    checkpoint_every: float = opt(10.0, "minutes between checkpoints within an epoch (a crash "
-                                  "loses at most that), 0: at epoch ends only", min=0,
-                                  changeable=True)
     eval_every: int = opt(0, "top-1 on the evaluation split every this many epochs; 0: at the end",
                           min=0, changeable=True)
     val_fraction: float = opt(0.0, "evaluate on this class-balanced fraction of the training "
                               "images, held out (default: the checkpoint's, on its data)",
                               min=0, below=1)
     val_dir: str = opt("", "the evaluation images (<class>/<image>) instead of <data-dir>/val "
-                       "(default: the checkpoint's, on its data)")
+                       "(default: the checkpoint's, on its data)", path=True)
 
 
 # Per-dataset presets, applied before the flags. ImageNet: the authors' fine-tuning batch. CIFAR:
@@ -154,6 +130,10 @@ def resolve_config(argv):
         if clash:
             raise UserError(f"--{clash[0].replace('_', '-')} differs from the checkpoint's "
                             f"{pre.get(clash[0])}: the architecture comes from --checkpoint")
+        layers = head_layers(pre)
+        if cfg.ft_proj_layer > layers:
+            raise UserError(f"--ft-proj-layer {cfg.ft_proj_layer}: the projection head has {layers} "
+                            f"layer(s); use --ft-proj-layer 0{f' to {layers}' if layers else ''}")
     elif not cfg.from_scratch:
         raise UserError("--checkpoint is required (a ckpt.pt written by pretrain.py); "
                         "--from-scratch alone trains the --arch network from random weights")
@@ -166,9 +146,9 @@ def resolve_config(argv):
     cfg = FinetuneConfig(**{**defaults, **PRESETS.get(preset(dataset, size), {}), **given,
                             "dataset": dataset, "data_dir": data_dir,
                             **evaluation_split(given, pre, data_dir == pre.get("data_dir"))})
-    if ckpt is None:  # --from-scratch without a checkpoint: pretrain.py's network on the flags
-        pre = dataclasses.asdict(Config(dataset=dataset, data_dir=data_dir,
-                                        **{f: getattr(cfg, f) for f in ARCH_FLAGS}))
+    if ckpt is None:  # --from-scratch without a checkpoint: v1's head on the --arch flags
+        pre = dict(dataset=dataset, data_dir=data_dir, **V1_HEAD,
+                   **{f: getattr(cfg, f) for f in ARCH_FLAGS})
     for f in ARCH_FLAGS:  # the network actually trained, for the printed and stored config
         setattr(cfg, f, pre[f])
     if cfg.epochs == 0:  # v2: 60 epochs for 1% of ImageNet, 30 for 10%
@@ -182,333 +162,75 @@ def resolve_config(argv):
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: a class-balanced labelled subset of the training split
+# Fine-tuning: cross-entropy on the labelled subset, the whole network trained
 # ---------------------------------------------------------------------------------------------
 
 
-def image_names(dataset, indices):
-    """What subset.txt stores: <class>/<file> for image folders, the index for other datasets."""
-    if getattr(dataset, "samples", None) is None:  # torchvision arrays (in memory or not)
-        return [str(i) for i in indices]
-    return [Path(dataset.samples[i][0]).relative_to(dataset.root).as_posix() for i in indices]
-
-
-def read_subset_file(path, dataset):
-    """Indices of the images a subset file names, one per line.
-
-    A line may be <class>/<file> (what image_names writes) or a bare file name, as in the
-    authors' ImageNet lists (n01440764_10026.JPEG), matched on the file's base name; for
-    datasets that are not image folders (torchvision's CIFAR) lines are indices.
-    """
-    try:
-        lines = [s.strip() for s in Path(path).read_text().splitlines()]
-    except OSError as e:
-        raise UserError(f"cannot read --subset-file {path}: {e.strerror}")
-    lines = [s for s in lines if s and not s.startswith("#")]
-    if not lines:
-        raise UserError(f"--subset-file {path} names no images")
-    if getattr(dataset, "samples", None) is None:  # torchvision arrays (in memory or not)
-        try:
-            indices = [int(s) for s in lines]
-        except ValueError:
-            raise UserError(f"--subset-file {path}: this dataset has no image files, so each "
-                            f"line must be an index into the training split")
-        bad = [i for i in indices if not 0 <= i < len(dataset)]
-        if bad:
-            raise UserError(f"--subset-file {path}: index {bad[0]} is outside the "
-                            f"{len(dataset)} training images")
-        return sorted(set(indices))
-    by_path, by_name = {}, {}
-    for i, (file, _) in enumerate(dataset.samples):
-        by_path[Path(file).relative_to(dataset.root).as_posix()] = i
-        by_name.setdefault(Path(file).name, []).append(i)
-    indices, missing = [], []
-    for s in lines:
-        if s in by_path:
-            indices.append(by_path[s])
-        elif len(by_name.get(s, [])) == 1:
-            indices.append(by_name[s][0])
-        elif s in by_name:
-            raise UserError(f"--subset-file {path}: {s} names {len(by_name[s])} images; "
-                            f"write it as <class>/{s}")
-        else:
-            missing.append(s)
-    if missing:
-        raise UserError(f"--subset-file {path}: {len(missing)} of {len(lines)} images are not in "
-                        f"{dataset.root} (first: {missing[0]})")
-    return sorted(set(indices))
-
-
-# ---------------------------------------------------------------------------------------------
-# Model: encoder f + the first K layers of g + a new linear classifier
-# ---------------------------------------------------------------------------------------------
-
-
-class Classifier(Representation):
-    """x -> logits through f, the kept head layers and a linear layer (v2 Sec. 2, Eq. 4).
-
-    v2 writes the head as g(h) = W3 s(W2 s(W1 h)) and fine-tunes from s(W1 h) (K = 1): the kept
-    layers are part of the network being fine-tuned, not a frozen feature extractor. The last
-    head layer's BatchNorm keeps its frozen shift (requires_grad False) when all are kept.
-    """
-
-    def __init__(self, model, ft_proj_layer, num_classes):
-        super().__init__(model, ft_proj_layer, "--ft-proj-layer")
-        self.fc = nn.Linear(self.out_dim, num_classes)
-        nn.init.normal_(self.fc.weight, std=0.01)  # official LinearLayer (tf2/model.py)
-        nn.init.zeros_(self.fc.bias)
-
-    def forward(self, x):
-        return self.fc(super().forward(x))  # B x classes
-
-
-def build_classifier(pretrain_config, num_classes, ft_proj_layer, state=None, path=""):
-    """The SimCLR network of pretrain_config (loaded strictly from state unless None), cut after
-    ft_proj_layer head layers, with a new classifier."""
-    return Classifier(build_model(pretrain_config, state, path), ft_proj_layer, num_classes)
-
-
-def load_finetuned(path):
-    """A finetune.py checkpoint as (Classifier, checkpoint): distill.py's teacher."""
-    ckpt = load_checkpoint(path, ("finetuned",), "--teacher")
-    c = ckpt["config"]
-    model = build_classifier(c["pretrain"], c["num_classes"], c["ft_proj_layer"])
-    load_model_state(model, ckpt["model"], path)
-    return model, ckpt
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimisation
-# ---------------------------------------------------------------------------------------------
-
-
-def build_finetune_optimizer(model, name, lr, weight_decay, momentum):
-    """[optimizer of f and the kept head, optimizer of the new classifier].
-
-    The official code excludes the supervised head ('head_supervised') from LARS's trust ratio:
-    for a freshly initialised classifier eta * ||w|| / ||g|| is tiny and would keep it near its
-    initialisation. So the classifier gets plain momentum SGD at the same learning rate, with
-    weight decay on its weights only (the official code adds it as an L2 loss). The official
-    LARS keeps lr inside its momentum buffer and SGD outside; with a constant rate they agree.
-    """
-    body = build_optimizer(nn.ModuleList([model.encoder, model.head]), name, lr, weight_decay,
-                           momentum)
-    classifier = torch.optim.SGD([dict(params=[model.fc.weight], weight_decay=weight_decay),
-                                  dict(params=[model.fc.bias], weight_decay=0.0)],
-                                 lr=lr, momentum=momentum)
-    return [body, classifier]
-
-
-def set_lr(optimizers, lr):
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation: top-1 / top-5 on the evaluation split
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(model, dataset, size, batch_size, device, workers=0, log=None):
-    """(top-1 %, top-5 %) of model (BatchNorm in inference mode) on dataset at size px.
-
-    Under torchrun each process scores every world-th image and the counts are summed. With
-    fewer than 5 classes "top-5" is top-(number of classes), i.e. 100. With `log`, progress
-    lines go there.
-    """
-    rank, world = world_info()
-    was_training = model.training
-    model.eval()
-    share = len(range(rank, len(dataset), world))
-    progress, done = Progress(log or (lambda *a: None), "evaluation", share), 0
-    counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
-    for x, y in eval_batches(dataset, size, batch_size, device, workers):
-        done += len(y)
-        if progress.due(done):
-            progress.show(done, "images")
-        with precision_for("auto", device)[1]:
-            logits = model(x).float()  # b x classes
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # b x 5
-        hits = top == y[:, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), y.new_tensor(len(y))]).float()
-    if world > 1:
-        dist.all_reduce(counts)
-    model.train(was_training)
-    top1, top5 = (100 * counts[:2] / counts[2]).tolist()
-    return round(top1, 4), round(top5, 4)
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-
-
-def choose_labeled(cfg, train_set, log):
-    """The labelled indices (from --subset-file or drawn with --label-fraction and --seed)."""
-    if cfg.subset_file:
-        indices = read_subset_file(cfg.subset_file, train_set)
-        log(f"{len(indices)} labelled images from {cfg.subset_file}")
-    else:
-        labels = dataset_labels(train_set)
-        indices = class_balanced(labels, cfg.label_fraction, cfg.seed)
-        share = len(indices) / len(labels)
-        log(f"{len(indices)} labelled images: {100 * share:.3g}% of the {len(labels)} training "
-            f"images" + (f" ({100 * cfg.label_fraction:g}% asked, at least one of each class)"
-                         if abs(share - cfg.label_fraction) > 0.1 * cfg.label_fraction else
-                         f", {100 * cfg.label_fraction:g}% of each class") + f", seed {cfg.seed}")
-    return indices
-
-
-def train(cfg, pretrain_config, weights, resume):
-    device, rank, world = setup(cfg.device)
-    main = rank == 0
-    log = console(main)
-    local_batch = per_process_batch(cfg.batch_size, world)
-    precision, autocast, why = precision_for(cfg.precision, device)
-    workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
-    out_dir = Path(cfg.out_dir)  # continue_run's choice
-
-    # Data: crop + flip on the labelled subset (the fine-tuning augmentation)
+def train(cfg, pretrain_config, weights, ckpt):
+    """Fine-tune as cfg says from weights (the pretraining's, or None: random), or continue ckpt."""
+    run = Run(cfg, ckpt, "finetuned")  # device, processes, precision, workers (runs.py)
     split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, cfg.image_size,
-                                             device, workers, views, log, True, cfg.val_fraction,
-                                             cfg.val_dir)
+                                             run.device, run.workers, views, run.log, True,
+                                             cfg.val_fraction, cfg.val_dir)
     train_set, val_set = split("train", views=1), split("val")
     check_same_classes(train_set, val_set)
-    num_classes = len(train_set.classes)
-    indices = resume["subset"] if resume else choose_labeled(cfg, train_set, log)
-    labeled = select(train_set, indices)
-    steps_per_epoch = len(labeled) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(labeled)} labelled images are fewer than one batch of "
-                        f"{cfg.batch_size}: lower --batch-size to at most {len(labeled)}")
-    total_steps = cfg.epochs * steps_per_epoch
+    indices = ckpt["subset"] if ckpt else choose_labeled(cfg, train_set, run.log)
+    labeled = select(train_set, indices)  # crop + flip on the labelled subset
+    steps_per_epoch = run.schedule(len(labeled), "labelled images")
     peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
-    sampler = ResumableSampler(labeled, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = ViewLoader(labeled, sampler, local_batch, [build_augmentation(cfg.image_size)],
-                        device, workers)
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    sampler = ResumableSampler(labeled, run.world, run.rank, shuffle=True, seed=cfg.seed,
+                               drop_last=True)
+    loader = ViewLoader(labeled, sampler, run.local_batch, [build_augmentation(cfg.image_size)],
+                        run.device, run.workers)
 
-    # Model: pretrained (or fresh) f + K head layers + classifier; all of it is trained
+    # The network: pretrained (or fresh) f + K head layers + a new classifier, all of it trained
     torch.manual_seed(cfg.seed)  # the same fresh weights on every process
-    raw_model = build_classifier(pretrain_config, num_classes, cfg.ft_proj_layer, weights,
-                                 cfg.checkpoint).to(device, memory_format=torch.channels_last)
-    torch.manual_seed(cfg.seed + rank)  # processes differ in augmentation
-    optimizers = build_finetune_optimizer(raw_model, cfg.optimizer, peak_lr, cfg.weight_decay,
-                                          cfg.momentum)
-    step, history = 0, []
-    if resume:
-        load_model_state(raw_model, resume["model"], cfg.resume)
-        for optimizer, state in zip(optimizers, resume["optimizers"]):
-            optimizer.load_state_dict(state)
-        step, history = resume["step"], resume["history"]
-        restore_random_state(resume["rng"], device)
-    model = raw_model
-    if dist.is_initialized():  # under torchrun, even with one process
-        if cfg.global_bn:
-            model = convert_to_global_bn(model)
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None)
-    if main:  # made once every check has passed: a failed start leaves no folder behind
-        prepare_out_dir(out_dir)
-        (out_dir / "subset.txt").write_text("\n".join(image_names(train_set, indices)) + "\n")
+    num_classes = len(train_set.classes)
+    with as_user_error(cfg.resume or cfg.checkpoint):
+        model = build_classifier(pretrain_config, num_classes, cfg.ft_proj_layer, weights)
+        if ckpt:
+            load_state(model, ckpt["model"])
+    model = model.to(run.device)
+    torch.manual_seed(cfg.seed + run.rank)  # processes differ in augmentation
+    optimizers = build_classifier_optimizers(model, cfg.optimizer, peak_lr, cfg.weight_decay,
+                                             cfg.momentum)
+    config = dict(dataclasses.asdict(cfg), pretrain=pretrain_config, num_classes=num_classes,
+                  classes=list(train_set.classes))
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    net = run.start(model, optimizers, lambda: dict(model=model.state_dict(), subset=indices,
+                                                     config=config), [sampler], train_set,
+                    f"{'random init' if cfg.from_scratch else cfg.checkpoint} | {cfg.ft_proj_layer} "
+                    f"head layer(s) kept | {n_params / 1e6:.2f}M trained parameters | "
+                    f"{num_classes} classes", f"peak lr {peak_lr:.4g}")
+    if run.main:
+        (run.out_dir / "subset.txt").write_text("\n".join(image_names(train_set, indices)) + "\n")
 
-    n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-    log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | {precision} ({why}) | "
-        f"{'random init' if cfg.from_scratch else cfg.checkpoint} | "
-        f"{cfg.ft_proj_layer} head layer(s) kept | {n_params / 1e6:.2f}M trained parameters | "
-        f"{num_classes} classes")
-    log("config " + json.dumps(dataclasses.asdict(cfg)))
-    log(f"{steps_per_epoch} steps/epoch of {cfg.batch_size}, {total_steps} steps, peak lr "
-        f"{peak_lr:.4g}, out {out_dir}" + (f"; continuing {cfg.resume} from step {step}" if resume
-                                           else ""))
-
-    run = Run(out_dir, "finetuned.pt", device, cfg.checkpoint_every, step)
-    sums = torch.zeros(3, device=device)  # this epoch's loss x images, top-1 hits, non-finite losses
-    if resume and "epoch_sums" in resume:
-        sums += resume["epoch_sums"].to(device)
-
-    def state(results=None):
-        """finetuned.pt: distill.py's teacher when complete, where the run continues from always."""
-        return dict(model=raw_model.state_dict(), epoch=step // steps_per_epoch, step=step,
-                    results=results, finished=results is not None, epoch_sums=sums.cpu(),
-                    optimizers=[o.state_dict() for o in optimizers], subset=indices,
-                    history=history, config=dict(dataclasses.asdict(cfg), pretrain=pretrain_config,
-                                                 num_classes=num_classes,
-                                                 classes=list(train_set.classes)))
-
-    model.train()
-    progress = Progress(log, "step", total_steps, cfg.batch_size, every=cfg.log_every, start=step)
-    t_start = time.time()
-    for epoch in range(step // steps_per_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        sampler.start = (step % steps_per_epoch) * local_batch
+    for epoch in run.epochs():
         for (x,), y in loader:  # one augmented view, on the device
-            lr = learning_rate(step, total_steps, round(cfg.warmup_epochs * steps_per_epoch), peak_lr)
-            set_lr(optimizers, lr)
-            with autocast:
-                logits = model(x)  # b x classes
+            run.set_lr(learning_rate(run.step, run.total_steps, warmup_steps, peak_lr))
+            with run.autocast:
+                logits = net(x)  # b x classes
             loss = F.cross_entropy(logits.float(), y)
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for optimizer in optimizers:
-                optimizer.step()
-            step += 1
-            sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(),
-                                 (~torch.isfinite(loss.detach())).float()])
-            if progress.due(step):
-                progress.show(step, f"epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.4f} "
-                                    f"lr {lr:.4g}")
-            stopping, saving = run.poll()
-            if step % steps_per_epoch and (stopping or saving):  # in mid-epoch: no record
-                epoch_totals(sums, world, epoch)
-                run.save(state())
-                if stopping:
-                    return run.stopped(step, log)
+            run.optimize(loss)
+            run.step_done(loss=loss, train_top1=100 * (logits.argmax(1) == y).float().mean())
+        top = {}
+        if run.evaluation_due():
+            top = dict(zip(("top1", "top5"), evaluate(model, val_set, cfg.image_size, 256,
+                                                      run.device, run.workers, run.log,
+                                                      run.autocast)))
+            run.log(f"epoch {epoch + 1}: top-1 {top['top1']:.2f}% top-5 {top['top5']:.2f}%")
+        run.epoch_done(**top)  # the record, then the checkpoint
 
-        # end of epoch: the record (with the evaluation when due), then the checkpoint
-        totals, seen = epoch_totals(sums, world, epoch), steps_per_epoch * cfg.batch_size
-        record = dict(epoch=epoch + 1, step=step, loss=totals[0].item() / seen,
-                      train_top1=100 * totals[1].item() / seen, lr=lr, time=time.time() - t_start)
-        sums.zero_()
-        record.update(unreadable_images(train_set, device, log))
-        if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or epoch + 1 == cfg.epochs:
-            record["top1"], record["top5"] = evaluate(raw_model, val_set, cfg.image_size, 256,
-                                                      device, workers, log)
-            log(f"epoch {epoch + 1}: top-1 {record['top1']:.2f}% top-5 {record['top5']:.2f}%")
-        history.append(record)
-        run.record(record)
-        if epoch + 1 < cfg.epochs:
-            run.save(state())
-            if stopping:
-                return run.stopped(step, log)
-
-    # The finished checkpoint (distill.py's teacher) and results
-    results = dict(top1=history[-1]["top1"], top5=history[-1]["top5"], labeled_images=len(indices),
+    results = dict(top1=run.record["top1"], top5=run.record["top5"], labeled_images=len(indices),
                    label_fraction=None if cfg.subset_file else cfg.label_fraction,
-                   subset=str(out_dir / "subset.txt"), from_scratch=cfg.from_scratch,
+                   subset=str(run.out_dir / "subset.txt"), from_scratch=cfg.from_scratch,
                    checkpoint=cfg.checkpoint, ft_proj_layer=cfg.ft_proj_layer, epochs=cfg.epochs,
-                   steps=step, train_seconds=round(time.time() - t_start), world_size=world,
-                   device=device.type, git=git_revision(), config=dataclasses.asdict(cfg))
-    run.save(state(results))
-    if main:
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    log(f"done in {datetime.timedelta(seconds=round(time.time() - t_start))}: top-1 "
-        f"{results['top1']:.2f}% top-5 {results['top5']:.2f}% with {len(indices)} labels; "
-        f"{run.path}, {out_dir / 'results.json'}")
+                   steps=run.step, train_seconds=round(run.record["time"]), world_size=run.world,
+                   device=run.device.type, config=dataclasses.asdict(cfg))
+    run.finish(results)
+    run.log(f"top-1 {results['top1']:.2f}% top-5 {results['top5']:.2f}% with {len(indices)} labels")
     return results
-
-
-def epoch_totals(sums, world, epoch):
-    """This epoch's sums so far over every process, checked before any checkpoint (which keeps
-    the last good weights): the last counts non-finite losses."""
-    totals = sums.clone()
-    if world > 1:
-        dist.all_reduce(totals)
-    if totals[-1].item() > 0:
-        raise UserError(f"loss is not finite in epoch {epoch + 1}; try a lower --lr")
-    return totals
 
 
 def main(argv=None):

@@ -27,8 +27,8 @@ def encoder(checkpoint, layer=0):
     checkpoint: pretrain.py's ckpt.pt or its run folder, distill.py's student.pt, a converted
     checkpoint (tf_checkpoint.py), or a folder of the authors' TensorFlow checkpoint (converted
     in memory)."""
-    from cli import load_checkpoint
-    from pretrain import Representation, build_model
+    from model import Representation, build_model
+    from runs import as_user_error, load_checkpoint
     import tf_checkpoint
 
     if is_tensorflow(checkpoint):
@@ -36,8 +36,10 @@ def encoder(checkpoint, layer=0):
         size = cfg.image_size
     else:
         ckpt = load_checkpoint(checkpoint, ("pretrain", "converted", "student"))
-        model, size = build_model(ckpt["config"], ckpt["model"], checkpoint), ckpt["config"]["image_size"]
-    f = Representation(model, layer, "layer").eval()
+        with as_user_error(checkpoint):
+            model, size = build_model(ckpt["config"], ckpt["model"]), ckpt["config"]["image_size"]
+    with as_user_error(f"layer {layer}"):
+        f = Representation(model, layer).eval()
     f.image_size = size
     return f
 
@@ -52,8 +54,8 @@ def classifier(checkpoint, ft_proj_layer=-1):
     the authors' TensorFlow checkpoint; ft_proj_layer: the head layer its supervised head
     reads, where the folder does not tell (tf_checkpoint.classifier_layer)."""
     import torch
-    from cli import UserError, checkpoint_kind, checkpoint_path, load_checkpoint
-    from finetune import build_classifier, load_finetuned
+    from model import build_classifier, checkpoint_kind, finetuned_classifier
+    from runs import UserError, as_user_error, checkpoint_path, load_checkpoint
     import tf_checkpoint
 
     if is_tensorflow(checkpoint):
@@ -66,12 +68,14 @@ def classifier(checkpoint, ft_proj_layer=-1):
     path = checkpoint_path(checkpoint)
     ckpt = load_checkpoint(path, ("finetuned", "student", "converted"))
     if checkpoint_kind(ckpt) == "finetuned":
-        model = load_finetuned(path)[0]
+        with as_user_error(path):
+            model = finetuned_classifier(ckpt)
         config = ckpt["config"]["pretrain"]
     elif "classifier" in ckpt:  # a student, or a converted network with its supervised head
         config = ckpt["config"]
-        model = build_classifier(config, ckpt["num_classes"], ckpt.get("ft_proj_layer", 0),
-                                 ckpt["model"], path)
+        with as_user_error(path):
+            model = build_classifier(config, ckpt["num_classes"], ckpt.get("ft_proj_layer", 0),
+                                     ckpt["model"])
         with torch.no_grad():
             model.fc.weight.copy_(ckpt["classifier"]["weight"])
             model.fc.bias.copy_(ckpt["classifier"]["bias"])

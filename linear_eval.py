@@ -22,10 +22,8 @@ nothing else. --random-init evaluates the same
 architecture untrained, the baseline that shows what pretraining added. --dataset other than the
 checkpoint's is transfer (Sec. 6): images are resized to the encoder's input size.
 Under torchrun each process takes batch_size / world images, the linear layer's gradients are
-averaged over processes, and evaluation features are gathered from all of them.
-Measured on a 2-core CPU: a ResNet-18 at width 0.25 pretrained for 5 epochs on CIFAR-10 gives
-54.1% top-1 (--cached-features, 100 epochs, 1.5 minutes), its untrained twin (--random-init)
-29.1%; RESULTS.md lists these next to what the papers report.
+averaged over processes, and evaluation features are gathered from all of them. RESULTS.md
+lists what it measured next to what the papers report.
 """
 import dataclasses
 import json
@@ -38,13 +36,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import (Progress, UserError, checkpoint_path, console, git_revision, identity,
-                 load_checkpoint, opt, parse_config, per_process_batch, precision_for,
-                 prepare_out_dir, run_cli, setup, world_info)
-from data import (InMemory, ViewLoader, build_augmentation, check_same_classes, default_workers,
-                  eval_batches, evaluation_split, load_split, preset, save_grid, select)
-from pretrain import (Representation, build_model, build_optimizer, extract_features, knn_predict,
-                      learning_rate, scaled_lr)
+from data import (InMemory, ViewLoader, build_augmentation, check_same_classes, eval_batches,
+                  evaluation_split, load_split, preset, save_grid, select)
+from evaluation import extract_features, knn_accuracy, topk_accuracy
+from model import Representation, build_model, build_optimizer, learning_rate, scaled_lr
+from runs import (Progress, Run, System, UserError, precision_for, as_user_error, checkpoint_path, git_revision,
+                  identity, load_checkpoint, opt, parse_config, prepare_out_dir, run_cli, world_info)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -52,15 +49,16 @@ from pretrain import (Representation, build_model, build_optimizer, extract_feat
 
 
 @dataclass
-class LinearConfig:
+class LinearConfig(System):
+    """linear_eval.py's options (runs.System adds --device, --precision, --workers)."""
     checkpoint: str = opt("", "pretraining checkpoint (pretrain.py's ckpt.pt); the encoder's "
-                          "architecture and input size come from its stored configuration")
+                          "architecture and input size come from its stored configuration",
+                          path=True)
     # data
     dataset: str = opt("", "data to evaluate on, empty: the checkpoint's; another one is "
                        "transfer (Sec. 6)", ["cifar10", "cifar100", "stl10", "imagenet", "folder"])
-    data_dir: str = opt("", "dataset root, empty: the checkpoint's when --dataset is its")
-    workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at most 8)",
-                       min=-1, changeable=True)
+    data_dir: str = opt("", "dataset root, empty: the checkpoint's when --dataset is its",
+                        path=True)
     # protocol (Appendix B.6)
     batch_size: int = opt(512, "global batch size B in images", min=1)
     epochs: int = opt(100, "epochs of the linear layer; 0: no linear layer (kNN only)", min=0)
@@ -82,10 +80,8 @@ class LinearConfig:
                               "images, held out (default: the checkpoint's, on its data)",
                               min=0, below=1)
     val_dir: str = opt("", "the evaluation images (<class>/<image>) instead of <data-dir>/val "
-                       "(default: the checkpoint's, on its data)")
+                       "(default: the checkpoint's, on its data)", path=True)
     # system
-    device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"],
-                      changeable=True)
     seed: int = opt(0, "random seed (data order, augmentation, --random-init weights)")
     out: str = opt("", "results JSON, empty: <checkpoint dir>/linear_eval[_random][_<dataset>]"
                    ".json", changeable=True)
@@ -177,8 +173,10 @@ def load_encoder(ckpt, path, random_init=False, layer=0):
     architecture fails here; the linear classifier is a separate module, so it is the only
     weight the checkpoint lacks. --random-init keeps the fresh initialisation instead.
     """
-    model = build_model(ckpt["config"], None if random_init else ckpt["model"], path)
-    encoder = Representation(model, layer)
+    with as_user_error(path):
+        model = build_model(ckpt["config"], None if random_init else ckpt["model"])
+    with as_user_error(f"--layer {layer}"):
+        encoder = Representation(model, layer)
     encoder.requires_grad_(False)
     encoder.eval()
     return encoder
@@ -214,18 +212,19 @@ def check_encoder_unchanged(encoder, reference):
 
 
 def train_linear(classifier, encoder, loader, epochs, peak_lr, weight_decay=0.0, momentum=0.9,
-                 device=torch.device("cpu"), log=print):
+                 device=torch.device("cpu"), log=print, autocast=None):
     """Train the linear layer on h = encoder(x): Nesterov SGD, cosine from peak_lr to 0, no warmup.
 
     loader yields (x, y): images with the encoder frozen (the paper's protocol) or stored
     features with encoder = nn.Identity() (--cached-features). Under torchrun the gradients are
-    averaged over processes (each has its share of the global batch). Returns the last epoch's
-    mean loss and training top-1 (%).
+    averaged over processes (each has its share of the global batch); autocast: the run's
+    precision (default: --precision auto's). Returns the last epoch's mean loss and training
+    top-1 (%).
     """
     _, world = world_info()
     optimizer = build_optimizer(classifier, "sgd", peak_lr, weight_decay, momentum, nesterov=True)
     total_steps = epochs * len(loader)
-    autocast = precision_for("auto", device)[1]
+    autocast = autocast or precision_for("auto", device)[1]
     encoder.eval()  # BN uses the pretraining statistics and does not update them
     classifier.train()
     step, progress = 0, Progress(log, "epoch", epochs, len(loader.sampler), seconds=10)
@@ -265,23 +264,11 @@ def train_linear(classifier, encoder, loader, epochs, peak_lr, weight_decay=0.0,
 # ---------------------------------------------------------------------------------------------
 
 
-def topk_accuracy(scores, labels, ks=(1, 5)):
-    """Top-k accuracies (%) of class scores (N x C); k is capped at C."""
-    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # N x k
-    hits = top == labels.unsqueeze(1)
-    return [100.0 * hits[:, :k].any(1).float().mean().item() for k in ks]
-
-
 @torch.no_grad()
 def evaluate_linear(classifier, features, labels):
     """(top-1, top-5) of the linear layer on the evaluation features."""
     classifier.eval()
     return topk_accuracy(classifier(features), labels)
-
-
-def knn_accuracy(train_f, train_l, val_f, val_l, num_classes, k, temperature):
-    """(top-1, top-5) of weighted kNN (pretrain.knn_predict): training images as the memory."""
-    return topk_accuracy(knn_predict(train_f, train_l, val_f, num_classes, k, temperature), val_l)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,11 +327,9 @@ def trained_for(ckpt):
 
 
 def run(cfg, ckpt):
-    device, rank, world = setup(cfg.device)
-    main = rank == 0
-    log = console(main)
-    local_batch = per_process_batch(cfg.batch_size, world)
-    workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
+    job = Run(cfg)  # device, processes, precision, workers (runs.py)
+    device, rank, world, main, log = job.device, job.rank, job.world, job.main, job.log
+    local_batch, workers, autocast = job.local_batch, job.workers, job.autocast
     pre = ckpt["config"]
     out = None if cfg.show_neighbours else results_path(cfg, pre["dataset"])
     if cfg.show_neighbours and world > 1:
@@ -361,8 +346,8 @@ def run(cfg, ckpt):
                  {k.replace("head.layers.", "head.", 1): v for k, v in ckpt["model"].items()
                   if k.startswith(("encoder.", *(f"head.layers.{i}." for i in range(cfg.layer))))})
 
-    log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | "
-        f"encoder {pre['arch']} x{pre['width_multiplier']} {image_size}px, "
+    log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | {job.precision} "
+        f"({job.why}) | encoder {pre['arch']} x{pre['width_multiplier']} {image_size}px, "
         f"{f'head layer {cfg.layer}' if cfg.layer else 'h'} {encoder.out_dim}-d, "
         f"{'random init' if cfg.random_init else 'pretrained'} on {pre['dataset']} "
         f"({trained_for(ckpt)})")
@@ -387,11 +372,11 @@ def run(cfg, ckpt):
     # Evaluation features: the image as it is (32 px) or a centre crop (ImageNet), gathered.
     t_start = time.time()
     val_f, val_l = extract_features(encoder, val, image_size, EXTRACT_BATCH, device, workers, log,
-                                    "features: val")
+                                    "features: val", autocast)
     train_f = train_l = None
     if cfg.cached_features or cfg.knn or cfg.show_neighbours:
         train_f, train_l = extract_features(encoder, train_plain, image_size, EXTRACT_BATCH,
-                                            device, workers, log, "features: train")
+                                            device, workers, log, "features: train", autocast)
         log(f"features of {len(train_plain)} training and {len(val)} evaluation images in "
             f"{time.time() - t_start:.0f}s")
     if cfg.show_neighbours:
@@ -429,7 +414,7 @@ def run(cfg, ckpt):
             f"peak lr {peak_lr:.4g}, weight decay {cfg.weight_decay}")
         classifier = linear_classifier(encoder.out_dim, num_classes).to(device)
         loss, train_top1 = train_linear(classifier, trunk, loader, cfg.epochs, peak_lr,
-                                        cfg.weight_decay, cfg.momentum, device, log)
+                                        cfg.weight_decay, cfg.momentum, device, log, autocast)
         results["top1"], results["top5"] = evaluate_linear(classifier, val_f, val_l)
         results.update(train_loss=loss, train_top1=train_top1)
         log(f"linear evaluation: top-1 {results['top1']:.2f}% top-5 {results['top5']:.2f}%")

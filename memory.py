@@ -71,10 +71,12 @@ def _grouped(module, groups):
 
 class Memory(nn.Module):
     """The momentum network (a copy of f and g whose weights follow a moving average of the
-    trained ones and never receive gradients) and a FIFO queue of its projections.
+    trained ones and never receive gradients) and a FIFO queue of its projections, entering
+    Algorithm 1 as MoCo's builder does (He et al. 2020): wrap(net, objective) gives the network
+    and the objective that train_step uses unchanged.
 
     Each step: update() moves the momentum network, project(x) gives the keys of the 2n views
-    (the candidates of this batch, for the loss), enqueue(keys) adds them after the step, and
+    (the candidates of this batch, for the loss), enqueue(keys) adds every process's keys, and
     negatives() are the queue's filled rows (the past batches). bn: where the keys' BatchNorm
     statistics come from: 'shuffle' (MoCo's, the default), 'batch' (the views' own batch, as the
     anchors') or 'running' (inference mode, the online network's running statistics).
@@ -91,6 +93,7 @@ class Memory(nn.Module):
         self.momentum, self.bn = momentum, bn
         self.register_buffer("queue", torch.zeros(size, dim))  # K x d
         self.register_buffer("position", torch.zeros((), dtype=torch.long))  # next row to write
+        self.keys = None  # the keys of the current step's views (WithKeys), 2n x d
         self.filled = 0  # rows holding keys: a number on the host, so no step waits for the device
 
     def get_extra_state(self):
@@ -124,9 +127,40 @@ class Memory(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys):
-        """Overwrite the oldest rows with the keys of every process (rank order), wrapping around."""
-        keys = gather_with_grad(keys)  # 2N x d
+        """Overwrite the oldest rows with keys (every process's, 2N x d), wrapping around."""
         rows = (self.position + torch.arange(len(keys), device=keys.device)) % len(self.queue)
         self.queue[rows] = keys.to(self.queue.dtype)
         self.position.copy_((self.position + len(keys)) % len(self.queue))
         self.filled = min(self.filled + len(keys), len(self.queue))
+
+    def wrap(self, net, objective):
+        """(net, objective) with the memory inside, for train_step: the network's forward also
+        moves the momentum network and computes its keys of the same views; the objective scores
+        the anchors against those keys (every process's 2N, in the batch's order) and the queue,
+        then queues them."""
+
+        def with_memory(z1, z2):
+            keys = gather_with_grad(self.keys)  # 2N x d, no gradient
+            negatives = self.negatives()
+            candidates = keys if negatives is None else torch.cat([keys, negatives])  # (2N+K) x d
+            out = objective(z1, z2, candidates=candidates)
+            self.enqueue(keys)
+            return out
+
+        return WithKeys(net, self), with_memory
+
+
+class WithKeys(nn.Module):
+    """The online network; each forward (inside the step's autocast) also leaves the momentum
+    network's keys of its input on the memory (Memory.wrap)."""
+
+    def __init__(self, net, memory):
+        super().__init__()
+        self.net = net
+        object.__setattr__(self, "memory", memory)  # not a submodule: train() leaves it as it is
+
+    def forward(self, x):
+        out = self.net(x)
+        self.memory.update()
+        self.memory.keys = self.memory.project(x)  # 2n x d
+        return out

@@ -2,8 +2,8 @@
 it in objective.py: NT-Xent, and the two losses the paper compares it with.
 
 Every loss scores each of this process's 2n views (anchors) against the 2N views of the whole
-global batch (gathered with gradient under torchrun) and, with v2's memory, K extra negatives
-(where the candidates are the momentum network's projections, memory.py):
+global batch (gathered with gradient under torchrun), its candidates (v2's memory supplies others:
+its keys of the 2N views, then K past keys, memory.py):
 
     sim(i, k) = z_i . z_k / (||z_i|| ||z_k||)        (cosine: the l2 norm of Sec. 5.1, Table 5;
                                                       l2_norm=False drops it, z_i . z_k)
@@ -11,69 +11,72 @@ global batch (gathered with gradient under torchrun) and, with v2's memory, K ex
     NT-Logistic  l(i) = -log sigmoid(sim(i, p) / tau) - mean_{k in neg} log sigmoid(-sim(i, k) / tau)
     Margin       l(i) = mean_{k in neg} max(sim(i, k) - sim(i, p) + m, 0)
 
-p is the other view of anchor i's image and neg the 2N - 2 (+ K) other views; each loss is the
-mean of l over the anchors. Table 2 writes NT-Logistic and the margin triplet for a single
-negative; over a batch of negatives we average, so that the positive and the negatives weigh
-alike whatever the batch size (the paper does not say). With semi_hard=True each anchor keeps
-one negative, the semi-hard one of Schroff et al. 2015 as TensorFlow's triplet_semihard_loss
-picks it (Sec. 5.1: "within the loss margin and closest in distance, but farther than positive
-examples"): the most similar negative among those less similar than the positive, or, if every
-negative is more similar, the least similar one.
+p is the other view of anchor i's image and neg the 2N - 2 other views (and the K past keys);
+each loss is the mean of l over the anchors. Table 2 writes NT-Logistic and the margin triplet
+for a single negative; over a batch of negatives we average, so that the positive and the
+negatives weigh alike whatever the batch size (the paper does not say). With semi_hard=True each
+anchor keeps one negative, the semi-hard one of Schroff et al. 2015 as TensorFlow's
+triplet_semihard_loss picks it (Sec. 5.1: "within the loss margin and closest in distance, but
+farther than positive examples"): the most similar negative among those less similar than the
+positive, or, if every negative is more similar, the least similar one.
 
 The authors' training loss is loss_a + loss_b, each a mean over the N anchors of one view: 2x
 the mean over the 2N anchors returned here. pretrain.train_step minimises that 2x, as they do.
 """
+import functools
+
 import torch
+import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
-
-from cli import world_info
 
 LOSSES = ("nt-xent", "nt-logistic", "margin")  # --loss; Table 4's rows, with --semi-hard
 
 
+def _world():
+    """(rank, world size) of this process: (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def gather_with_grad(x):
     """Concatenate x from every process (rank order), passing gradients back to their owners."""
-    _, world = world_info()
-    if world == 1:
+    if _world()[1] == 1:
         return x
     return torch.cat(dist_nn.all_gather(x))
 
 
-def pairwise_logits(z1, z2, temperature, l2_norm=True, negatives=None, keys=None):
+def pairwise_logits(z1, z2, temperature, l2_norm=True, candidates=None):
     """The similarity of every anchor with every candidate, divided by tau.
 
-    z1[k], z2[k] (n x d each) are the two views of image k. keys: (k1, k2), the batch's
-    candidates from another network instead of z1, z2 themselves (v2's momentum network,
-    memory.py); the anchors stay z1, z2. Returns (logits 2n x (2N+K), float32 or wider, the
-    anchor's own column set to -inf; positive: the column of each anchor's other view, 2n;
-    second_views: the columns of the N second views of the global batch, N).
+    z1[k], z2[k] (n x d each) are the two views of image k. candidates: the 2N views of the
+    global batch, [view 1; view 2] of rank 0, then of rank 1, ... (gathered with gradient), unless
+    given: v2's memory passes its keys of those 2N views, in that order, then its queue
+    (memory.py). Returns (logits 2n x (2N+K), float32 or wider, the anchor's own column set to
+    -inf; positive: the column of each anchor's other view, 2n).
     """
-    rank, _ = world_info()
+    rank, _ = _world()
     n = z1.shape[0]
     wide = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # bf16 -> fp32
     unit = lambda t: F.normalize(t, dim=1) if l2_norm else t
     z = unit(wide(torch.cat([z1, z2])))  # 2n x d: [view 1; view 2]
-    own = z if keys is None else unit(wide(torch.cat(keys)))
-    candidates = gather_with_grad(own)  # 2N x d: [view 1; view 2] of rank 0, then of rank 1, ...
-    if negatives is not None:
-        candidates = torch.cat([candidates, unit(negatives.to(z.dtype))])
+    candidates = gather_with_grad(z) if candidates is None else unit(candidates.to(z.dtype))
     logits = z @ candidates.T / temperature  # 2n x (2N+K)
     anchor = torch.arange(2 * n, device=z.device)
-    self_index = rank * 2 * n + anchor
     positive = rank * 2 * n + (anchor + n) % (2 * n)  # view 1 <-> view 2 of the same image
-    logits = logits.masked_fill(F.one_hot(self_index, logits.shape[1]).bool(), float("-inf"))
-    views = len(candidates) - (0 if negatives is None else len(negatives))  # 2N
-    second_views = (torch.arange(0, views, 2 * n, device=z.device)[:, None] + n + anchor[:n]).flatten()
-    return logits, positive, second_views
+    own = F.one_hot(rank * 2 * n + anchor, logits.shape[1]).bool()
+    return logits.masked_fill(own, float("-inf")), positive
 
 
-def contrast_stats(logits, second_views):
+def contrast_stats(logits):
     """The authors' monitoring (metrics.py), on logits_ab: each first view of this process
     against the N second views of the global batch. Returns (contrast_acc, the share whose own
     second view ranks first; entropy, the mean entropy of the softmax over those N)."""
-    rank, _ = world_info()
+    rank, world = _world()
     n = len(logits) // 2
+    second_views = (torch.arange(0, 2 * n * world, 2 * n, device=logits.device)[:, None] + n
+                    + torch.arange(n, device=logits.device)).flatten()  # N
     logits_ab = logits[:n, second_views].detach()  # n x N
     acc = (logits_ab.argmax(1) == rank * n + torch.arange(n, device=logits.device)).float().mean()
     p = logits_ab.softmax(1)
@@ -81,7 +84,7 @@ def contrast_stats(logits, second_views):
     return acc, entropy
 
 
-def nt_xent_loss(z1, z2, temperature, negatives=None, l2_norm=True, keys=None):
+def nt_xent_loss(z1, z2, temperature, l2_norm=True, candidates=None):
     """NT-Xent, Eq. 1, averaged over all 2N anchors: L of Algorithm 1.
 
         l(i, j) = -log exp(sim(z_i, z_j) / tau) / sum_{k != i} exp(sim(z_i, z_k) / tau)
@@ -90,13 +93,11 @@ def nt_xent_loss(z1, z2, temperature, negatives=None, l2_norm=True, keys=None):
     z1[k] and z2[k] (n x d each) are the two views of image k. Under torchrun each process passes
     its own n images; its 2n anchors are scored against the 2N views of all processes (gathered
     with gradient), so with DDP averaging the gradient equals the single-process one on the whole
-    batch. `negatives` (K x d, v2's memory) are extra candidates for every anchor; with `keys`
-    the batch's candidates are the momentum network's views (pairwise_logits, memory.py).
-    l2_norm=False scores z_i . z_k instead of the cosine (Table 5's ablation).
-    Returns (L over this process's anchors, contrast_acc, entropy: see contrast_stats).
+    batch. l2_norm=False scores z_i . z_k instead of the cosine (Table 5's ablation); candidates:
+    pairwise_logits (v2's memory). Returns (L over this process's anchors, contrast_acc, entropy).
     """
-    logits, positive, second_views = pairwise_logits(z1, z2, temperature, l2_norm, negatives, keys)
-    return (F.cross_entropy(logits, positive), *contrast_stats(logits, second_views))
+    logits, positive = pairwise_logits(z1, z2, temperature, l2_norm, candidates)  # 2n x 2N
+    return (F.cross_entropy(logits, positive), *contrast_stats(logits))
 
 
 def _negatives_mask(logits, positive):
@@ -117,52 +118,49 @@ def _semi_hard(logits, positive, neg):
     return F.one_hot(choice, logits.shape[1]).bool()
 
 
-def nt_logistic_loss(z1, z2, temperature, negatives=None, semi_hard=False, keys=None):
+def nt_logistic_loss(z1, z2, temperature, semi_hard=False, candidates=None):
     """NT-Logistic (Table 2): -log sigmoid(sim(i, p) / tau) - mean over the negatives k of
     log sigmoid(-sim(i, k) / tau), averaged over the 2N anchors; semi_hard: one negative per
     anchor (module docstring). Returns (loss, contrast_acc, entropy)."""
-    logits, positive, second_views = pairwise_logits(z1, z2, temperature, True, negatives, keys)
+    logits, positive = pairwise_logits(z1, z2, temperature, True, candidates)
     neg = _negatives_mask(logits, positive)
     if semi_hard:
         neg = _semi_hard(logits.detach(), positive, neg)
     pos_term = -F.logsigmoid(logits.gather(1, positive[:, None]))[:, 0]  # 2n
     neg_terms = -F.logsigmoid(-logits.masked_fill(~neg, 0.0))  # 2n x (2N+K)
     neg_term = (neg_terms * neg).sum(1) / neg.sum(1).clamp(min=1)
-    return ((pos_term + neg_term).mean(), *contrast_stats(logits, second_views))
+    return ((pos_term + neg_term).mean(), *contrast_stats(logits))
 
 
-def margin_triplet_loss(z1, z2, margin, negatives=None, semi_hard=False, temperature=1.0,
-                        keys=None):
+def margin_triplet_loss(z1, z2, margin, semi_hard=False, temperature=1.0, candidates=None):
     """Margin triplet (Table 2): mean over the negatives k of max(sim(i, k) - sim(i, p) + m, 0),
     averaged over the 2N anchors; semi_hard: one negative per anchor (module docstring).
     temperature only scales the logits of the monitoring (contrast_acc, entropy).
     Returns (loss, contrast_acc, entropy)."""
-    sim, positive, second_views = pairwise_logits(z1, z2, 1.0, True, negatives, keys)  # cosines
+    sim, positive = pairwise_logits(z1, z2, 1.0, True, candidates)  # cosines
     neg = _negatives_mask(sim, positive)
     if semi_hard:
         neg = _semi_hard(sim.detach(), positive, neg)
     hinge = (sim - sim.gather(1, positive[:, None]) + margin).clamp(min=0)
     hinge = hinge.masked_fill(~neg, 0.0)
     loss = (hinge.sum(1) / neg.sum(1).clamp(min=1)).mean()
-    return (loss, *contrast_stats(sim / temperature, second_views))
+    return (loss, *contrast_stats(sim / temperature))
 
 
 def build_objective(name="nt-xent", temperature=0.5, l2_norm=True, semi_hard=False, margin=0.5):
-    """The loss of --loss as a function (z1, z2, negatives=None, keys=None) -> (loss,
-    contrast_acc, entropy)."""
+    """The loss of --loss as a function (z1, z2, candidates=None) -> (loss, contrast_acc,
+    entropy)."""
     if name == "nt-xent":
         if semi_hard:
             raise ValueError("--semi-hard applies to nt-logistic and margin; NT-Xent weighs "
                              "every negative by its softmax (Sec. 5.1)")
-        return lambda z1, z2, negatives=None, keys=None: nt_xent_loss(
-            z1, z2, temperature, negatives, l2_norm, keys)
+        return functools.partial(nt_xent_loss, temperature=temperature, l2_norm=l2_norm)
     if not l2_norm:
         raise ValueError(f"--no-l2-norm is Table 5's NT-Xent ablation; {name} uses cosine "
                          f"similarity, as every loss of Table 4")
     if name == "nt-logistic":
-        return lambda z1, z2, negatives=None, keys=None: nt_logistic_loss(
-            z1, z2, temperature, negatives, semi_hard, keys)
+        return functools.partial(nt_logistic_loss, temperature=temperature, semi_hard=semi_hard)
     if name == "margin":
-        return lambda z1, z2, negatives=None, keys=None: margin_triplet_loss(
-            z1, z2, margin, negatives, semi_hard, temperature, keys)
+        return functools.partial(margin_triplet_loss, margin=margin, semi_hard=semi_hard,
+                                 temperature=temperature)
     raise ValueError(f"unknown loss {name!r}; use one of {', '.join(LOSSES)}")

@@ -4,52 +4,45 @@ Each image is augmented twice (Sec. 3, Appendix A), both views go through a ResN
 a projection head g (Sec. 2.1, Fig. 2), and NT-Xent (Eq. 1) pulls the two views of an image
 together while pushing away the other 2(N-1) views of the batch; each step minimises the
 authors' loss_a + loss_b (train_step). The encoder output h = f(x) is the representation the
-other scripts evaluate (linear_eval.py), fine-tune (finetune.py) and distill (distill.py); they
-import the model from this file. As the authors split their code, the encoder is in resnet.py,
-the loss in objective.py, the data in data.py (the augmentation in augment.py), and the
-command-line plumbing (flags, errors, checkpoints, stopping) in cli.py.
+other scripts evaluate (linear_eval.py), fine-tune (finetune.py) and distill (distill.py). As
+the authors split their code, the network is in model.py (the encoder in resnet.py), the loss in
+objective.py, the data in data.py (the augmentation in augment.py), v2's memory in memory.py, and
+the run's life (flags, errors, checkpoints, continuing, stopping, the log) in runs.py.
 
     python pretrain.py --dataset cifar10 --data-dir data/cifar10      # laptop or 1 GPU
     torchrun --nproc_per_node=8 pretrain.py --dataset imagenet --data-dir /data/imagenet
 
 --batch-size is the global batch: under torchrun each process takes batch_size / world_size
 images, BatchNorm statistics are global (Sec. 2.2, "Global BN") and every process scores its
-views against the views of all processes. Checkpoints go to --out-dir (default
-runs/<dataset>-<arch>-<digest of the configuration>/ckpt.pt) every epoch, every
---checkpoint-every minutes and on Ctrl-C or SIGTERM; the same command continues the run
-(docs/long-runs.md). On a CPU the run says before its first step how long it will take.
-The CIFAR-10 preset is the authors' recipe (ResNet-18, 1000 epochs, batch 512, LARS); a
---dataset folder of images of 32 px or less takes it too, larger ones ImageNet's. RESULTS.md
-lists what this code measured next to what the papers report.
+views against the views of all processes. Written to --out-dir (default
+runs/<dataset>-<arch>-<digest of the configuration>): ckpt.pt every epoch, every
+--checkpoint-every minutes and on Ctrl-C or SIGTERM (the one before it kept as ckpt.prev.pt),
+and log.jsonl, one record per epoch; the same command continues the run (docs/long-runs.md). On
+a CPU the run says before its first step how long it will take. The CIFAR-10 preset is the
+authors' recipe (ResNet-18, 1000 epochs, batch 512, LARS); a --dataset folder of images of 32 px
+or less takes it too, larger ones ImageNet's. RESULTS.md lists what this code measured next to
+what the papers report.
 """
 import contextlib
 import copy
 import dataclasses
 import datetime
-import json
-import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
-import torch.nn as nn
-import torch.nn.functional as F
 from einops import rearrange
 
-from cli import (Done, Progress, Run, UserError, console, continue_run, git_revision,
-                 load_model_state, opt, parse_config, per_process_batch, precision_for,
-                 prepare_out_dir, restore_random_state, run_cli, setup, world_info)
-from data import (InMemory, ResumableSampler, ViewLoader, build_augmentation, default_workers,
-                  eval_batches, load_split, preset, save_augmentation_grid, typical_side,
-                  unreadable_images)
-from lars import LARS
+from data import (InMemory, ResumableSampler, ViewLoader, build_augmentation, load_split, preset,
+                  save_augmentation_grid, typical_side)
+from evaluation import extract_features, knn_accuracy
 from memory import SHUFFLE_GROUPS, Memory, memory_momentum
+from model import build_model, build_optimizer, learning_rate, scaled_lr
 from objective import LOSSES, build_objective
-from resnet import build_encoder
+from runs import (Done, Run, Training, UserError, as_user_error, continue_run, opt, parse_config,
+                  run_cli)
 
 # torch.distributed.nn.functional's differentiable collectives are deprecated in favour of a
 # private module; they are still the public way to gather with gradients, so keep logs clean.
@@ -61,19 +54,16 @@ warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.
 
 
 @dataclass
-class Config:
+class Config(Training):
+    """pretrain.py's options (runs.Training adds the run's: --out-dir, --device, ...)."""
     # data
     dataset: str = opt("cifar10", "which data; folder: your own images, with or without class "
                        "folders (ImageNet's recipe; CIFAR-10's at 32 px or less)",
                        ["cifar10", "cifar100", "stl10", "imagenet", "folder"])
     data_dir: str = opt("data", "dataset root; cifar10 may also be an image-folder export "
-                        "(train/<class>/*, val/ or test/); folder: every image under it")
-    out_dir: str = opt("", "where the checkpoint and log go; the same command continues the run in "
-                       "it (default runs/<dataset>-<arch>-<digest of the configuration>)",
-                       changeable=True)
+                        "(train/<class>/*, val/ or test/); folder: every image under it",
+                        path=True)
     image_size: int = opt(32, "training resolution in pixels; <= 32 selects the CIFAR stem", min=8)
-    workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at "
-                       "most 8)", min=-1, changeable=True)
     # augmentation (Sec. 3, Appendix A)
     augment: str = opt("crop,color", "augmentations on, comma-separated, from crop (random "
                        "resized crop + flip), flip, jitter, gray, color (= jitter,gray); for "
@@ -104,9 +94,6 @@ class Config:
     # optimisation (Sec. 2.2, Appendix B)
     batch_size: int = opt(512, "global batch size N in images (each gives 2 views)", min=2)
     epochs: int = opt(1000, "training epochs; the schedule spans them", min=1)
-    max_steps: int = opt(0, "stop (with a checkpoint) at this optimizer step, 0: at the end; "
-                         "the schedule still spans --epochs, and the same command without it "
-                         "(or --resume) continues to the end", min=0, changeable=True)
     optimizer: str = opt("lars", "LARS as in the paper; sgd and adam for comparison",
                          ["lars", "sgd", "adam"])
     lr: float = opt(1.0, "base learning rate, scaled by --lr-scaling", above=0)
@@ -126,31 +113,15 @@ class Config:
     val_fraction: float = opt(0.0, "hold out this class-balanced fraction of the training images "
                               "as the evaluation split (for data without val/); the later "
                               "scripts hold out the same images", min=0, below=1)
-    val_dir: str = opt("", "the evaluation images (<class>/<image>) instead of <data-dir>/val")
-    global_bn: bool = opt(True, "BatchNorm statistics over the global batch under torchrun "
-                          "(--no-global-bn: per-GPU statistics, the paper's ablation)")
+    val_dir: str = opt("", "the evaluation images (<class>/<image>) instead of <data-dir>/val",
+                       path=True)
     # system
-    device: str = opt("auto", "auto picks cuda, then mps, then cpu", ["auto", "cuda", "mps", "cpu"],
-                      changeable=True)
-    precision: str = opt("auto", "auto: bf16 autocast on CUDA and on CPUs with native bf16 "
-                         "(AVX512-BF16, AMX), fp32 elsewhere; fp16 uses a "
-                         "gradient scaler", ["auto", "bf16", "fp16", "fp32"], changeable=True)
-    compile: bool = opt(False, "torch.compile the model (slower start, faster steps on GPU)",
-                        changeable=True)
     seed: int = opt(0, "random seed (initialisation and data order)")
-    log_every: int = opt(50, "print a log line every this many steps (and after the first)",
-                         min=1, changeable=True)
     eval_every: int = opt(0, "kNN top-1 on the evaluation split every this many epochs, 0: off",
                           min=0, changeable=True)
     knn_k: int = opt(200, "neighbours of the kNN monitor", min=1, changeable=True)
     knn_temperature: float = opt(0.1, "temperature of the kNN monitor's weights", above=0,
                                  changeable=True)
-    resume: str = opt("", "checkpoint to continue from (the same command continues its --out-dir "
-                      "without it); its configuration is used, with the flags given here on "
-                      "top", changeable=True)
-    checkpoint_every: float = opt(10.0, "minutes between checkpoints within an epoch (a crash "
-                                  "loses at most that), 0: at epoch ends only", min=0,
-                                  changeable=True)
     show_augmentations: str = opt("", "save a PNG of 8 images (original, evaluation view, the "
                                   "two views) to this file and exit, e.g. views.png",
                                   changeable=True)
@@ -175,233 +146,34 @@ PRESETS["cifar100"] = PRESETS["cifar10"]
 PRESETS["folder"] = PRESETS["imagenet"]
 
 
-# ---------------------------------------------------------------------------------------------
-# Model: encoder f (resnet.py), projection head g, global BatchNorm
-# ---------------------------------------------------------------------------------------------
+def parse_with_presets(argv, cls=Config):
+    """(config, flags given): the flags over their dataset's preset, where a folder of images of
+    32 px or less takes CIFAR-10's (data.preset); a folder preset's size far above the images'
+    own is refused. cls: Config, or bench.py's, which adds its measurement options."""
+    description = sys.modules[cls.__module__].__doc__.splitlines()[0]
+    cfg, given = parse_config(cls, argv, PRESETS, description)
+    if preset(cfg.dataset, cfg.image_size) != cfg.dataset:  # a folder of small images
+        cfg, given = parse_config(cls, argv, {cfg.dataset: PRESETS[preset(cfg.dataset, cfg.image_size)]})
+    if cfg.dataset == "folder" and "image_size" not in given and not cfg.resume:
+        side = typical_side(cfg.data_dir)
+        if side and cfg.image_size > 2 * side:
+            raise UserError(f"the images under {cfg.data_dir} are about {side} px (shorter side): "
+                            f"--image-size {cfg.image_size}, the folder preset's, would upscale them "
+                            f"{cfg.image_size / side:.1f}x; pass --image-size {side} (32 or less: "
+                            f"CIFAR-10's stem and recipe), or --image-size {cfg.image_size} to keep it")
+    return cfg, given
 
 
-class ProjectionHead(nn.Module):
-    """g(h) (Sec. 2.1 and Fig. 8; v2 Sec. 2): linear layers without bias, each with BatchNorm and
-    ReLU, except the last, which has no ReLU and no BN shift. Middle layers keep h's width.
-
-    kind 'nonlinear' has `num_layers` layers (2 in v1, 3 in v2), 'linear' one, 'none' is the
-    identity. self.layers[:k] is what v2 fine-tunes from (finetune.py --ft-proj-layer k).
-    """
-
-    def __init__(self, in_dim, kind="nonlinear", num_layers=2, out_dim=128):
-        super().__init__()
-        dims = {"none": [], "linear": [out_dim],
-                "nonlinear": [in_dim] * (num_layers - 1) + [out_dim]}[kind]
-        self.layers = nn.Sequential()
-        for i, d in enumerate(dims):
-            last = i == len(dims) - 1
-            linear = nn.Linear(in_dim, d, bias=False)
-            nn.init.normal_(linear.weight, std=0.01)
-            bn = nn.BatchNorm1d(d)
-            if last:
-                bn.bias.requires_grad_(False)  # no learnable shift (official center=False)
-            self.layers.append(nn.Sequential(linear, bn) if last else
-                               nn.Sequential(linear, bn, nn.ReLU(inplace=True)))
-            in_dim = d
-        self.out_dim = in_dim
-
-    def forward(self, h):
-        return self.layers(h)
-
-
-class SimCLR(nn.Module):
-    """x -> (h, z): h = f(x) is the representation, z = g(h) goes into the loss."""
-
-    def __init__(self, encoder, head):
-        super().__init__()
-        self.encoder, self.head = encoder, head
-
-    def forward(self, x):
-        h = self.encoder(x)
-        return h, self.head(h)
-
-
-class Representation(nn.Module):
-    """x -> what the later stages read: h = f(x) (v1; layer 0), or the output of the first `layer`
-    layers of g (v2 Sec. 2 fine-tunes from layer 1 of a 3-layer head; all of them give z, which
-    Fig. 8 compares with h). It holds model's own modules, not copies."""
-
-    def __init__(self, model, layer=0, flag="--layer"):
-        super().__init__()
-        layers = list(model.head.layers)
-        if not 0 <= layer <= len(layers):
-            raise UserError(f"{flag} {layer}: the projection head has {len(layers)} layer(s); use "
-                            f"{flag} 0{f' to {len(layers)}' if layers else ''}")
-        self.encoder, self.head = model.encoder, nn.Sequential(*layers[:layer])
-        self.out_dim = layers[layer - 1][0].out_features if layer else model.encoder.out_dim
-
-    def forward(self, x):
-        return self.head(self.encoder(x))  # B x out_dim
-
-
-def build_model(cfg, state=None, path=""):
-    """The SimCLR network described by a configuration (a Config or the dict in a checkpoint),
-    loaded strictly from state (the model of the checkpoint at path) unless None."""
-    c = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
-    try:
-        encoder, dim = build_encoder(c["arch"], c["width_multiplier"], c["image_size"], c["sk_ratio"])
-        model = SimCLR(encoder, ProjectionHead(dim, c["proj_head"], c["proj_layers"], c["proj_dim"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path or 'the configuration'} does not describe a model of this project "
-                        f"({type(e).__name__}: {e})")
-    if state is not None:
-        load_model_state(model, state, path)
-    return model
-
-
-class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm with statistics over the batches of all processes (paper Sec. 2.2, "Global BN").
-
-    torch.nn.SyncBatchNorm only runs on CUDA, so this one, for gloo on a CPU, all-reduces the
-    per-channel sums with autograd; the gradient then flows through every process's statistics
-    exactly as if the whole batch were on one device. Same parameters and buffers as BatchNorm.
-    """
-
-    def _check_input_dim(self, x):
-        pass
-
-    def forward(self, x):
-        if not self.training:
-            return super().forward(x)
-        dims = [0] + list(range(2, x.dim()))  # all but the channel dimension
-        x, dtype = x.to(torch.promote_types(x.dtype, torch.float32)), x.dtype  # bf16: fp32 sums
-        count = x.new_tensor([x.numel() / x.shape[1]])
-        stats = dist_nn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
-        total, total_sq, n = stats[:x.shape[1]], stats[x.shape[1]:-1], stats[-1]
-        mean = total / n
-        var = total_sq / n - mean * mean  # biased, for normalisation
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return (y * self.weight.view(shape) + self.bias.view(shape)).to(dtype)  # as BatchNorm
-
-
-def convert_to_global_bn(module):
-    """Every BatchNorm in module becomes a global one: SyncBatchNorm on CUDA, GlobalBatchNorm else."""
-    if next(module.parameters()).is_cuda:
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return _to_global_bn(module)
-
-
-def _to_global_bn(module):
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        bn = GlobalBatchNorm(module.num_features, module.eps, module.momentum).to(module.weight)
-        bn.load_state_dict(module.state_dict())
-        bn.weight, bn.bias = module.weight, module.bias  # keeps requires_grad (the frozen shift)
-        return bn
-    for name, child in module.named_children():
-        module.add_module(name, _to_global_bn(child))
-    return module
+def resolve_config(argv):
+    """Flags over presets; for a run that continues (--resume, or a checkpoint already in
+    --out-dir: runs.continue_run), the changeable flags over the checkpoint's stored
+    configuration. Returns (config, the checkpoint continued or None)."""
+    cfg, given = parse_with_presets(argv)
+    return continue_run(Config, cfg, given, "pretrain", f"{cfg.dataset}-{cfg.arch}")
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimisation: LARS / SGD / Adam, warmup + cosine
-# ---------------------------------------------------------------------------------------------
-
-
-def scaled_lr(base_lr, batch_size, scaling):
-    """Learning rate = base x B/256 (linear) or base x sqrt(B) (sqrt), Appendix B.1."""
-    return base_lr * (batch_size / 256 if scaling == "linear" else math.sqrt(batch_size))
-
-
-def learning_rate(step, total_steps, warmup_steps, peak):
-    """Linear warmup from 0 to peak over warmup_steps, then cosine decay to 0 at total_steps."""
-    if step < warmup_steps:
-        return peak * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def build_optimizer(model, name, lr, weight_decay, momentum=0.9, nesterov=False):
-    """LARS (lars.py) or, for comparison, SGD / Adam with the same rule: no weight decay on
-    biases and BatchNorm parameters (the 1-D ones)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if name == "lars":
-        return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    groups = [dict(params=[p for p in params if p.ndim > 1], weight_decay=weight_decay),
-              dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
-    if name == "adam":
-        return torch.optim.AdamW(groups, lr=lr)
-    raise UserError(f"unknown optimizer {name!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation: kNN monitor on h (used by --eval-every here and by linear_eval.py --knn)
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def extract_features(encoder, dataset, size, batch_size, device, workers=0, log=None,
-                     name="features"):
-    """h for every image of dataset (its evaluation view at size px), in dataset order, and the
-    labels (on device).
-
-    Under torchrun each process encodes every world-th image and the pieces are gathered, so
-    every process returns the whole set. The encoder must be in eval mode. With `log`, progress
-    lines (this process's share) go there.
-    """
-    rank, world = world_info()
-    progress = Progress(log or (lambda *a: None), name, len(range(rank, len(dataset), world)))
-    feats, labels, done = [], [], 0
-    for x, y in eval_batches(dataset, size, batch_size, device, workers):
-        with precision_for("auto", device)[1]:
-            feats.append(encoder(x).float())
-        labels.append(y)
-        done += len(y)
-        if progress.due(done):
-            progress.show(done, "images")
-    feats, labels = torch.cat(feats), torch.cat(labels)
-    if world == 1:
-        return feats, labels
-    rows = -(-len(dataset) // world)  # pad every piece to the same length for all_gather
-    pad = lambda t: torch.cat([t, t.new_zeros((rows - len(t),) + t.shape[1:])])
-    out_f = feats.new_empty((len(dataset),) + feats.shape[1:])
-    out_l = labels.new_empty(len(dataset))
-    for r, (f, l) in enumerate(zip(dist_nn.all_gather(pad(feats)), dist_nn.all_gather(pad(labels)))):
-        count = len(range(r, len(dataset), world))
-        out_f[r::world], out_l[r::world] = f[:count], l[:count]
-    return out_f, out_l
-
-
-@torch.no_grad()
-def knn_predict(train_feats, train_labels, query_feats, num_classes, k=200, temperature=0.1):
-    """Weighted kNN (Wu et al. 2018) on cosine similarity: each of the k nearest training images
-    votes for its class with weight exp(sim / temperature). Returns class scores, Q x C."""
-    train_feats = F.normalize(train_feats, dim=1)
-    k = min(k, len(train_feats))
-    scores = []
-    for q in F.normalize(query_feats, dim=1).split(1024):
-        sim, idx = (q @ train_feats.T).topk(k, dim=1)  # q x k
-        votes = F.one_hot(train_labels[idx], num_classes).float()  # q x k x C
-        scores.append((votes * (sim / temperature).exp().unsqueeze(-1)).sum(1))
-    return torch.cat(scores)
-
-
-def knn_accuracy(encoder, train, val, cfg, device, workers, log):
-    """kNN top-1 (%) of the evaluation split val, with the training split train as memory."""
-    was_training = encoder.training
-    encoder.eval()
-    train_f, train_l = extract_features(encoder, train, cfg.image_size, 512, device, workers, log,
-                                        "kNN: train")
-    val_f, val_l = extract_features(encoder, val, cfg.image_size, 512, device, workers, log,
-                                    "kNN: val")
-    encoder.train(was_training)
-    scores = knn_predict(train_f, train_l, val_f, len(train.classes), cfg.knn_k, cfg.knn_temperature)
-    return 100.0 * (scores.argmax(1) == val_l).float().mean().item()
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
+# Algorithm 1: two views of each image, the step, the loop
 # ---------------------------------------------------------------------------------------------
 
 
@@ -415,10 +187,11 @@ def view_augmentations(cfg):
 
 
 def train_step(model, x1, x2, optimizer, objective, scaler=None, autocast=contextlib.nullcontext(),
-               memory=None, memory_format=torch.channels_last):
+               memory_format=torch.channels_last):
     """One step of Algorithm 1 on the two views (n x 3 x S x S each) of a batch: z = g(f(x)) for
-    the 2n views, the loss, its gradient, the optimizer's step. objective(z1, z2, negatives) is
-    NT-Xent (or a Table 4 loss, objective.py). Returns (L, contrast_acc, entropy), detached.
+    the 2n views, the loss, its gradient, the optimizer's step. objective(z1, z2) is NT-Xent (or
+    a Table 4 loss, objective.py; v2's memory wraps it and the model, memory.py). Returns
+    (L, contrast_acc, entropy), detached.
 
     The step minimises 2L, the authors' loss_a + loss_b, not L: the two differ by more than a
     learning rate under LARS, whose trust ratio cancels the factor for the weights' gradient
@@ -430,22 +203,128 @@ def train_step(model, x1, x2, optimizer, objective, scaler=None, autocast=contex
     with autocast:
         _, z = model(x)  # BN statistics over both views, as the official code
     z1, z2 = rearrange(z, "(v b) d -> v b d", v=2)
-    keys = negatives = None
-    if memory is not None:  # v2: the momentum network's keys are the candidates (memory.py)
-        memory.update()
-        with autocast:
-            keys = memory.project(x)  # 2n x d, no gradient
-        negatives = memory.negatives()  # the past batches' keys, K x d
-    loss, acc, entropy = objective(z1, z2, negatives, None if keys is None else
-                                   tuple(rearrange(keys, "(v b) d -> v b d", v=2)))
+    loss, acc, entropy = objective(z1, z2)
     optimizer.zero_grad(set_to_none=True)
     scaler = scaler or torch.amp.GradScaler(enabled=False)  # fp16's; a no-op otherwise
     scaler.scale(2 * loss).backward()  # the authors' loss_a + loss_b
     scaler.step(optimizer)
     scaler.update()
-    if keys is not None:
-        memory.enqueue(keys)
     return loss.detach(), acc, entropy
+
+
+def train(cfg, ckpt=None):
+    """Pretrain as cfg says; ckpt: the checkpoint this run continues (resolve_config)."""
+    run = Run(cfg, ckpt, "pretrain")  # device, processes, precision, workers (runs.py)
+    torch.manual_seed(cfg.seed + run.rank)  # ranks differ in augmentations; DDP syncs the weights
+    objective = checked_objective(cfg)
+    augments = view_augmentations(cfg)
+    crop = any(a.crop or a.base_crop for a in augments)
+    split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, cfg.image_size,
+                                             run.device, run.workers, views, run.log, crop,
+                                             cfg.val_fraction, cfg.val_dir)
+    dataset = split("pretrain", views=ViewLoader.crops_per_image(augments))
+    if cfg.show_augmentations:  # the picture of what the views will be, and nothing else
+        picture = save_augmentation_grid(cfg.show_augmentations, dataset, augments, cfg.image_size,
+                                         run.device) if run.main else ""
+        raise Done(f"saved {picture}")
+    knn_sets = None
+    if cfg.eval_every:  # read now: a missing evaluation split fails before the first step
+        # CIFAR pretrains on its labelled training split, already in memory
+        knn_sets = (dataset if cfg.dataset.startswith("cifar") else split("train"), split("val"))
+    check_inputs(cfg, run, dataset, crop)
+    steps_per_epoch = run.schedule(len(dataset))
+    warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), run.total_steps)
+    peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
+    sampler = ResumableSampler(dataset, run.world, run.rank, shuffle=True, seed=cfg.seed,
+                               drop_last=True)
+    loader = ViewLoader(dataset, sampler, run.local_batch, augments, run.device, run.workers)
+
+    torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): let cuDNN pick its kernels
+    with as_user_error(cfg.resume):
+        model = build_model(cfg, ckpt and ckpt["model"]).to(run.device)
+    optimizer = build_optimizer(model, cfg.optimizer, peak_lr, cfg.weight_decay, cfg.momentum)
+    memory = build_memory(cfg, model, run) if cfg.memory_size else None
+    state = lambda: dict(model=model.state_dict(), config=dataclasses.asdict(cfg),
+                         **({"memory": memory.state_dict()} if memory else {}))
+    net = run.start(model, [optimizer], state, [sampler], dataset, describe(cfg, model, memory),
+                    f"peak lr {peak_lr:.4g}")
+    say_how_long(cfg, run, model, objective)
+    if memory:  # v2: the momentum network's keys are the candidates (memory.py)
+        net, objective = memory.wrap(net, objective)
+
+    for epoch in run.epochs():
+        for (x1, x2), _ in loader:  # two augmented views of every image, on the device
+            run.set_lr(learning_rate(run.step, run.total_steps, warmup_steps, peak_lr))
+            loss, acc, entropy = train_step(net, x1, x2, optimizer, objective, run.scaler,
+                                            run.autocast)
+            run.step_done(loss=loss, contrast_acc=acc, entropy=entropy)  # log, checkpoint, stop
+        knn = {}
+        if knn_sets and run.evaluation_due():
+            knn["knn_top1"] = knn_monitor(model.encoder, *knn_sets, cfg, run)
+        run.epoch_done(**knn)  # the record, then the checkpoint
+    run.finish()
+
+
+# ---------------------------------------------------------------------------------------------
+# Around the loop: input checks, the memory, the start line, the kNN monitor, the CPU estimate
+# ---------------------------------------------------------------------------------------------
+
+
+def checked_objective(cfg):
+    """The loss of --loss (objective.py), or its refusal of these flags in one line."""
+    try:
+        return build_objective(cfg.loss, cfg.temperature, cfg.l2_norm, cfg.semi_hard, cfg.margin)
+    except ValueError as e:
+        raise UserError(str(e))
+
+
+def check_inputs(cfg, run, dataset, crop):
+    """What the data and the flags must agree on before any work is done."""
+    if cfg.warmup_epochs > cfg.epochs:
+        raise UserError(f"--warmup-epochs {cfg.warmup_epochs:g} is longer than --epochs "
+                        f"{cfg.epochs}: the learning rate would never reach its peak; lower it")
+    if isinstance(dataset, InMemory) and not crop and dataset.images.shape[-1] != cfg.image_size:
+        raise UserError(f"--augment without crop keeps the images' {dataset.images.shape[-1]} px: "
+                        f"set --image-size {dataset.images.shape[-1]}")
+    if cfg.memory_size and cfg.memory_size < 2 * cfg.batch_size:
+        raise UserError(f"--memory-size {cfg.memory_size} must hold at least one batch of "
+                        f"{2 * cfg.batch_size} views")
+    if cfg.memory_size and cfg.memory_bn == "shuffle" and 2 * run.local_batch % SHUFFLE_GROUPS:
+        raise UserError(f"--memory-bn shuffle normalises the keys in {SHUFFLE_GROUPS} groups: "
+                        f"{2 * run.local_batch} views per process do not divide; use a --batch-size "
+                        f"of a multiple of {SHUFFLE_GROUPS // 2 * run.world}, or --memory-bn batch")
+
+
+def build_memory(cfg, model, run):
+    """v2's memory (memory.py) of the model, its momentum from the run's length unless given;
+    its queue as the continued run left it."""
+    m = cfg.memory_momentum if cfg.memory_momentum >= 0 else memory_momentum(
+        run.total_steps, cfg.memory_size / (2 * cfg.batch_size))
+    memory = Memory(model, cfg.memory_size, model.head.out_dim, m, cfg.memory_bn).to(run.device)
+    if run.ckpt and "memory" in run.ckpt:
+        memory.load_state_dict(run.ckpt["memory"])
+    return memory
+
+
+def describe(cfg, model, memory):
+    """The start line's network: encoder, stem, size, parameters, h, the memory."""
+    n_params = sum(p.numel() for p in model.encoder.parameters())
+    return (f"{cfg.arch} x{cfg.width_multiplier:g} with the {model.encoder.stem_name} at "
+            f"{cfg.image_size} px, {n_params / 1e6:.2f}M parameters, h {model.encoder.out_dim}-d"
+            + (f" | memory of {cfg.memory_size}, momentum {memory.momentum:.4g}" if memory else ""))
+
+
+def knn_monitor(encoder, train, val, cfg, run):
+    """kNN top-1 (%) of the evaluation split val, with the training split train as memory."""
+    encoder.eval()
+    feats = [extract_features(encoder, data, cfg.image_size, 512, run.device, run.workers, run.log,
+                              f"kNN: {name}", run.autocast)
+             for name, data in (("train", train), ("val", val))]
+    encoder.train()
+    top1, _ = knn_accuracy(*feats[0], *feats[1], len(train.classes), cfg.knn_k, cfg.knn_temperature)
+    run.log(f"epoch {run.epoch + 1}: kNN top-1 {top1:.2f}% (k {min(cfg.knn_k, len(train))} of "
+            f"{len(train)} training images)")
+    return top1
 
 
 # The README's laptop recipe, 30 minutes on 2 cores (reproduce.py --scale laptop, RESULTS.md)
@@ -470,226 +349,16 @@ def seconds_per_image(model, cfg, objective, autocast, images=16):
     return min(times[1:]) / images
 
 
-def train(cfg, ckpt=None):
-    """Pretrain as cfg says; ckpt: the checkpoint of --resume, read by resolve_config."""
-    device, rank, world = setup(cfg.device)
-    torch.manual_seed(cfg.seed + rank)  # ranks differ in augmentations; DDP syncs the weights
-    main = rank == 0
-    log = console(main)
-
-    local_batch = per_process_batch(cfg.batch_size, world)
-    precision, autocast, why = precision_for(cfg.precision, device)
-    workers = cfg.workers if cfg.workers >= 0 else default_workers(world)
-    try:
-        objective = build_objective(cfg.loss, cfg.temperature, cfg.l2_norm, cfg.semi_hard, cfg.margin)
-    except ValueError as e:
-        raise UserError(str(e))
-    if cfg.warmup_epochs > cfg.epochs:
-        raise UserError(f"--warmup-epochs {cfg.warmup_epochs:g} is longer than --epochs "
-                        f"{cfg.epochs}: the learning rate would never reach its peak; lower it")
-
-    # Data: two views per image (Algorithm 1, lines 3-9), made on the device (augment.py)
-    augments = view_augmentations(cfg)
-    crop = any(a.crop or a.base_crop for a in augments)
-    split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, cfg.image_size, device,
-                                             workers, views, log, crop, cfg.val_fraction, cfg.val_dir)
-    dataset = split("pretrain", views=ViewLoader.crops_per_image(augments))
-    if isinstance(dataset, InMemory) and not crop and dataset.images.shape[-1] != cfg.image_size:
-        raise UserError(f"--augment without crop keeps the images' {dataset.images.shape[-1]} px: "
-                        f"set --image-size {dataset.images.shape[-1]}")
-    if cfg.show_augmentations:
-        if main:
-            log(f"saved {save_augmentation_grid(cfg.show_augmentations, dataset, augments, cfg.image_size, device)}")
+def say_how_long(cfg, run, model, objective):
+    """On a CPU, before the first step of a new run: how long it will take, and past two hours
+    the laptop recipe."""
+    if run.device.type != "cpu" or run.world > 1 or run.ckpt or cfg.compile:
         return
-    knn_sets = None
-    if cfg.eval_every:  # read now: a missing evaluation split fails before the first step
-        # CIFAR pretrains on its labelled training split, already in memory
-        knn_sets = (dataset if cfg.dataset.startswith("cifar") else split("train"), split("val"))
-    steps_per_epoch = len(dataset) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(dataset)} images are fewer than one batch of {cfg.batch_size}: "
-                        f"lower --batch-size to at most {len(dataset)}")
-    if ckpt and ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-        raise UserError(f"{cfg.resume} was written at {ckpt['steps_per_epoch']} steps per epoch, "
-                        f"this data gives {steps_per_epoch}: resume with the same data")
-    total_steps = cfg.epochs * steps_per_epoch  # the schedule's length
-    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
-    peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
-    sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = ViewLoader(dataset, sampler, local_batch, augments, device, workers)
-
-    # Model, optimizer
-    torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): let cuDNN pick its kernels
-    model = build_model(cfg).to(device)
-    optimizer = build_optimizer(model, cfg.optimizer, peak_lr, cfg.weight_decay, cfg.momentum)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    step = 0
-    if ckpt:
-        load_model_state(model, ckpt["model"], cfg.resume)
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise UserError(f"the optimizer state in {cfg.resume} does not fit --optimizer "
-                            f"{cfg.optimizer}: {e}")
-        scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        restore_random_state(ckpt["rng"], device)
-    under_torchrun = dist.is_initialized()  # even one process: the path of eight
-    if under_torchrun and cfg.global_bn:
-        model = convert_to_global_bn(model)
-    # NHWC, as train_step feeds it: faster convolutions on cuDNN's tensor cores and with oneDNN
-    # on the CPU (RESULTS.md)
-    model = model.to(memory_format=torch.channels_last)
-    raw_model = model  # what checkpoints store; the momentum network copies it
-    memory = None
-    if cfg.memory_size:
-        if cfg.memory_size < 2 * cfg.batch_size:
-            raise UserError(f"--memory-size {cfg.memory_size} must hold at least one batch of "
-                            f"{2 * cfg.batch_size} views")
-        if cfg.memory_bn == "shuffle" and 2 * local_batch % SHUFFLE_GROUPS:
-            raise UserError(f"--memory-bn shuffle normalises the keys in {SHUFFLE_GROUPS} groups: "
-                            f"{2 * local_batch} views per process do not divide; use a --batch-size "
-                            f"of a multiple of {SHUFFLE_GROUPS // 2 * world}, or --memory-bn batch")
-        m = cfg.memory_momentum if cfg.memory_momentum >= 0 else memory_momentum(
-            total_steps, cfg.memory_size / (2 * cfg.batch_size))
-        memory = Memory(raw_model, cfg.memory_size, raw_model.head.out_dim, m, cfg.memory_bn).to(device)
-        if ckpt and "memory" in ckpt:
-            memory.load_state_dict(ckpt["memory"])
-    if under_torchrun:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
-    out_dir = Path(cfg.out_dir)  # continue_run's choice
-    if main:  # made once every check has passed: a failed start leaves no folder behind
-        prepare_out_dir(out_dir)
-
-    n_params = sum(p.numel() for p in raw_model.encoder.parameters())
-    log(f"git {git_revision() or '-'} | {world} process(es) on {device.type} | {precision} ({why}) | "
-        f"{'global BN | ' if under_torchrun and cfg.global_bn else ''}{cfg.arch} "
-        f"x{cfg.width_multiplier:g} with the {raw_model.encoder.stem_name} at {cfg.image_size} px, "
-        f"{n_params / 1e6:.2f}M parameters, h {raw_model.encoder.out_dim}-d"
-        + (f" | memory of {cfg.memory_size}, momentum {memory.momentum:.4g}" if memory else ""))
-    log("config " + json.dumps(dataclasses.asdict(cfg)))
-    log(f"{len(dataset)} images, {steps_per_epoch} steps/epoch of {cfg.batch_size} "
-        f"({local_batch} per process), {last_step} of {total_steps} steps, peak lr {peak_lr:.4g}, "
-        f"out {out_dir}" + (f"; continuing {cfg.resume} from step {step}" if ckpt else ""))
-
-    if device.type == "cpu" and not under_torchrun and not ckpt and not cfg.compile:
-        seconds = seconds_per_image(raw_model, cfg, objective, autocast) * last_step * cfg.batch_size
-        log(f"on this CPU the run takes about {datetime.timedelta(seconds=round(seconds))} "
+    seconds = seconds_per_image(model, cfg, objective, run.autocast) * run.last_step * cfg.batch_size
+    run.log(f"on this CPU the run takes about {datetime.timedelta(seconds=round(seconds))} "
             f"(its step timed on 16 images; evaluations not counted)" + (
                 f"; the laptop recipe: {LAPTOP_RUN.format(cfg.data_dir or 'DIR')}"
                 if seconds > 2 * 3600 else ""))
-
-    run = Run(out_dir, "ckpt.pt", device, cfg.checkpoint_every, step)
-    # loss, contrast_acc, entropy, non-finite losses: since the last log line, and this epoch's
-    sums, epoch_sums = torch.zeros(4, device=device), torch.zeros(4, device=device)
-    if ckpt and "epoch_sums" in ckpt:
-        epoch_sums += ckpt["epoch_sums"].to(device)  # the steps of this epoch before the stop
-
-    def state():
-        return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                    scaler=scaler.state_dict(), epoch=step // steps_per_epoch, step=step,
-                    steps_per_epoch=steps_per_epoch, config=dataclasses.asdict(cfg),
-                    epoch_sums=epoch_sums.cpu(), finished=step >= total_steps,
-                    **({"memory": memory.state_dict()} if memory is not None else {}))
-
-    model.train()
-    progress = Progress(log, "step", last_step, cfg.batch_size, every=cfg.log_every, start=step)
-    since_log, t_start, stopping = 0, time.time(), False
-    for epoch in range(step // steps_per_epoch, cfg.epochs):
-        if step >= last_step:
-            break
-        sampler.set_epoch(epoch)
-        sampler.start = (step % steps_per_epoch) * local_batch
-        t_epoch, steps_now = time.time(), step
-        for (x1, x2), _ in loader:
-            lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, acc, entropy = train_step(model, x1, x2, optimizer, objective, scaler, autocast,
-                                            memory)
-            step += 1
-            since_log += 1
-            sums += torch.stack([loss, acc, entropy, (~torch.isfinite(loss)).float()])
-
-            stopping, saving = run.poll()  # the same answers on every process
-            epoch_end = step % steps_per_epoch == 0
-            # the log line, and the check for a non-finite loss before any checkpoint is written
-            if progress.due(step) or epoch_end or stopping or saving:
-                if world > 1:
-                    dist.all_reduce(sums)
-                    sums /= world
-                loss_avg, acc_avg, _, bad = (sums / since_log).tolist()
-                epoch_sums += sums
-                sums.zero_()
-                since_log = 0
-                if bad > 0:
-                    raise UserError(f"loss is not finite at step {step}; stopped. " + (
-                        f"The last good checkpoint is {run.path}" if run.path.exists() else
-                        "No checkpoint was written yet") + " (try a lower --lr)")
-                progress.show(step, f"epoch {epoch + 1}/{cfg.epochs} loss {loss_avg:.4f} "
-                                    f"contrast_acc {100 * acc_avg:.1f}% lr {lr:.4g}")
-            if epoch_end:
-                break
-            if stopping or saving or step >= last_step:  # in mid-epoch: a checkpoint, no record
-                run.save(state())
-            if stopping:
-                return run.stopped(step, log)
-            if step >= last_step:
-                return log(f"stopped at step {step} (--max-steps), checkpoint {run.path}; the "
-                           f"same command with --max-steps 0 goes on to step {total_steps}")
-
-        # end of epoch: the record (with the optional kNN), then the checkpoint
-        loss_avg, acc_avg, entropy_avg = (epoch_sums[:3] / steps_per_epoch).tolist()
-        record = dict(epoch=epoch + 1, step=step, loss=loss_avg, contrast_acc=acc_avg,
-                      entropy=entropy_avg, lr=lr,
-                      images_per_s=(step - steps_now) * cfg.batch_size / (time.time() - t_epoch),
-                      time=time.time() - t_start)
-        record.update(unreadable_images(dataset, device, log))
-        if knn_sets and ((epoch + 1) % cfg.eval_every == 0 or step >= last_step):
-            record["knn_top1"] = knn_accuracy(raw_model.encoder, *knn_sets, cfg, device, workers, log)
-            log(f"epoch {epoch + 1}: kNN top-1 {record['knn_top1']:.2f}% (k "
-                f"{min(cfg.knn_k, len(knn_sets[0]))} of {len(knn_sets[0])} training images)")
-        run.record(record)
-        epoch_sums.zero_()
-        run.save(state())
-        if stopping:
-            return run.stopped(step, log)
-    log(f"done: {step} steps in {datetime.timedelta(seconds=round(time.time() - t_start))}, "
-        f"checkpoint {run.path}")
-
-
-def parse_with_presets(argv, cls=None, presets=None, description=None):
-    """(config, flags given): the flags over their dataset's preset (pretrain.py's Config and
-    PRESETS, or bench.py's), where a folder of images of 32 px or less takes CIFAR-10's
-    (data.preset); a folder preset's size far above the images' own is refused."""
-    cls, presets = cls or Config, presets or PRESETS
-    cfg, given = parse_config(cls, argv, presets, description or __doc__.splitlines()[0])
-    if preset(cfg.dataset, cfg.image_size) != cfg.dataset:  # a folder of small images
-        cfg, given = parse_config(cls, argv, {cfg.dataset: presets[preset(cfg.dataset, cfg.image_size)]})
-    if cfg.dataset == "folder" and "image_size" not in given and not getattr(cfg, "resume", ""):
-        side = typical_side(cfg.data_dir)
-        if side and cfg.image_size > 2 * side:
-            raise UserError(f"the images under {cfg.data_dir} are about {side} px (shorter side): "
-                            f"--image-size {cfg.image_size}, the folder preset's, would upscale them "
-                            f"{cfg.image_size / side:.1f}x; pass --image-size {side} (32 or less: "
-                            f"CIFAR-10's stem and recipe), or --image-size {cfg.image_size} to keep it")
-    return cfg, given
-
-
-def resolve_config(argv):
-    """Flags over presets; for a run that continues (--resume, or a checkpoint already in
-    --out-dir: cli.continue_run), the changeable flags over the checkpoint's stored
-    configuration. Returns (config, the checkpoint continued or None)."""
-    cfg, given = parse_with_presets(argv)
-    cfg, ckpt = continue_run(Config, cfg, given, "pretrain", f"{cfg.dataset}-{cfg.arch}")
-    if ckpt and cfg.max_steps and ckpt["step"] >= cfg.max_steps:
-        raise Done(f"{cfg.resume} is at step {ckpt['step']}, --max-steps {cfg.max_steps}: nothing "
-                   f"to do (--max-steps 0 goes on to the end of its schedule)")
-    return cfg, ckpt
 
 
 def main(argv=None):

@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cli import UserError, _Parser, git_revision, run_cli
+from runs import UserError, Parser, git_revision, run_cli
 
 ROOT = Path(__file__).parent
 
@@ -822,7 +822,7 @@ def figures(out, scale):
 
 
 def parse_args(argv):
-    parser = _Parser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=list(SCALES), default="cpu",
                         help="how big each run is (default cpu); see the docstring")
     parser.add_argument("--only", default="", help="comma-separated experiments (default: all): "

@@ -69,8 +69,8 @@ def our_states(loss_factor=1.0):
     optimizer = pretrain.build_optimizer(model, "lars", lr=0.02, weight_decay=1e-4, momentum=0.9)
     nt_xent = build_objective("nt-xent", temperature=0.5)
 
-    def objective(z1, z2, negatives=None, keys=None):
-        loss, acc, entropy = nt_xent(z1, z2, negatives, keys)
+    def objective(z1, z2, candidates=None):
+        loss, acc, entropy = nt_xent(z1, z2, candidates=candidates)
         return loss * loss_factor, acc, entropy
 
     counts = {}

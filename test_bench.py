@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bench
-from cli import precision_for
+from runs import precision_for
 from conftest import ROOT, TINY_MODEL, run_script
 
 CPU = torch.device("cpu")
@@ -112,7 +112,7 @@ def test_the_checkpoint_row_writes_the_runs_checkpoint_and_leaves_nothing(tiny_f
     against torch.save of a model and LARS state built here), the time positive, and its
     temporary folder is gone afterwards."""
     import io
-    from pretrain import build_model, build_optimizer
+    from model import build_model, build_optimizer
     out = tmp_path / "bench.json"
     run_script("bench.py", "--dataset", "folder", "--data-dir", tiny_folder, *TINY_MODEL,
                "--batch-size", "8", "--rows", "checkpoint", "--repeats", "2", "--out", out)
@@ -142,8 +142,8 @@ def test_a_folder_of_small_images_is_measured_as_pretrain_py_trains_it(tiny_fold
     at 32 px with the CIFAR recipe."""
     proc = run_script("bench.py", "--dataset", "folder", "--data-dir", tiny_folder, check=False)
     assert proc.returncode == 1 and "would upscale them 7.0x" in proc.stderr
-    from bench import BENCH_PRESETS, BenchConfig
+    from bench import BenchConfig
     from pretrain import parse_with_presets
     cfg, _ = parse_with_presets(["--dataset", "folder", "--data-dir", str(tiny_folder),
-                                 "--image-size", "32"], BenchConfig, BENCH_PRESETS)
+                                 "--image-size", "32"], BenchConfig)
     assert (cfg.blur, cfg.color_strength, cfg.temperature) == (False, 0.5, 0.5)

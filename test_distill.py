@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cli import load_checkpoint, load_model_state
+from runs import load_checkpoint
 import distill
 from conftest import error_of, run_script
 from distill import distillation_loss, semi_supervised_loss
-from pretrain import build_model
+from model import build_model, load_state
 
 
 # --- Eq. 2 and Eq. 3 --------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def test_distill_end_to_end(tiny_folder, finetuned_checkpoint, tmp_path):
     assert ckpt["config"]["proj_head"] == "none" and all(k.startswith("encoder.")
                                                          for k in ckpt["model"])
     model = build_model(ckpt["config"])
-    load_model_state(model, ckpt["model"], "student.pt")  # strict
+    load_state(model, ckpt["model"])  # strict
     assert ckpt["classifier"]["weight"].shape == (4, model.encoder.out_dim)
     # ... and finetune.py fine-tunes it (no projection head: --ft-proj-layer 0)
     run_script("finetune.py", "--checkpoint", out / "student.pt", "--ft-proj-layer", "0",

@@ -13,7 +13,8 @@ from einops import rearrange
 
 from conftest import ROOT, TINY_PRETRAIN
 from objective import nt_xent_loss
-from pretrain import Config, build_model, convert_to_global_bn
+from model import build_model, convert_to_global_bn
+from pretrain import Config
 from test_loss import naive_contrast_acc
 
 WORLD, N = 2, 6  # two processes, six images each
@@ -142,7 +143,7 @@ def test_global_bn_under_bf16_autocast_is_batchnorm(tmp_path):
     """On a CPU with native bf16, --precision auto runs torchrun jobs under bf16 autocast: global
     BN then takes bf16 activations. It must give what BatchNorm gives them (bf16 out, float32
     statistics from float32 sums), not fail on its running statistics' update."""
-    from pretrain import GlobalBatchNorm
+    from model import GlobalBatchNorm
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)

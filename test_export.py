@@ -11,14 +11,14 @@ import torchvision
 
 import export
 from conftest import ROOT, error_of, run_script
-from finetune import load_finetuned
-from pretrain import Config, Representation, build_model
-from cli import load_checkpoint
+from model import Representation, build_model, finetuned_classifier
+from pretrain import Config
+from runs import load_checkpoint
 
 
 def encoder_of(path, layer=0):
     ckpt = load_checkpoint(path)
-    return Representation(build_model(ckpt["config"], ckpt["model"]), layer, "layer").eval()
+    return Representation(build_model(ckpt["config"], ckpt["model"]), layer).eval()
 
 
 def test_pt2_runs_without_the_repository(pretrained_checkpoint, tmp_path):
@@ -114,7 +114,7 @@ def test_hub_entry_points(pretrained_checkpoint, finetuned_checkpoint):
     assert not f.training and f.image_size == 32
     g = torch.hub.load(str(ROOT), "classifier", checkpoint=str(finetuned_checkpoint),
                        source="local")
-    reference = load_finetuned(finetuned_checkpoint)[0].eval()
+    reference = finetuned_classifier(load_checkpoint(finetuned_checkpoint)).eval()
     with torch.no_grad():
         torch.testing.assert_close(f(x), encoder_of(pretrained_checkpoint, 1)(x))
         torch.testing.assert_close(g(x), reference(x))

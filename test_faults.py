@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import linear_eval
-from cli import Progress, UserError, load_checkpoint, parse_config
+from runs import Progress, UserError, load_checkpoint, parse_config
 from conftest import ROOT, TINY_PRETRAIN, error_of, make_image_folder, run_script
 from pretrain import PRESETS, Config
 
@@ -255,7 +255,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path):
     path = tmp_path / "ckpt.pt"
     code = f"""
 import resource, signal, sys, torch
-from cli import UserError, save_checkpoint
+from runs import UserError, save_checkpoint
 save_checkpoint({str(path)!r}, dict(model={{"w": torch.ones(10)}}, config={{}}))
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))

@@ -13,13 +13,13 @@ import torchvision
 from PIL import Image
 
 import finetune
-from cli import UserError, load_checkpoint
+from runs import UserError, load_checkpoint
 from conftest import error_of, run_script
-from data import InMemory, class_balanced
-from finetune import (build_classifier, build_finetune_optimizer, evaluate, image_names,
-                      load_finetuned, read_subset_file)
+from data import InMemory, class_balanced, image_names, read_subset_file
+from evaluation import evaluate
 from lars import LARS
-from pretrain import Config, build_model
+from model import build_classifier, build_classifier_optimizers, build_model, finetuned_classifier
+from pretrain import Config
 
 TINY = dict(arch="resnet18", width_multiplier=0.125, image_size=32)
 
@@ -101,7 +101,7 @@ def tiny_pretrained(proj_layers):
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
 def test_ft_proj_layer_keeps_the_first_k_head_layers_and_trains_all_of_them(k):
     config, simclr = tiny_pretrained(proj_layers=3)  # v2's 3-layer head
-    model = build_classifier(config, 10, k, simclr.state_dict(), "test")
+    model = build_classifier(config, 10, k, simclr.state_dict())
     state, pretrained = model.state_dict(), simclr.state_dict()
     # exactly the encoder, head layers 0..k-1 and the classifier, with the pretrained values
     expected = {n for n in pretrained if n.startswith("encoder.")}
@@ -138,14 +138,14 @@ def test_ft_proj_layer_keeps_the_first_k_head_layers_and_trains_all_of_them(k):
 
 def test_ft_proj_layer_beyond_the_head_is_a_user_error():
     config, simclr = tiny_pretrained(proj_layers=2)
-    with pytest.raises(UserError, match="has 2 layer"):
-        build_classifier(config, 10, 3, simclr.state_dict(), "test")
+    with pytest.raises(ValueError, match="has 2 layer"):  # finetune.py: one line (test below)
+        build_classifier(config, 10, 3, simclr.state_dict())
 
 
 def test_the_new_classifier_is_outside_lars_adaptation():
     config, simclr = tiny_pretrained(proj_layers=2)
-    model = build_classifier(config, 10, 1, simclr.state_dict(), "test")
-    body, head = build_finetune_optimizer(model, "lars", lr=0.1, weight_decay=0.0, momentum=0.9)
+    model = build_classifier(config, 10, 1, simclr.state_dict())
+    body, head = build_classifier_optimizers(model, "lars", lr=0.1, weight_decay=0.0, momentum=0.9)
     assert isinstance(body, LARS) and isinstance(head, torch.optim.SGD)
     body_ids = {id(p) for g in body.param_groups for p in g["params"]}
     head_ids = {id(p) for g in head.param_groups for p in g["params"]}
@@ -193,7 +193,7 @@ def test_finetune_end_to_end_from_a_pretraining_checkpoint(tiny_folder, pretrain
     # the checkpoint is distill.py's teacher: loadable with weights_only, and it scores the same
     ckpt = load_checkpoint(out / "finetuned.pt")
     assert ckpt["config"]["num_classes"] == 4 and ckpt["config"]["pretrain"]["proj_layers"] == 2
-    teacher, _ = load_finetuned(out / "finetuned.pt")
+    teacher = finetuned_classifier(load_checkpoint(out / "finetuned.pt"))
     val = torchvision.datasets.ImageFolder(str(tiny_folder / "val"),
                                            torchvision.transforms.functional.pil_to_tensor)
     assert evaluate(teacher, val, 32, 16, torch.device("cpu")) == \

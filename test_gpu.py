@@ -12,11 +12,12 @@ import sys
 import pytest
 import torch
 
-from cli import load_checkpoint
+from runs import load_checkpoint
 from conftest import ROOT, TINY_MODEL, TINY_PRETRAIN, run_script
 from data import InMemory, ResumableSampler, ViewLoader, build_augmentation
 from objective import build_objective
-from pretrain import Config, build_model, build_optimizer, convert_to_global_bn, train_step
+from model import build_model, build_optimizer, convert_to_global_bn
+from pretrain import Config, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA GPU: the GPU path is tested on a GPU machine")

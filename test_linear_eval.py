@@ -15,13 +15,14 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from augment import center_crop_resize, crop_resize
 
-from cli import UserError, load_checkpoint, precision_for
+from runs import UserError, load_checkpoint, precision_for
 import linear_eval
 from conftest import ROOT, error_of, make_image_folder, run_script
 from data import load_split
 from linear_eval import (FeatureLoader, check_encoder_unchanged, encoder_snapshot, evaluate_linear,
                          knn_accuracy, linear_classifier, load_encoder, main, train_linear)
-from pretrain import build_model, extract_features
+from evaluation import extract_features
+from model import build_model
 from resnet import build_encoder
 
 CPU = torch.device("cpu")

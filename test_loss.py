@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from lars import LARS
 from objective import build_objective, margin_triplet_loss, nt_logistic_loss, nt_xent_loss
-from pretrain import learning_rate, scaled_lr
+from model import learning_rate, scaled_lr
 
 
 def cosine(u, v):
@@ -66,7 +66,7 @@ def test_nt_xent_with_memory_negatives_equals_naive(k):
     g = torch.Generator().manual_seed(k)
     z1, z2 = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
     queue = torch.randn(k, 6, generator=g) * 3  # not unit length: the loss normalises them
-    loss, acc, _ = nt_xent_loss(z1, z2, 0.3, negatives=queue)
+    loss, acc, _ = nt_xent_loss(z1, z2, 0.3, candidates=torch.cat([z1, z2, queue]))
     ref_loss, ref_acc = naive_nt_xent(z1, z2, 0.3, negatives=queue)
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
     assert acc.item() == pytest.approx(float(ref_acc))

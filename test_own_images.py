@@ -11,7 +11,7 @@ from PIL import Image
 import finetune
 import linear_eval
 import pretrain
-from cli import load_checkpoint
+from runs import load_checkpoint
 from conftest import (ROOT, TINY_MODEL, error_of, make_image_folder, make_own_images,
                       run_script)
 from data import build_dataset, class_balanced, dataset_labels
@@ -221,11 +221,13 @@ def test_checkpoints_of_the_wrong_kind_say_what_they_are(pretrained_checkpoint, 
     assert f"--resume {finetuned_checkpoint} is a fine-tuned network (finetune.py's finetuned.pt), " \
            f"fine-tuned from {pretrained_checkpoint}: finetune.py --resume and distill.py " \
            f"--teacher take it" in message
-    student = dict(torch.load(pretrained_checkpoint, weights_only=True), distill_config={})
-    torch.save(student, tmp_path / "student.pt")  # what makes a student.pt one, for this check
-    assert "is a distilled student (distill.py's student.pt): distill.py --resume, linear_eval.py " \
-           "--checkpoint and finetune.py --checkpoint take it" in \
-        error_of(pretrain.main, "--resume", tmp_path / "student.pt")
+    pretrained = torch.load(pretrained_checkpoint, weights_only=True)
+    for student in (dict(pretrained, kind="student"),  # what makes a student.pt one, for this check
+                    dict({k: v for k, v in pretrained.items() if k != "kind"}, distill_config={})):
+        torch.save(student, tmp_path / "student.pt")  # the second as written before "kind" was
+        assert "is a distilled student (distill.py's student.pt): distill.py --resume, " \
+               "linear_eval.py --checkpoint and finetune.py --checkpoint take it" in \
+            error_of(pretrain.main, "--resume", tmp_path / "student.pt")
     (tmp_path / "empty").mkdir()
     assert "no checkpoint in the folder" in error_of(linear_eval.main, "--checkpoint",
                                                      tmp_path / "empty")

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import pretrain
-from cli import UserError, parse_config, precision_for
+from runs import UserError, parse_config, precision_for
 from conftest import ROOT, TINY_PRETRAIN, error_of, run_script
 from data import InMemory, ResumableSampler, ViewLoader, build_augmentation, load_split
-from pretrain import PRESETS, Config, ProjectionHead, build_model
+from model import ProjectionHead, build_model
+from pretrain import PRESETS, Config
 from resnet import ARCHS, SamePool, build_encoder
 
 # ---------------------------------------------------------------------------------- data
@@ -176,7 +177,7 @@ def test_pretraining_writes_a_checkpoint_and_a_log(pretrained_checkpoint):
     ckpt = load(pretrained_checkpoint)  # weights_only=True: plain data only
     assert ckpt["step"] == 6 and ckpt["epoch"] == 2  # 48 images / 16 = 3 steps per epoch
     assert ckpt["config"]["width_multiplier"] == 0.125 and ckpt["config"]["dataset"] == "folder"
-    assert {"model", "optimizer", "scaler", "rng"} <= set(ckpt)
+    assert {"model", "optimizers", "scaler", "rng"} <= set(ckpt)
     log = [json.loads(line) for line in open(pretrained_checkpoint.parent / "log.jsonl")]
     assert [r["epoch"] for r in log] == [1, 2]
     assert all(r["loss"] > 0 and 0 <= r["contrast_acc"] <= 1 for r in log)

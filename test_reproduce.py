@@ -7,7 +7,7 @@ import shlex
 import pytest
 
 import reproduce
-from cli import UserError
+from runs import UserError
 from conftest import ROOT, run_script
 from pretrain import LAPTOP_RUN, parse_with_presets
 

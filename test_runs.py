@@ -1,4 +1,4 @@
-"""A long run survives restarts (cli.continue_run, cli.Run): the same command continues its
+"""A long run survives restarts (runs.continue_run, runs.Run): the same command continues its
 folder, a finished run is left as it is, another configuration is refused, a kill -9 costs the
 steps since the last checkpoint and ends with the uninterrupted run's weights, a damaged
 checkpoint falls back to the previous one, and a torchrun job whose worker dies restarts and
@@ -14,7 +14,7 @@ import torch
 
 import finetune
 import pretrain
-from cli import continue_run, load_checkpoint, parse_config
+from runs import continue_run, load_checkpoint, parse_config
 from conftest import ROOT, TINY_PRETRAIN, error_of, run_script
 from test_distributed import free_port
 
@@ -147,6 +147,35 @@ def test_kill_9_then_the_same_command_ends_with_the_uninterrupted_weights(
         assert all(torch.equal(v, b[k]) for k, v in a.items() if torch.is_tensor(v))
 
 
+DOWNSTREAM = {  # the other two loops, on the tiny checkpoints: 2 epochs of 6 steps of 8 images
+    "finetune.py": lambda pretrained, finetuned: ["--checkpoint", pretrained, "--label-fraction", 1.0],
+    "distill.py": lambda pretrained, finetuned: ["--teacher", finetuned],
+}
+
+
+@pytest.mark.parametrize("script", DOWNSTREAM)
+def test_finetune_and_distill_stop_at_max_steps_and_a_kill_9_costs_nothing(
+        script, pretrained_checkpoint, finetuned_checkpoint, tmp_path):
+    """The loop skeleton the three scripts share: --max-steps stops with a checkpoint that the
+    same command continues; killed without a chance to write, the same command ends with the
+    uninterrupted run's weights (the classifier's too), each epoch logged once."""
+    args = [*DOWNSTREAM[script](pretrained_checkpoint, finetuned_checkpoint), "--epochs", 2,
+            "--batch-size", 8, "--workers", 0, "--log-every", 1]
+    run_script(script, *args, "--out-dir", tmp_path / "straight")
+    command = [sys.executable, str(ROOT / script), *map(str, args), *EVERY_STEP, "--out-dir",
+               str(tmp_path / "cut")]
+    out = subprocess.run(command + ["--max-steps", "4"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    assert "stopped at step 4 (--max-steps)" in out and load_checkpoint(tmp_path / "cut")["step"] == 4
+    killed_at(command, "step 9/12")  # in the second epoch, after the first one's record
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "continuing" in out and "done: 12 steps" in out
+    assert epochs_logged(tmp_path / "cut") == [1, 2]
+    a, b = (load_checkpoint(tmp_path / run) for run in ("straight", "cut"))
+    for key in ("model", "classifier") if script == "distill.py" else ("model",):
+        assert all(torch.equal(v, b[key][k]) for k, v in a[key].items()), key
+
+
 def test_records_written_after_the_checkpoint_are_dropped(midrun_checkpoint, tiny_folder, tmp_path):
     """A run killed between an epoch's record and its checkpoint logged an epoch it will train
     again: the record goes, so that the epoch is logged once."""
@@ -232,8 +261,8 @@ def test_torchrun_restarts_after_a_worker_is_killed_and_ends_as_if_uninterrupted
 
 def test_curves(pretrained_checkpoint, tmp_path, monkeypatch):
     """curves.py draws one panel per number the log records (kNN top-1 where some epochs have
-    it); the loops draw it at epoch ends with matplotlib; without matplotlib the command says
-    so in one line and the loops write nothing more."""
+    it), when the user asks for it: the loops draw nothing; without matplotlib the command says
+    so in one line."""
     import curves
     run = tmp_path / "run"
     run.mkdir()
@@ -242,13 +271,13 @@ def test_curves(pretrained_checkpoint, tmp_path, monkeypatch):
                                                                  knn_top1=40.0, time=2.0)]))
     if _has_matplotlib():  # optional: CI has none
         from PIL import Image
-        assert (pretrained_checkpoint.parent / "curves.png").is_file()
         curves.main([str(run)])
         assert Image.open(run / "curves.png").width == 3 * 280  # loss, lr, knn_top1
         (run / "curves.png").unlink()
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
     assert "needs matplotlib: pip install matplotlib" in error_of(curves.main, run)
     assert curves.plot_if_possible(run) is None and not (run / "curves.png").exists()
+    assert not (pretrained_checkpoint.parent / "curves.png").exists()  # not the loops' work
 
 
 def _has_matplotlib():
@@ -257,3 +286,28 @@ def _has_matplotlib():
     except ImportError:
         return False
     return True
+
+
+# --------------------------------------------------------------------- checkpoints users have
+
+
+def test_checkpoints_written_before_the_run_skeleton_still_continue_and_load(tiny_folder, tmp_path):
+    """Runs on disk from before runs.Run (fixtures/legacy): a pretraining stopped by --max-steps
+    and a fine-tuning stopped by Ctrl-C go on to the end of their schedules, a finished
+    fine-tuned network teaches a student, and a student is evaluated."""
+    legacy = ROOT / "fixtures" / "legacy"
+    for name, copy in [("pretrain_step4.pt", "p/ckpt.pt"), ("finetuned_step6.pt", "f/finetuned.pt"),
+                       ("finetuned.pt", "teacher/finetuned.pt"), ("student.pt", "s/student.pt")]:
+        (tmp_path / copy).parent.mkdir()
+        (tmp_path / copy).write_bytes((legacy / name).read_bytes())
+    data = ["--data-dir", tiny_folder, "--workers", 0]
+    out = run_script("pretrain.py", "--resume", tmp_path / "p" / "ckpt.pt", *data).stdout
+    assert "from step 4" in out and "done: 12 steps" in out, out
+    out = run_script("finetune.py", "--resume", tmp_path / "f" / "finetuned.pt", *data).stdout
+    assert "from step 6" in out and "done: 24 steps" in out, out
+    assert load_checkpoint(tmp_path / "f")["results"]["top1"] >= 0
+    out = run_script("distill.py", "--teacher", tmp_path / "teacher", *data, "--epochs", 1,
+                     "--batch-size", 8, "--out-dir", tmp_path / "d").stdout
+    assert "teacher: top-1" in out and "done: 6 steps" in out, out
+    run_script("linear_eval.py", "--checkpoint", tmp_path / "s", *data, "--epochs", 0, "--knn", 3)
+    assert json.loads((tmp_path / "s" / "linear_eval.json").read_text())["knn_top1"] >= 0

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cli import UserError
+from runs import UserError
 from conftest import ROOT, make_image_folder, run_script
 from resnet import SamePool, build_encoder
 import tf_checkpoint

@@ -8,7 +8,8 @@ import torch
 from conftest import TINY_PRETRAIN, run_script
 from memory import SHUFFLE_GROUPS, Memory, memory_momentum
 from objective import nt_xent_loss
-from pretrain import Config, build_model
+from model import build_model
+from pretrain import Config
 from resnet import SamePool, SelectiveKernel, build_encoder
 
 # The official table of encoder sizes (millions of parameters, projection head excluded):
@@ -116,7 +117,7 @@ def test_memory_loss_and_its_gradient_equal_a_float64_loop(k):
     z1, z2, k1, k2 = (torch.randn(5, 6, generator=g, dtype=torch.float64) for _ in range(4))
     queue = torch.randn(k, 6, generator=g, dtype=torch.float64)
     z1.requires_grad_(), z2.requires_grad_()
-    loss, acc, _ = nt_xent_loss(z1, z2, 0.3, queue if k else None, keys=(k1, k2))
+    loss, acc, _ = nt_xent_loss(z1, z2, 0.3, candidates=torch.cat([k1, k2, queue]))
     grads = torch.autograd.grad(loss, (z1, z2))
     ref = naive_memory_loss(z1, z2, k1, k2, queue, 0.3)
     ref_grads = torch.autograd.grad(ref, (z1, z2))
@@ -137,7 +138,8 @@ def test_momentum_network_equal_to_the_online_one_with_an_empty_queue_is_plain_n
     x = torch.rand(16, 3, 16, 16)
     z1, z2 = model(x)[1].chunk(2)
     k1, k2 = memory.project(x).chunk(2)  # the same views' BN statistics: the same z
-    with_memory = nt_xent_loss(z1, z2, 0.5, memory.negatives(), keys=(k1, k2))
+    with_memory = nt_xent_loss(z1, z2, 0.5, candidates=torch.cat([k1, k2]))  # the queue is empty
+    assert memory.negatives() is None
     plain = nt_xent_loss(z1, z2, 0.5)
     for a, b in zip(with_memory, plain):
         assert a.item() == pytest.approx(b.item(), rel=1e-5)

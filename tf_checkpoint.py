@@ -38,10 +38,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cli import UserError, _Parser, prepare_out_dir, run_cli, save_checkpoint
-from data import default_workers, load_split
-from finetune import Classifier, FinetuneConfig, evaluate
-from pretrain import PRESETS, Config, build_model
+from data import load_split
+from evaluation import evaluate
+from finetune import FinetuneConfig
+from model import Classifier, build_model
+from pretrain import PRESETS, Config
+from runs import Parser, UserError, default_workers, prepare_out_dir, run_cli, save_checkpoint
 from resnet import ARCHS, Bottleneck, SamePool, SelectiveKernel
 
 # ---------------------------------------------------------------------------------------------
@@ -569,7 +571,7 @@ def convert(path, ema=False, ft_proj_layer=-1, verify_crc=False):
 
 
 def parse_args(argv):
-    parser = _Parser(description=__doc__.splitlines()[0])  # errors: one line
+    parser = Parser(description=__doc__.splitlines()[0])  # errors: one line
     parser.add_argument("checkpoint", help="TF checkpoint prefix (model.ckpt-NNNN), its .index, "
                         "a folder with one, or a tf2 SavedModel folder")
     parser.add_argument("out", help="where to write this project's checkpoint (.pt)")
