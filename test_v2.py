@@ -129,6 +129,28 @@ def test_memory_loss_and_its_gradient_equal_a_float64_loop(k):
     assert acc.item() == pytest.approx((sim.argmax(1) == torch.arange(5)).double().mean().item())
 
 
+def test_the_memory_enters_the_step_through_the_network_and_the_objective():
+    """Memory.wrap as train_step uses it: the wrapped network gives the online z and, having moved
+    the momentum network, leaves its keys of the same views; the wrapped objective is the float64
+    loop of v2's memory loss over those keys and the queue, and the keys join the queue after."""
+    from objective import build_objective
+    model, memory = make_memory(size=64, dim=8, momentum=0.5, bn="batch")
+    memory.enqueue(torch.randn(16, 8))  # the keys of a past batch
+    queue = memory.negatives().clone()
+    before = [p.clone() for p in memory.model.parameters()]
+    net, objective = memory.wrap(model, build_objective("nt-xent", 0.5))
+    x = torch.rand(16, 3, 16, 16)
+    _, z = net(x)
+    for p_m, old, p in zip(memory.model.parameters(), before, model.parameters()):
+        torch.testing.assert_close(p_m, 0.5 * old + 0.5 * p.detach())
+    keys = memory.keys
+    torch.testing.assert_close(keys, memory.model(x)[1])
+    (z1, z2), (k1, k2) = z.chunk(2), keys.chunk(2)
+    loss, _, _ = objective(z1, z2)
+    assert loss.item() == pytest.approx(naive_memory_loss(z1, z2, k1, k2, queue, 0.5).item(), rel=1e-5)
+    assert len(memory.negatives()) == 32 and torch.equal(memory.negatives()[16:], keys)
+
+
 def test_momentum_network_equal_to_the_online_one_with_an_empty_queue_is_plain_nt_xent():
     model, memory = make_memory(size=64, dim=8, momentum=0.0)  # m 0: the online weights
     with torch.no_grad():
