@@ -45,8 +45,8 @@ from data import InMemory, ViewLoader, load_split
 from model import build_model, build_optimizer, scaled_lr
 from objective import build_objective
 from pretrain import Config, parse_with_presets, train_step, view_augmentations
-from runs import (UserError, default_workers, git_revision, opt, precision_for, prepare_out_dir,
-                  random_states, run_cli, save_checkpoint, setup)
+from runs import (UserError, check_output, default_workers, git_revision, opt, precision_for,
+                  random_states, run_cli, save_checkpoint, setup, write_json, written_by)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -410,15 +410,11 @@ def main(argv=None):
     def run():
         cfg, _ = parse_with_presets(argv, BenchConfig)  # pretrain.py's flags, as it resolves them
         if cfg.out:  # checked before the measurements, not after
-            prepare_out_dir(Path(cfg.out).parent, "--out")
+            check_output(cfg.out, "--out", written_by("bench.py"))
         result = bench(cfg)
         print(report(result))
         if cfg.out:
-            try:
-                with open(cfg.out, "w") as f:
-                    json.dump(result, f, indent=1)
-            except OSError as e:
-                raise UserError(f"cannot write --out {cfg.out}: {e.strerror}")
+            write_json(cfg.out, result, "bench.py")
             print(f"wrote {cfg.out}")
 
     run_cli("bench.py", run)

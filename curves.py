@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from runs import UserError, run_cli
+from runs import SOFTWARE, UserError, check_picture, run_cli
 
 NOT_CURVES = ("epoch", "step", "time", "images_per_s", "unreadable_images")
 
@@ -32,6 +32,7 @@ def plot(run_dir):
                                if k not in NOT_CURVES and isinstance(v, (int, float))))
     if not names:
         raise UserError(f"{log} records no epoch yet")
+    out = check_picture(log.with_name("curves.png"), "curves.png")  # not over a picture of yours
     fig, axes = plt.subplots(1, len(names), figsize=(2.8 * len(names), 2.4), squeeze=False)
     for ax, name in zip(axes[0], names):
         points = [(r["epoch"], r[name]) for r in records if isinstance(r.get(name), (int, float))]
@@ -40,8 +41,7 @@ def plot(run_dir):
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
-    out = log.with_name("curves.png")
-    fig.savefig(out.with_suffix(".tmp.png"), dpi=100)
+    fig.savefig(out.with_suffix(".tmp.png"), dpi=100, metadata={"Software": SOFTWARE})
     plt.close(fig)
     os.replace(out.with_suffix(".tmp.png"), out)
     return out

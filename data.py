@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torchvision
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, PngImagePlugin
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from augment import (SimCLRAugmentation, center_crop_box, center_crop_resize, crop_resize,
                      parse_augment, random_crop_resize_uint8, sample_crop_boxes)
-from runs import Progress, UserError, first_line, world_info
+from runs import SOFTWARE, Progress, UserError, first_line, world_info
 
 SMALL_IMAGE_DATASETS = ("cifar10", "cifar100", "stl10")  # decoded once into device memory
 
@@ -234,6 +234,19 @@ def image_names(dataset, indices):
     if getattr(dataset, "samples", None) is None:  # torchvision arrays (in memory or not)
         return [str(i) for i in indices]
     return [Path(dataset.samples[i][0]).relative_to(dataset.root).as_posix() for i in indices]
+
+
+SUBSET_HEADER = "# the labelled images of the run in this folder; --subset-file takes this file"
+
+
+def save_subset(path, dataset, indices):
+    """subset.txt: the labelled images (image_names), under SUBSET_HEADER, which says the file is
+    a run's own (subset_is_ours) and which read_subset_file skips."""
+    Path(path).write_text("\n".join([SUBSET_HEADER, *image_names(dataset, indices)]) + "\n")
+
+
+def subset_is_ours(path):
+    return Path(path).read_text().startswith(SUBSET_HEADER)
 
 
 def read_subset_file(path, dataset):
@@ -613,8 +626,10 @@ def save_grid(path, images, headers, captions=None):
                       captions[r][c][:cell // 6], fill="black")
     for i, title in enumerate(headers):
         draw.text((i * cell + 2 * zoom, 2), title, fill="black")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", SOFTWARE)  # what check_output recognises as this project's picture
     try:
-        canvas.save(path)
+        canvas.save(path, pnginfo=info)
     except (OSError, ValueError) as e:  # a missing folder, an unknown extension
         raise UserError(f"cannot write {path}: {first_line(e)} (give a file name such as views.png)")
     return path

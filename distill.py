@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from data import (ResumableSampler, ViewLoader, build_augmentation, check_same_classes,
-                  choose_labeled, evaluation_split, image_names, load_split, select)
+                  choose_labeled, evaluation_split, load_split, save_subset, select, subset_is_ours)
 from evaluation import evaluate
 from model import build_classifier, build_classifier_optimizers, build_model, finetuned_classifier, \
     learning_rate, load_state, scaled_lr
@@ -125,7 +125,7 @@ def resolve_config(argv):
         raise UserError("labels are unused with --alpha 1 (Eq. 2 alone); set --alpha < 1")
     if resume is None:
         cfg, resume = continue_run(DistillConfig, cfg, given, "student", f"distill-{cfg.dataset}",
-                                   stored)
+                                   stored, files={"subset.txt": subset_is_ours})
     return cfg, teacher, ckpt, resume
 
 
@@ -214,7 +214,7 @@ def train(cfg, teacher, teacher_ckpt, ckpt):
     run = Run(cfg, ckpt, "student")  # device, processes, precision, workers (runs.py)
     pre, num_classes = teacher_ckpt["config"]["pretrain"], teacher_ckpt["config"]["num_classes"]
     size = pre["image_size"]
-    val_set, unlabeled, train_set, indices = load_data(cfg, run, size, num_classes)
+    val_set, unlabeled, train_set, indices = load_data(cfg, run, size, teacher_ckpt["config"])
     steps_per_epoch = run.schedule(len(unlabeled), "unlabeled images")
     augment = build_augmentation(size)  # crop + flip, one view for both networks
     samplers = [ResumableSampler(unlabeled, run.world, run.rank, shuffle=True, seed=cfg.seed,
@@ -239,7 +239,7 @@ def train(cfg, teacher, teacher_ckpt, ckpt):
                         samplers, unlabeled, describe(cfg, pre, model),
                         f"peak lr {peak_lr:.4g}, tau {cfg.temperature:g}, alpha {cfg.alpha:g}")
     if run.main and indices:
-        (run.out_dir / "subset.txt").write_text("\n".join(image_names(train_set, indices)) + "\n")
+        save_subset(run.out_dir / "subset.txt", train_set, indices)
     teacher_top = evaluate(teacher, val_set, size, 256, run.device, run.workers, run.log,
                            run.autocast)
     run.log(f"teacher: top-1 {teacher_top[0]:.2f}% top-5 {teacher_top[1]:.2f}%")
@@ -281,16 +281,21 @@ def train(cfg, teacher, teacher_ckpt, ckpt):
     return results
 
 
-def load_data(cfg, run, size, num_classes):
+def load_data(cfg, run, size, teacher):
     """(the evaluation split, the unlabeled images of Eq. 2, and for Eq. 3 the labelled training
-    split and the indices of its labelled images, else None, [])."""
+    split and the indices of its labelled images, else None, []). The evaluation split must name
+    the teacher's classes (teacher: its configuration), or its logits would be read as others."""
     split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, size, run.device,
                                              run.workers, views, run.log, True, cfg.val_fraction,
                                              cfg.val_dir)
     val_set = split("val")
-    if len(val_set.classes) != num_classes:
-        raise UserError(f"the teacher has {num_classes} classes, {cfg.dataset} "
-                        f"{len(val_set.classes)}")
+    classes, theirs = list(val_set.classes), teacher.get("classes") or []  # converted: no names
+    if len(classes) != teacher["num_classes"] or (theirs and classes != list(theirs)):
+        raise UserError(f"the teacher was fine-tuned on {teacher['num_classes']} classes "
+                        f"({', '.join(theirs[:4]) or 'names unknown'}{' ...' if len(theirs) > 4 else ''}),"
+                        f" the evaluation images have {len(classes)} ({', '.join(classes[:4])}"
+                        f"{' ...' if len(classes) > 4 else ''}): its answers would be read as "
+                        f"other classes")
     unlabeled = (load_split("folder", cfg.unlabeled_dir, "pretrain", size, run.device, run.workers,
                             1, run.log, held_out=val_set)  # never the evaluation images
                  if cfg.unlabeled_dir else split("pretrain", 1))  # labels, if any, unused

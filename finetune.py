@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from data import (ResumableSampler, ViewLoader, build_augmentation, check_same_classes,
-                  choose_labeled, evaluation_split, image_names, load_split, preset, select)
+                  choose_labeled, evaluation_split, load_split, preset, save_subset, select,
+                  subset_is_ours)
 from evaluation import evaluate
 from model import (V1_HEAD, build_classifier, build_classifier_optimizers, head_layers,
                    learning_rate, load_state, scaled_lr)
@@ -155,7 +156,8 @@ def resolve_config(argv):
         cfg.epochs = 60 if (cfg.label_fraction <= 0.01 and not cfg.subset_file) else 30
     labels = Path(cfg.subset_file).stem if cfg.subset_file else f"{100 * cfg.label_fraction:g}pct"
     cfg, resume = continue_run(FinetuneConfig, cfg, given, "finetuned", f"finetune-{dataset}-"
-                               f"{labels}{'-scratch' if cfg.from_scratch else ''}")
+                               f"{labels}{'-scratch' if cfg.from_scratch else ''}",
+                               files={"subset.txt": subset_is_ours})
     if resume:
         return cfg, resume["config"]["pretrain"], None, resume
     return cfg, pre, None if cfg.from_scratch else ckpt["model"], None
@@ -204,7 +206,7 @@ def train(cfg, pretrain_config, weights, ckpt):
                     f"head layer(s) kept | {n_params / 1e6:.2f}M trained parameters | "
                     f"{num_classes} classes", f"peak lr {peak_lr:.4g}")
     if run.main:
-        (run.out_dir / "subset.txt").write_text("\n".join(image_names(train_set, indices)) + "\n")
+        save_subset(run.out_dir / "subset.txt", train_set, indices)
 
     for epoch in run.epochs():
         for (x,), y in loader:  # one augmented view, on the device

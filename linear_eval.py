@@ -27,6 +27,7 @@ lists what it measured next to what the papers report.
 """
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +41,9 @@ from data import (InMemory, ViewLoader, build_augmentation, check_same_classes, 
                   evaluation_split, load_split, preset, save_grid, select)
 from evaluation import extract_features, knn_accuracy, topk_accuracy
 from model import Representation, build_model, build_optimizer, learning_rate, scaled_lr
-from runs import (Progress, Run, System, UserError, precision_for, as_user_error, checkpoint_path, git_revision,
-                  identity, load_checkpoint, opt, parse_config, prepare_out_dir, run_cli, world_info)
+from runs import (Progress, Run, System, UserError, as_user_error, check_output, checkpoint_path,
+                  check_picture, fingerprint, git_revision, identity, load_checkpoint, opt,
+                  parse_config, precision_for, run_cli, world_info, write_json)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -83,8 +85,9 @@ class LinearConfig(System):
                        "(default: the checkpoint's, on its data)", path=True)
     # system
     seed: int = opt(0, "random seed (data order, augmentation, --random-init weights)")
-    out: str = opt("", "results JSON, empty: <checkpoint dir>/linear_eval[_random][_<dataset>]"
-                   ".json", changeable=True)
+    out: str = opt("", "results JSON, empty: beside the checkpoint, named after what was "
+                   "measured (linear_eval.json: the paper's protocol; linear_eval_e0_knn200.json: "
+                   "kNN alone ...)", changeable=True)
     show_neighbours: str = opt("", "write a PNG of --queries evaluation images, each followed by "
                                "its 8 nearest training images by cosine similarity of h (the kNN's "
                                "neighbours), with their classes, and nothing else; e.g. nn.png",
@@ -123,8 +126,7 @@ def resolve_config(argv):
     if not data_dir:
         raise UserError(f"--data-dir is needed: evaluating on {dataset}, pretrained on "
                         f"{pre.get('dataset')}")
-    defaults = {f.name: f.default for f in dataclasses.fields(LinearConfig)}
-    cfg = LinearConfig(**{**defaults, **PRESETS.get(preset(dataset, pre["image_size"]), {}), **given,
+    cfg = LinearConfig(**{**protocol_defaults(dataset, pre["image_size"]), **given,
                           "dataset": dataset, "data_dir": data_dir,
                           **evaluation_split(given, pre, data_dir == pre.get("data_dir"))})
     if cfg.epochs == 0 and cfg.knn == 0 and not cfg.show_neighbours:
@@ -276,22 +278,49 @@ def evaluate_linear(classifier, features, labels):
 # ---------------------------------------------------------------------------------------------
 
 
-def results_path(cfg, pretrain_dataset):
-    """--out, or beside the checkpoint: linear_eval[_random][_layer<K>][_<dataset>].json, after
-    the checkpoint's name where it is not its run folder's own (r18.pt: r18.linear_eval.json),
-    so that two checkpoints in one folder keep their results apart. A file that holds another
-    evaluation's results (other flags or another checkpoint) is not overwritten: refused."""
-    name = "linear_eval" + ("_random" if cfg.random_init else "") + (
-        f"_layer{cfg.layer}" if cfg.layer else "") + (
-        f"_{cfg.dataset}" if cfg.dataset != pretrain_dataset else "")
+# What a results file's name says, where the option differs from the protocol's default:
+# (option, how the name says it); the linear layer's options only where one is trained, the kNN
+# temperature only with the kNN.
+NAMED = [("random_init", "random"), ("layer", "layer{}"), ("cached_features", "cached"),
+         ("epochs", "e{}"), ("lr", "lr{:g}"), ("batch_size", "b{}"), ("weight_decay", "wd{:g}"),
+         ("momentum", "m{:g}"), ("seed", "seed{}"), ("knn", "knn{}"), ("knn_temperature", "t{:g}")]
+LINEAR_ONLY, KNN_ONLY = {"cached_features", "lr", "batch_size", "weight_decay", "momentum"}, {"knn_temperature"}
+
+
+def protocol_defaults(dataset, image_size):
+    """The options of the protocol before any flag: the dataclass's, then the dataset's preset."""
+    defaults = {f.name: f.default for f in dataclasses.fields(LinearConfig)}
+    return {**defaults, **PRESETS.get(preset(dataset, image_size), {})}
+
+
+def results_path(cfg, pre):
+    """--out, or beside the checkpoint a name that says what was measured: linear_eval.json for
+    the paper's protocol on the checkpoint's data, and a part for every difference (linear_eval_
+    e0_knn200.json: no linear layer, kNN with 200 neighbours; _cached, _random, _layer1,
+    _cifar100, _40px, _lr2 ...), after the checkpoint's name where it is not its run folder's own
+    (r18.pt: r18.linear_eval.json). Another evaluation's file of that name is not overwritten
+    (refused: --out keeps both), nor a file this script did not write."""
+    base = protocol_defaults(cfg.dataset, pre["image_size"])
+    parts = []
+    if cfg.dataset != pre["dataset"]:
+        parts.append(cfg.dataset)
+    elif os.path.realpath(cfg.data_dir) != os.path.realpath(pre.get("data_dir", "")):
+        parts.append(Path(cfg.data_dir).name)
+    if cfg.image_size and cfg.image_size != pre["image_size"]:
+        parts.append(f"{cfg.image_size}px")
+    for name, form in NAMED:
+        value = getattr(cfg, name)
+        if value != base[name] and not (name in LINEAR_ONLY and not cfg.epochs) and \
+                not (name in KNN_ONLY and not cfg.knn):
+            parts.append(form.format(value))
+    name = "_".join(["linear_eval", *parts])
     ckpt = Path(cfg.checkpoint)
     out = Path(cfg.out) if cfg.out else ckpt.parent / (
         f"{name}.json" if ckpt.name in ("ckpt.pt", "student.pt") else f"{ckpt.stem}.{name}.json")
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a file name")
+    check_output(out, "--out", ours=lambda path: "protocol" in json.loads(path.read_text()))
     try:
         theirs = identity(LinearConfig, json.loads(out.read_text())["config"])
-    except (OSError, ValueError, KeyError, TypeError):  # none yet (or not ours): written
+    except (OSError, ValueError, KeyError, TypeError):  # none yet
         return out
     ours = identity(LinearConfig, cfg)
     differ = [k for k in ours if ours[k] != theirs[k]]
@@ -331,7 +360,9 @@ def run(cfg, ckpt):
     device, rank, world, main, log = job.device, job.rank, job.world, job.main, job.log
     local_batch, workers, autocast = job.local_batch, job.workers, job.autocast
     pre = ckpt["config"]
-    out = None if cfg.show_neighbours else results_path(cfg, pre["dataset"])
+    # where the results go, checked before the features: the evaluation may take hours
+    out = check_picture(cfg.show_neighbours, "--show-neighbours") if cfg.show_neighbours else \
+        results_path(cfg, pre)
     if cfg.show_neighbours and world > 1:
         raise UserError("--show-neighbours runs in one process: without torchrun")
     image_size = cfg.image_size or pre["image_size"]  # also for transfer datasets
@@ -365,9 +396,6 @@ def run(cfg, ckpt):
         raise UserError(f"{len(train)} training images are fewer than one batch of "
                         f"{cfg.batch_size}: lower --batch-size to at most {len(train)}")
     num_classes = len(val.classes)
-    if main:  # checked before the features: the evaluation may take hours
-        prepare_out_dir(Path(cfg.show_neighbours).parent if out is None else out.parent,
-                        "--show-neighbours" if out is None else "--out")
 
     # Evaluation features: the image as it is (32 px) or a centre crop (ImageNet), gathered.
     t_start = time.time()
@@ -384,7 +412,9 @@ def run(cfg, ckpt):
                                        train_f, train_l, image_size, device, cfg.queries))
         return {}
     results = dict(dataset=cfg.dataset, pretrain_dataset=pre["dataset"], checkpoint=cfg.checkpoint,
-                   checkpoint_epoch=ckpt.get("epoch"), random_init=cfg.random_init,
+                   checkpoint_epoch=ckpt.get("epoch"), **{f"checkpoint_{k}": v for k, v in
+                                                          fingerprint(ckpt).items()},
+                   random_init=cfg.random_init,
                    encoder=dict(arch=pre["arch"], width_multiplier=pre["width_multiplier"],
                                 sk_ratio=pre["sk_ratio"], image_size=image_size,
                                 layer=cfg.layer, dim=encoder.out_dim),
@@ -422,11 +452,7 @@ def run(cfg, ckpt):
     check_encoder_unchanged(encoder, reference)
     results["time_s"] = time.time() - t_start
     if main:
-        try:
-            out.write_text(json.dumps(results, indent=2) + "\n")
-        except OSError as e:
-            raise UserError(f"cannot write {out}: {e.strerror}; the results were: top-1 "
-                            f"{results.get('top1')}, kNN top-1 {results.get('knn_top1')}")
+        write_json(out, results, "linear_eval.py")
         log(f"wrote {out}")
     return results
 

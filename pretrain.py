@@ -41,8 +41,8 @@ from evaluation import extract_features, knn_accuracy
 from memory import SHUFFLE_GROUPS, Memory, memory_momentum
 from model import build_model, build_optimizer, learning_rate, scaled_lr
 from objective import LOSSES, build_objective
-from runs import (Done, Run, Training, UserError, as_user_error, continue_run, opt, parse_config,
-                  run_cli)
+from runs import (Done, Run, Training, UserError, as_user_error, check_picture, continue_run, opt,
+                  parse_config, run_cli)
 
 # torch.distributed.nn.functional's differentiable collectives are deprecated in favour of a
 # private module; they are still the public way to gather with gradients, so keep logs clean.
@@ -215,6 +215,8 @@ def train_step(model, x1, x2, optimizer, objective, scaler=None, autocast=contex
 def train(cfg, ckpt=None):
     """Pretrain as cfg says; ckpt: the checkpoint this run continues (resolve_config)."""
     run = Run(cfg, ckpt, "pretrain")  # device, processes, precision, workers (runs.py)
+    if cfg.show_augmentations:
+        check_picture(cfg.show_augmentations, "--show-augmentations")
     torch.manual_seed(cfg.seed + run.rank)  # ranks differ in augmentations; DDP syncs the weights
     objective = checked_objective(cfg)
     augments = view_augmentations(cfg)

@@ -334,6 +334,68 @@ def load_checkpoint(path, accept=None, flag="--checkpoint"):
     return ckpt
 
 
+def fingerprint(ckpt):
+    """What a checkpoint holds, in short: its step and a digest of its weights. A results file,
+    or a run started from it, records it: the same path may later hold other weights."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(ckpt["model"].items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return dict(step=ckpt.get("step"), digest=digest.hexdigest()[:12])
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs: never over a checkpoint, a backup, or a file this project did not write
+# ---------------------------------------------------------------------------------------------
+
+SOFTWARE = "simclr (this repository)"  # the mark on the pictures and results files it writes
+
+
+def check_output(path, flag, ours):
+    """The one rule for a file a script writes beside its run's own: where nothing is, or over
+    a file this project wrote for the same purpose (ours(path), which may raise for a file it
+    cannot read: not ours), never over a checkpoint, its backup or a file of the user's. Called
+    before any work; makes the folder. Returns path."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    if path.exists():
+        try:
+            mine = ours(path)
+        except Exception:
+            mine = False
+        if not mine:
+            raise UserError(f"{flag} {path} exists and is not a file this command writes: choose "
+                            f"another name, or move it away first")
+    prepare_out_dir(path.parent, flag)
+    return path
+
+
+def is_run_log(path):
+    """Whether path is a log.jsonl of the loops: one record per line, each with epoch and step."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return all({"epoch", "step"} <= set(record) for record in records)
+
+
+def written_by(script):
+    """ours for check_output: a JSON results file whose "written_by" is script."""
+    return lambda path: json.loads(Path(path).read_text()).get("written_by") == script
+
+
+def check_picture(path, flag):
+    """check_output for a picture: a .png name, and only over a PNG this project drew (its
+    Software text is SOFTWARE)."""
+    from PIL import Image
+
+    def drawn_here(path):
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Software") == SOFTWARE
+
+    if Path(path).suffix.lower() != ".png":
+        raise UserError(f"cannot write {flag} {path}: give a file name ending in .png")
+    return check_output(path, flag, drawn_here)
+
+
 def random_states(device):
     """The random state of every process, in rank order (each resumes its own stream): the CPU
     generator, and the GPU's, which draws the augmentations on CUDA."""
@@ -416,13 +478,15 @@ def identity(cls, config):
     return out
 
 
-def continue_run(cls, cfg, given, kind, prefix, stored=lambda ckpt: ckpt["config"]):
+def continue_run(cls, cfg, given, kind, prefix, stored=lambda ckpt: ckpt["config"], files=None):
     """The run this command continues, as torchtitan and VISSL do: --resume's checkpoint, or the
     one already in --out-dir (default runs/<prefix>-<digest of the configuration>, one name that
     every process, node and restart agrees on). A folder that holds another configuration or
-    another script's run is refused before any work, naming what differs; a complete run is
-    Done. Returns (config, checkpoint or None); the configuration is the stored one with the
-    changeable flags given now on top (resumed_config)."""
+    another script's run is refused before any work, naming what differs, and so is a new run in
+    a folder of files it would write and did not (log.jsonl, results.json, and files: {name:
+    whether the file there is this script's}); a complete run is Done. Returns (config,
+    checkpoint or None); the configuration is the stored one with the changeable flags given now
+    on top (resumed_config)."""
     script, name = KINDS[kind][2:]
     if cfg.resume:
         path = checkpoint_path(cfg.resume)
@@ -437,6 +501,15 @@ def continue_run(cls, cfg, given, kind, prefix, stored=lambda ckpt: ckpt["config
                 raise UserError(f"{out} holds a {other[2]} run ({other[3]}): choose another --out-dir")
         path, ckpt = newest_checkpoint(out / name, kind)
         if ckpt is None:
+            ours = {"log.jsonl": is_run_log, "results.json": written_by(script), **(files or {})}
+            for file, mine in ours.items():
+                try:
+                    theirs = (out / file).exists() and not mine(out / file)
+                except Exception:
+                    theirs = True
+                if theirs:
+                    raise UserError(f"{out} holds {file}, which is not {script}'s: choose another "
+                                    f"--out-dir (or move the file away)")
             return cfg, None
         theirs, ours = identity(cls, stored(ckpt)), identity(cls, cfg)
         differ = [k for k in ours if ours[k] != theirs[k]]
@@ -461,7 +534,9 @@ def continue_run(cls, cfg, given, kind, prefix, stored=lambda ckpt: ckpt["config
 
 def newest_checkpoint(path, kind):
     """(path, checkpoint) of a run folder's checkpoint, or of the one kept before it (.prev) if
-    the newest is damaged, with a line that says so; (path, None) if there is none."""
+    the newest is damaged, with a line that says so; (path, None) if there is none. A damaged
+    newest file is moved aside (<name>.damaged.pt), so that the next checkpoint does not push
+    it over the backup the run continues from."""
     previous = previous_path(path)
     if not path.exists() and not previous.exists():
         return path, None
@@ -472,7 +547,11 @@ def newest_checkpoint(path, kind):
             raise UserError(f"{damaged}; no earlier checkpoint is kept beside it: move it away to "
                             f"start the run over")
         ckpt = load_checkpoint(previous, (kind,))
-        print(f"warning: {damaged}; continuing from {previous} (step {ckpt['step']})", flush=True)
+        aside = path.with_name(path.stem + ".damaged" + path.suffix)
+        if path.exists() and os.environ.get("RANK", "0") == "0":
+            os.replace(path, aside)
+        print(f"warning: {damaged}; continuing from {previous} (step {ckpt['step']}); the damaged "
+              f"file is kept as {aside}", flush=True)
         return previous, ckpt
 
 
@@ -751,17 +830,18 @@ class Run:
         results = results and dict(results, git=git_revision())
         self.save(results)
         if self.main and results is not None:
-            write_json(self.out_dir / "results.json", results)
+            write_json(self.out_dir / "results.json", results, KINDS[self.kind][2])
         self.log(f"done: {self.step} steps in {took}, checkpoint {self.path}"
                  + (f", results {self.out_dir / 'results.json'}" if results is not None else ""))
         return results
 
 
-def write_json(path, data):
-    """data as indented JSON at path, atomically (a crash leaves the old file or the new one)."""
+def write_json(path, data, script=None):
+    """data as indented JSON at path, atomically (a crash leaves the old file or the new one),
+    marked as script's (written_by) if given."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.write_text(json.dumps(dict(data, written_by=script) if script else data, indent=2) + "\n")
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

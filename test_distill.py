@@ -3,16 +3,17 @@ a student converging to a fixed teacher, and the whole chain pretrain -> finetun
 a user runs it on a tiny image folder."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
 import torch.nn as nn
 
-from runs import load_checkpoint
 import distill
 from conftest import error_of, run_script
 from distill import distillation_loss, semi_supervised_loss
 from model import build_model, load_state
+from runs import load_checkpoint
 
 
 # --- Eq. 2 and Eq. 3 --------------------------------------------------------------------------
@@ -150,3 +151,18 @@ def test_a_pretraining_checkpoint_is_not_a_teacher(pretrained_checkpoint, tmp_pa
     error = error_of(distill.main, "--teacher", pretrained_checkpoint, "--out-dir", tmp_path)
     assert "is a pretraining checkpoint (pretrain.py's ckpt.pt): " \
         "pretrain.py --resume, linear_eval.py --checkpoint and finetune.py --checkpoint take it" in error
+
+
+def test_a_teacher_of_other_classes_is_refused(finetuned_checkpoint, tiny_folder, tmp_path):
+    """As many classes under other names: the teacher's logits would be read as the wrong
+    classes (once it printed a top-1 and exited 0)."""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_folder, other)
+    for split in ("train", "val"):
+        for i, name in enumerate(["airplane", "bird", "ship", "truck"]):
+            (other / split / f"class{i}").rename(other / split / name)
+    error = error_of(distill.main, "--teacher", finetuned_checkpoint, "--data-dir", other,
+                     *TINY_RUN, "--out-dir", tmp_path / "run")
+    assert "the teacher was fine-tuned on 4 classes (class0, class1, class2, class3), the " \
+           "evaluation images have 4 (airplane, bird, ship, truck)" in error
+    assert not (tmp_path / "run").exists()

@@ -2,6 +2,7 @@
 cannot import the repository, torchvision's ResNet with export.py's weights and lines against
 h, the refusals, and hubconf.py's entry points through torch.hub itself."""
 import dataclasses
+import shutil
 import subprocess
 import sys
 
@@ -22,10 +23,11 @@ def encoder_of(path, layer=0):
 
 
 def test_pt2_runs_without_the_repository(pretrained_checkpoint, tmp_path):
-    """h and head layer 1 from the exported programs, at two batch sizes the export never saw,
-    in `python -I` from another folder (no repository on sys.path), equal the checkpoint's."""
+    """h and head layer 1 from the exported programs, at two batch sizes and an image size the
+    export never saw, in `python -I` from another folder (no repository on sys.path), equal the
+    checkpoint's."""
     torch.manual_seed(0)
-    x = {n: torch.rand(n, 3, 32, 32) for n in (1, 5)}
+    x = {(n, size): torch.rand(n, 3, size, size) for n, size in ((1, 32), (5, 32), (2, 40))}
     for layer in (0, 1):
         out = tmp_path / f"layer{layer}.pt2"
         run_script("export.py", pretrained_checkpoint, out, "--layer", layer)
@@ -42,9 +44,9 @@ def test_pt2_runs_without_the_repository(pretrained_checkpoint, tmp_path):
         assert proc.returncode == 0, proc.stderr
         y, f = torch.load(tmp_path / "y.pt"), encoder_of(pretrained_checkpoint, layer)
         with torch.no_grad():
-            for n, v in x.items():
-                assert y[n].shape == (n, f.out_dim)
-                torch.testing.assert_close(y[n], f(v), rtol=1e-4, atol=1e-5)
+            for (n, size), v in x.items():
+                assert y[n, size].shape == (n, f.out_dim)
+                torch.testing.assert_close(y[n, size], f(v), rtol=1e-4, atol=1e-5)
 
 
 def random_encoder(arch, size):
@@ -95,14 +97,47 @@ def test_refusals(pretrained_checkpoint, finetuned_checkpoint, tmp_path):
     out = tmp_path / "r18.pth"
     assert "torchvision has no resnet18 at width 0.125" in error_of(
         export.main, pretrained_checkpoint, out, "--format", "torchvision")
-    assert "--layer is for --format pt2" in error_of(
+    assert "--layer is for .pt2" in error_of(
         export.main, pretrained_checkpoint, out, "--format", "torchvision", "--layer", 1)
     assert "is a folder" in error_of(export.main, pretrained_checkpoint, tmp_path)
-    assert "finetuned" in error_of(export.main, finetuned_checkpoint, out)
+    assert "reads projection-head layer 1, which torchvision's ResNet has not" in error_of(
+        export.main, finetuned_checkpoint, out)
     assert "--layer" in error_of(export.main, pretrained_checkpoint, out, "--layer", 7)
     (tmp_path / "a file").write_text("")
     assert "a file" in error_of(export.main, pretrained_checkpoint, tmp_path / "a file" / "x.pt2")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a file"]
+
+
+def test_the_output_follows_its_extension_and_replaces_only_an_export(pretrained_checkpoint,
+                                                                     finetuned_checkpoint, tmp_path):
+    """export.py onto the checkpoint it reads, onto its backup or onto a file of the user's: one
+    line, the file untouched; the extension says the format (a mismatch with --format is
+    refused); the same command twice replaces its own export. A fine-tuned network exports as
+    its classifier, which runs at a batch size and an image size the export never saw."""
+    model, config = random_encoder("resnet18", 32)  # one torchvision can take
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("ckpt.pt", "ckpt.prev.pt"):
+        torch.save(dict(model=model.state_dict(), config=config, step=0), run / name)
+    (tmp_path / "mine.pth").write_bytes(b"the user's own file")
+    (tmp_path / "mine.pt2").write_bytes(b"the user's own file")
+    for target in (run / "ckpt.pt", run / "ckpt.prev.pt", tmp_path / "mine.pth", tmp_path / "mine.pt2"):
+        before = target.read_bytes()
+        assert "exists and is not a file this command writes" in error_of(export.main, run, target)
+        assert target.read_bytes() == before
+    assert "give that extension" in error_of(export.main, run, tmp_path / "x.pt2", "--format",
+                                             "torchvision")
+    assert "name a .pt2 file" in error_of(export.main, run, tmp_path / "x.onnx")
+    for _ in range(2):  # the same command twice
+        run_script("export.py", run, tmp_path / "again.pt2")
+    run_script("export.py", run, tmp_path / "again.pth")  # torchvision's names, a second time
+    run_script("export.py", run, tmp_path / "again.pth")
+    run_script("export.py", finetuned_checkpoint, tmp_path / "classifier.pt2")
+    f = torch.export.load(tmp_path / "classifier.pt2").module()
+    reference = finetuned_classifier(load_checkpoint(finetuned_checkpoint)).eval()
+    x = torch.rand(1, 3, 40, 40, generator=torch.Generator().manual_seed(3))  # trained at 32 px
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
 def test_hub_entry_points(pretrained_checkpoint, finetuned_checkpoint):

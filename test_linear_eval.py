@@ -208,7 +208,8 @@ def read_json(path):
 def test_full_protocol_end_to_end(pretrained_checkpoint, tiny_folder):
     proc = run_script("linear_eval.py", "--checkpoint", pretrained_checkpoint, "--epochs", "2",
                       "--batch-size", "16", "--workers", "0")
-    result = read_json(pretrained_checkpoint.parent / "linear_eval.json")  # beside the checkpoint
+    # beside the checkpoint, named after what differs from the paper's protocol
+    result = read_json(pretrained_checkpoint.parent / "linear_eval_e2_b16.json")
     assert result["protocol"] == "augmented" and result["random_init"] is False
     assert result["dataset"] == "folder" and result["num_classes"] == 4
     assert 0 <= result["top1"] <= result["top5"] <= 100
@@ -278,23 +279,38 @@ def test_the_evaluation_view_in_memory_is_clipped_as_the_authors_and_the_folders
 def test_results_of_two_checkpoints_in_one_folder_or_two_evaluations_stay_apart(
         pretrained_checkpoint, tmp_path):
     """Converted checkpoints share a folder (r18.pt, r18sk.pt): each has its own results file;
-    another evaluation of the same checkpoint does not overwrite them (refused, --out keeps
-    both); the same evaluation again replaces its own."""
+    another evaluation of the same checkpoint goes to a file named after what it measured,
+    beside the first (no flag needed); the same evaluation again replaces its own; a file of
+    that name holding another evaluation (--out), a checkpoint or a file of the user's is not
+    written over."""
     for name in ("r18.pt", "r18b.pt"):
         shutil.copy(pretrained_checkpoint, tmp_path / name)
         run_script("linear_eval.py", "--checkpoint", tmp_path / name, "--epochs", 0, "--knn", 5,
                    "--workers", 0)
-    assert read_json(tmp_path / "r18.linear_eval.json")["checkpoint"] == str(tmp_path / "r18.pt")
-    assert read_json(tmp_path / "r18b.linear_eval.json")["checkpoint"] == str(tmp_path / "r18b.pt")
-    before = (tmp_path / "r18.linear_eval.json").read_bytes()
+    first, second = tmp_path / "r18.linear_eval_e0_knn5.json", tmp_path / "r18b.linear_eval_e0_knn5.json"
+    assert read_json(first)["checkpoint"] == str(tmp_path / "r18.pt")
+    assert read_json(second)["checkpoint"] == str(tmp_path / "r18b.pt")
+    ckpt = load_checkpoint(tmp_path / "r18.pt")
+    assert read_json(first)["checkpoint_step"] == ckpt["step"] and read_json(first)["checkpoint_digest"]
+    before = first.read_bytes()
+    run_script("linear_eval.py", "--checkpoint", tmp_path / "r18.pt", "--epochs", 0, "--knn", 7,
+               "--workers", 0)
+    assert first.read_bytes() == before and read_json(tmp_path / "r18.linear_eval_e0_knn7.json")["knn_k"] == 7
     error = error_of(linear_eval.main, "--checkpoint", tmp_path / "r18.pt", "--epochs", 0,
-                     "--knn", 7, "--workers", 0)
-    assert error == (f"linear_eval.py: error: {tmp_path / 'r18.linear_eval.json'} holds the "
-                     f"results of another evaluation (--knn 5 there (7 here)): pass --out to keep both")
-    assert (tmp_path / "r18.linear_eval.json").read_bytes() == before
+                     "--knn", 7, "--workers", 0, "--out", first)
+    assert error == (f"linear_eval.py: error: {first} holds the results of another evaluation "
+                     f"(--knn 5 there (7 here)): pass --out to keep both")
+    assert first.read_bytes() == before
     run_script("linear_eval.py", "--checkpoint", tmp_path / "r18.pt", "--epochs", 0, "--knn", 5,
                "--workers", 1)  # how it runs may differ
-    assert read_json(tmp_path / "r18.linear_eval.json")["config"]["workers"] == 1
+    assert read_json(first)["config"]["workers"] == 1
+    (tmp_path / "notes.json").write_text("{}")
+    for target in (tmp_path / "r18.pt", tmp_path / "notes.json"):
+        before = target.read_bytes()
+        error = error_of(linear_eval.main, "--checkpoint", tmp_path / "r18.pt", "--epochs", 0,
+                         "--knn", 5, "--workers", 0, "--out", target)
+        assert f"--out {target} exists and is not a file this command writes" in error
+        assert target.read_bytes() == before
 
 
 def test_cached_features_refuse_a_batch_larger_than_the_data(pretrained_checkpoint, tmp_path):
@@ -323,7 +339,7 @@ def test_random_init_transfer_and_knn_end_to_end(pretrained_checkpoint, tmp_path
     run_script("linear_eval.py", "--checkpoint", ckpt_dir / "ckpt.pt", "--random-init",
                "--cached-features", "--knn", "3", "--epochs", "1", "--batch-size", "8",
                "--workers", "0", "--data-dir", other)
-    result = read_json(ckpt_dir / "linear_eval_random.json")  # beside the checkpoint
+    result = read_json(ckpt_dir / "linear_eval_other_random_cached_e1_b8_knn3.json")  # beside it
     assert result["random_init"] is True and result["num_classes"] == 3
     assert result["encoder"]["image_size"] == 32
 

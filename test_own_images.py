@@ -238,8 +238,8 @@ def test_checkpoints_of_the_wrong_kind_say_what_they_are(pretrained_checkpoint, 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "folder"])
 def test_the_augmentation_picture(dataset, tiny_folder, tmp_path):
-    """Original, evaluation view, view 1, view 2, under headers; written where asked, no run
-    folder made."""
+    """Original, evaluation view, view 1, view 2, under headers; written where asked (its folder
+    made), no run folder made; a name that is no .png is one line."""
     path = tmp_path / "views.png"
     run_script("pretrain.py", "--dataset", dataset, "--data-dir", tiny_folder, *TINY,
                "--show-augmentations", path, "--out-dir", tmp_path / "run")
@@ -250,7 +250,7 @@ def test_the_augmentation_picture(dataset, tiny_folder, tmp_path):
     assert (pixels[:16] < 128).any(dim=0).sum() > 20  # dark header text
     assert no_run_folder_left(tmp_path)
     assert "cannot write" in error_of(pretrain.main, "--dataset", dataset, "--data-dir", tiny_folder,
-                                      *TINY, "--show-augmentations", tmp_path / "no" / "v.png")
+                                      *TINY, "--show-augmentations", tmp_path / "no" / "v.jpg")
 
 
 def test_the_converter_asks_which_head_layer_where_nothing_tells(tmp_path):

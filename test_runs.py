@@ -198,10 +198,16 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(pretrained_checkpoi
     assert load_checkpoint(out / "ckpt.prev.pt")["step"] == 3
     data = (out / "ckpt.pt").read_bytes()
     (out / "ckpt.pt").write_bytes(data[:len(data) // 2])  # a copy cut short
-    proc = run_script("pretrain.py", *TINY_PRETRAIN, "--data-dir", tiny_folder, "--out-dir", out)
+    proc = run_script("pretrain.py", *TINY_PRETRAIN, "--data-dir", tiny_folder, "--out-dir", out,
+                      "--max-steps", 4)  # one checkpoint: the backup must be the good step 3
     assert f"warning: cannot read checkpoint {out / 'ckpt.pt'}" in proc.stdout
     assert f"continuing from {out / 'ckpt.prev.pt'} (step 3)" in proc.stdout
+    assert f"the damaged file is kept as {out / 'ckpt.damaged.pt'}" in proc.stdout
+    assert (out / "ckpt.damaged.pt").read_bytes() == data[:len(data) // 2]
+    assert load_checkpoint(out / "ckpt.prev.pt")["step"] == 3  # not pushed over by the damaged one
+    run_script("pretrain.py", *TINY_PRETRAIN, "--data-dir", tiny_folder, "--out-dir", out)
     assert same_weights(out / "ckpt.pt", pretrained_checkpoint)
+    (out / "ckpt.damaged.pt").unlink()
     for name in ("ckpt.pt", "ckpt.prev.pt"):  # both damaged: one line, nothing changed
         (out / name).write_bytes(b"garbage")
     before = files(out)
@@ -310,4 +316,5 @@ def test_checkpoints_written_before_the_run_skeleton_still_continue_and_load(tin
                      "--batch-size", 8, "--out-dir", tmp_path / "d").stdout
     assert "teacher: top-1" in out and "done: 6 steps" in out, out
     run_script("linear_eval.py", "--checkpoint", tmp_path / "s", *data, "--epochs", 0, "--knn", 3)
-    assert json.loads((tmp_path / "s" / "linear_eval.json").read_text())["knn_top1"] >= 0
+    (results,) = (tmp_path / "s").glob("linear_eval_*_e0_knn3.json")  # on other data than its own
+    assert json.loads(results.read_text())["knn_top1"] >= 0

@@ -208,5 +208,5 @@ def test_sk_network_with_memory_pretrains_resumes_and_evaluates(tiny_folder, tmp
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["memory"]["position"].item() == (4 * 32) % 40
     run_script("linear_eval.py", "--checkpoint", tmp_path / "ckpt.pt", "--cached-features",
                "--epochs", 2, "--knn", 5, "--batch-size", 16, "--workers", 0)
-    result = json.loads((tmp_path / "linear_eval.json").read_text())
+    result = json.loads((tmp_path / "linear_eval_cached_e2_b16_knn5.json").read_text())
     assert result["encoder"]["sk_ratio"] == 0.0625 and 0 <= result["top1"] <= 100

@@ -43,7 +43,7 @@ from evaluation import evaluate
 from finetune import FinetuneConfig
 from model import Classifier, build_model
 from pretrain import PRESETS, Config
-from runs import Parser, UserError, default_workers, prepare_out_dir, run_cli, save_checkpoint
+from runs import Parser, UserError, check_output, default_workers, run_cli, save_checkpoint
 from resnet import ARCHS, Bottleneck, SamePool, SelectiveKernel
 
 # ---------------------------------------------------------------------------------------------
@@ -594,7 +594,9 @@ def parse_args(argv):
 def main(argv=None):
     def run():
         args = parse_args(argv)
-        prepare_out_dir(Path(args.out).parent, "output path")  # before the work, not after
+        # before the work: a new file, or a conversion of the same source into this project's
+        check_output(args.out, "output path", lambda p: torch.load(p, weights_only=True)[
+            "converted_from"]["path"] == str(args.checkpoint))
         model, cfg, classifier, k, meta = convert(args.checkpoint, args.ema, args.ft_proj_layer,
                                                   args.verify_crc)
         if (args.classifier or args.evaluate) and classifier is None:
