@@ -311,18 +311,21 @@ def choose_labeled(cfg, train_set, log):
     return indices
 
 
-def evaluation_split(given, stored, same_data):
-    """--val-fraction and --val-dir as given on the command line, else the stored configuration's
-    (the checkpoint's) on the same data: every later script evaluates on the images pretraining
-    held out. On the same data another held-out fraction, or evaluation images among those the
-    checkpoint trained on, would evaluate on trained images: refused."""
+def evaluation_split(given, stored, data_dir):
+    """--val-fraction and --val-dir as given on the command line, else, on the checkpoint's own
+    data (data_dir is the folder of its stored configuration), the checkpoint's: every later
+    script evaluates on the images pretraining held out. There, another held-out fraction would
+    evaluate on trained images, and so would, on any data, evaluation images among those the
+    checkpoint trained on: refused. Other data's split is the user's to choose."""
+    same_data = os.path.realpath(data_dir) == os.path.realpath(stored.get("data_dir", ""))
+    trained = Path(stored.get("data_dir", "")) / (
+        "train" if (Path(stored.get("data_dir", "")) / "train").is_dir() else "")
     split = {}
     for name, default in (("val_fraction", 0.0), ("val_dir", "")):
         theirs = stored.get(name, default) if same_data else default
         split[name] = given.get(name, theirs)
-        if split[name] != theirs and (name == "val_fraction" or inside(
-                split[name], Path(stored["data_dir"]) / ("train" if (Path(stored["data_dir"]) /
-                                                                    "train").is_dir() else ""))):
+        if split[name] != theirs and (name == "val_fraction" and same_data or
+                                      name == "val_dir" and inside(split[name], trained)):
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} {split[name]} differs from the checkpoint's {theirs or repr(theirs)}"
                             f": it was trained on images that split holds; leave {flag} out (the "
@@ -374,7 +377,12 @@ def typical_side(folder, count=64):
 
 
 def check_same_classes(train, val):
-    """The training and evaluation splits must name the same classes, or labels shift."""
+    """The training and evaluation splits must name the same classes, or labels shift, and at
+    least two: with one, every answer is right and an accuracy says nothing."""
+    if len(val.classes) < 2:
+        raise UserError(f"the evaluation images are of {len(val.classes)} class"
+                        f"{'' if len(val.classes) == 1 else 'es'} ({', '.join(val.classes)}): "
+                        f"classifying needs two or more (<class>/<image> folders)")
     if list(train.classes) != list(val.classes):
         odd = sorted(set(train.classes) ^ set(val.classes)) or ["(their order)"]
         raise UserError(f"the training and evaluation images have different classes "

@@ -32,12 +32,12 @@ import torch.nn.functional as F
 
 from data import (ResumableSampler, ViewLoader, build_augmentation, check_same_classes,
                   choose_labeled, evaluation_split, load_split, save_subset, select, subset_is_ours)
-from evaluation import evaluate
+from evaluation import evaluate, shown
 from model import build_classifier, build_classifier_optimizers, build_model, finetuned_classifier, \
     learning_rate, load_state, scaled_lr
 from resnet import ARCHS
-from runs import (Run, Training, UserError, as_user_error, continue_run, load_checkpoint, opt,
-                  parse_config, run_cli)
+from runs import (Run, Training, UserError, as_user_error, continue_run, fingerprint,
+                  load_checkpoint, opt, parse_config, run_cli)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -108,7 +108,7 @@ def resolve_config(argv):
     tc = ckpt["config"]
     cfg.dataset = cfg.dataset or tc["dataset"]
     cfg.data_dir = cfg.data_dir or (tc["data_dir"] if cfg.dataset == tc["dataset"] else "")
-    for name, value in evaluation_split(given, tc, cfg.data_dir == tc["data_dir"]).items():
+    for name, value in evaluation_split(given, tc, cfg.data_dir).items():
         setattr(cfg, name, value)
     if not cfg.data_dir:
         raise UserError(f"--data-dir is needed: distilling on {cfg.dataset}, the teacher was "
@@ -123,7 +123,9 @@ def resolve_config(argv):
                         f"--label-fraction or --subset-file")
     if cfg.alpha == 1 and with_labels:
         raise UserError("labels are unused with --alpha 1 (Eq. 2 alone); set --alpha < 1")
-    if resume is None:
+    if resume is None:  # a run is of its teacher's weights (and --init's), not only of their paths
+        given["inputs"] = cfg.inputs = {"teacher": fingerprint(ckpt), **(
+            {"init": fingerprint(load_checkpoint(cfg.init, flag="--init"))} if cfg.init else {})}
         cfg, resume = continue_run(DistillConfig, cfg, given, "student", f"distill-{cfg.dataset}",
                                    stored, files={"subset.txt": subset_is_ours})
     return cfg, teacher, ckpt, resume
@@ -242,7 +244,7 @@ def train(cfg, teacher, teacher_ckpt, ckpt):
         save_subset(run.out_dir / "subset.txt", train_set, indices)
     teacher_top = evaluate(teacher, val_set, size, 256, run.device, run.workers, run.log,
                            run.autocast)
-    run.log(f"teacher: top-1 {teacher_top[0]:.2f}% top-5 {teacher_top[1]:.2f}%")
+    run.log(f"teacher: {shown(teacher_top)}")
 
     for epoch in run.epochs():
         labeled_batches = iter(labeled_loader) if indices else None
@@ -263,21 +265,17 @@ def train(cfg, teacher, teacher_ckpt, ckpt):
             run.step_done(loss=loss, agreement=100 * agree)
         top = {}
         if run.evaluation_due():
-            top = dict(zip(("top1", "top5"), evaluate(model, val_set, size, 256, run.device,
-                                                      run.workers, run.log, run.autocast)))
-            run.log(f"epoch {epoch + 1}: student top-1 {top['top1']:.2f}% top-5 "
-                    f"{top['top5']:.2f}% (teacher {teacher_top[0]:.2f}%)")
+            top = evaluate(model, val_set, size, 256, run.device, run.workers, run.log, run.autocast)
+            run.log(f"epoch {epoch + 1}: student {shown(top)} (teacher {shown(teacher_top)})")
         run.epoch_done(**top)  # the record, then the checkpoint
 
-    results = dict(teacher_top1=teacher_top[0], teacher_top5=teacher_top[1],
-                   student_top1=top["top1"], student_top5=top["top5"],
-                   agreement=run.record["agreement"], teacher=cfg.teacher, init=cfg.init,
+    results = dict(**{f"teacher_{k}": v for k, v in teacher_top.items()},
+                   **{f"student_{k}": v for k, v in top.items()}, agreement=run.record["agreement"], teacher=cfg.teacher, init=cfg.init,
                    unlabeled_images=len(unlabeled), epochs=cfg.epochs, steps=run.step,
                    train_seconds=round(run.record["time"]), world_size=run.world,
                    device=run.device.type, config=dataclasses.asdict(cfg))
     run.finish(results)
-    run.log(f"student top-1 {top['top1']:.2f}% top-5 {top['top5']:.2f}%, teacher "
-            f"{teacher_top[0]:.2f}% / {teacher_top[1]:.2f}%")
+    run.log(f"student {shown(top)}, teacher {shown(teacher_top)}")
     return results
 
 

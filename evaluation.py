@@ -59,25 +59,41 @@ def knn_predict(train_feats, train_labels, query_feats, num_classes, k=200, temp
     return torch.cat(scores)
 
 
-def topk_accuracy(scores, labels, ks=(1, 5)):
-    """Top-k accuracies (%) of class scores (N x C); k is capped at C."""
-    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # N x k
-    hits = top == labels.unsqueeze(1)
-    return [100.0 * hits[:, :k].any(1).float().mean().item() for k in ks]
+def telling(ks, num_classes, votes=None):
+    """The k of ks whose top-k accuracy can tell anything: fewer than the classes (top-C is
+    always 100%), and with a kNN of `votes` neighbours at most that many (the others score 0)."""
+    return [k for k in ks if k < num_classes and (votes is None or k <= votes)]
+
+
+def topk_accuracy(scores, labels, ks=(1, 5), votes=None):
+    """{'top<k>': accuracy (%)} of class scores (N x C), for the k that tell anything."""
+    ks = telling(ks, scores.shape[1], votes)
+    if not ks:
+        return {}
+    hits = scores.topk(max(ks), dim=1).indices == labels.unsqueeze(1)  # N x k
+    return {f"top{k}": 100.0 * hits[:, :k].any(1).float().mean().item() for k in ks}
 
 
 def knn_accuracy(train_f, train_l, val_f, val_l, num_classes, k, temperature):
-    """(top-1, top-5) of weighted kNN (knn_predict): the training images as the memory."""
-    return topk_accuracy(knn_predict(train_f, train_l, val_f, num_classes, k, temperature), val_l)
+    """{'top1', 'top5' where it tells anything} of weighted kNN (knn_predict): the training
+    images as the memory, k neighbours (at most as many as there are)."""
+    k = min(k, len(train_f))
+    return topk_accuracy(knn_predict(train_f, train_l, val_f, num_classes, k, temperature), val_l,
+                         votes=k)
+
+
+def shown(accuracy):
+    """'top-1 61.20% top-5 90.00%' of what an accuracy dict holds."""
+    return " ".join(f"top-{k[3:]} {v:.2f}%" for k, v in accuracy.items())
 
 
 @torch.no_grad()
 def evaluate(model, dataset, size, batch_size, device, workers=0, log=None, autocast=None):
-    """(top-1 %, top-5 %) of a classifier (BatchNorm in inference mode) on dataset at size px.
+    """{'top1', 'top5' where it tells anything (telling)} in % of a classifier (BatchNorm in
+    inference mode) on dataset at size px.
 
     Under torchrun each process scores every world-th image and the counts are summed. With
-    fewer than 5 classes "top-5" is top-(number of classes), i.e. 100. With `log`, progress
-    lines go there.
+    `log`, progress lines go there.
     """
     rank, world = world_info()
     autocast = autocast or precision_for("auto", device)[1]
@@ -85,18 +101,19 @@ def evaluate(model, dataset, size, batch_size, device, workers=0, log=None, auto
     model.eval()
     share = len(range(rank, len(dataset), world))
     progress, done = Progress(log or (lambda *a: None), "evaluation", share), 0
-    counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
+    ks = telling((1, 5), len(dataset.classes))
+    if not ks:  # one class: nothing to tell
+        return {}
+    counts = torch.zeros(len(ks) + 1, device=device)  # top-k hits for each k, images
     for x, y in eval_batches(dataset, size, batch_size, device, workers):
         done += len(y)
         if progress.due(done):
             progress.show(done, "images")
         with autocast:
             logits = model(x).float()  # b x classes
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # b x 5
-        hits = top == y[:, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), y.new_tensor(len(y))]).float()
+        hits = logits.topk(max(ks), dim=1).indices == y[:, None]  # b x max(ks)
+        counts += torch.stack([*(hits[:, :k].any(1).sum() for k in ks), y.new_tensor(len(y))]).float()
     if world > 1:
         dist.all_reduce(counts)
     model.train(was_training)
-    top1, top5 = (100 * counts[:2] / counts[2]).tolist()
-    return round(top1, 4), round(top5, 4)
+    return {f"top{k}": round(v, 4) for k, v in zip(ks, (100 * counts[:-1] / counts[-1]).tolist())}

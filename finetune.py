@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from data import (ResumableSampler, ViewLoader, build_augmentation, check_same_classes,
                   choose_labeled, evaluation_split, load_split, preset, save_subset, select,
                   subset_is_ours)
-from evaluation import evaluate
+from evaluation import evaluate, shown
 from model import (V1_HEAD, build_classifier, build_classifier_optimizers, head_layers,
                    learning_rate, load_state, scaled_lr)
 from runs import (Run, Training, UserError, as_user_error, checkpoint_path, continue_run,
-                  load_checkpoint, opt, parse_config, run_cli)
+                  defaults, fingerprint, load_checkpoint, opt, parse_config, run_cli)
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -127,6 +127,7 @@ def resolve_config(argv):
         given["checkpoint"] = checkpoint_path(cfg.checkpoint)
         ckpt = load_checkpoint(given["checkpoint"], ("pretrain", "converted", "student"))
         pre = ckpt["config"]
+        given["inputs"] = {} if cfg.from_scratch else {"checkpoint": fingerprint(ckpt)}
         clash = [f for f in ARCH_FLAGS if f in given and given[f] != pre.get(f)]
         if clash:
             raise UserError(f"--{clash[0].replace('_', '-')} differs from the checkpoint's "
@@ -142,11 +143,10 @@ def resolve_config(argv):
     data_dir = cfg.data_dir or (pre.get("data_dir", "") if dataset == pre.get("dataset") else "")
     if not dataset or not data_dir:
         raise UserError("--dataset and --data-dir are needed")
-    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
-    size = pre.get("image_size", given.get("image_size", defaults["image_size"]))
-    cfg = FinetuneConfig(**{**defaults, **PRESETS.get(preset(dataset, size), {}), **given,
+    size = pre.get("image_size", given.get("image_size", FinetuneConfig.image_size))
+    cfg = FinetuneConfig(**{**defaults(FinetuneConfig), **PRESETS.get(preset(dataset, size), {}), **given,
                             "dataset": dataset, "data_dir": data_dir,
-                            **evaluation_split(given, pre, data_dir == pre.get("data_dir"))})
+                            **evaluation_split(given, pre, data_dir)})
     if ckpt is None:  # --from-scratch without a checkpoint: v1's head on the --arch flags
         pre = dict(dataset=dataset, data_dir=data_dir, **V1_HEAD,
                    **{f: getattr(cfg, f) for f in ARCH_FLAGS})
@@ -218,20 +218,19 @@ def train(cfg, pretrain_config, weights, ckpt):
             run.step_done(loss=loss, train_top1=100 * (logits.argmax(1) == y).float().mean())
         top = {}
         if run.evaluation_due():
-            top = dict(zip(("top1", "top5"), evaluate(model, val_set, cfg.image_size, 256,
-                                                      run.device, run.workers, run.log,
-                                                      run.autocast)))
-            run.log(f"epoch {epoch + 1}: top-1 {top['top1']:.2f}% top-5 {top['top5']:.2f}%")
+            top = evaluate(model, val_set, cfg.image_size, 256, run.device, run.workers, run.log,
+                           run.autocast)
+            run.log(f"epoch {epoch + 1}: {shown(top)}")
         run.epoch_done(**top)  # the record, then the checkpoint
 
-    results = dict(top1=run.record["top1"], top5=run.record["top5"], labeled_images=len(indices),
+    results = dict(**top, labeled_images=len(indices),
                    label_fraction=None if cfg.subset_file else cfg.label_fraction,
                    subset=str(run.out_dir / "subset.txt"), from_scratch=cfg.from_scratch,
                    checkpoint=cfg.checkpoint, ft_proj_layer=cfg.ft_proj_layer, epochs=cfg.epochs,
                    steps=run.step, train_seconds=round(run.record["time"]), world_size=run.world,
                    device=run.device.type, config=dataclasses.asdict(cfg))
     run.finish(results)
-    run.log(f"top-1 {results['top1']:.2f}% top-5 {results['top5']:.2f}% with {len(indices)} labels")
+    run.log(f"{shown(top)} with {len(indices)} labels")
     return results
 
 

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 
 from data import (InMemory, ViewLoader, build_augmentation, check_same_classes, eval_batches,
                   evaluation_split, load_split, preset, save_grid, select)
-from evaluation import extract_features, knn_accuracy, topk_accuracy
+from evaluation import extract_features, knn_accuracy, shown, topk_accuracy
 from model import Representation, build_model, build_optimizer, learning_rate, scaled_lr
 from runs import (Progress, Run, System, UserError, as_user_error, check_output, checkpoint_path,
-                  check_picture, fingerprint, git_revision, identity, load_checkpoint, opt,
+                  check_picture, defaults, fingerprint, git_revision, identity, load_checkpoint, opt,
                   parse_config, precision_for, run_cli, world_info, write_json)
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def resolve_config(argv):
                         f"{pre.get('dataset')}")
     cfg = LinearConfig(**{**protocol_defaults(dataset, pre["image_size"]), **given,
                           "dataset": dataset, "data_dir": data_dir,
-                          **evaluation_split(given, pre, data_dir == pre.get("data_dir"))})
+                          **evaluation_split(given, pre, data_dir)})
     if cfg.epochs == 0 and cfg.knn == 0 and not cfg.show_neighbours:
         raise UserError("nothing to do: --epochs 0 trains no linear layer; add --knn K")
     return cfg, ckpt
@@ -268,7 +268,7 @@ def train_linear(classifier, encoder, loader, epochs, peak_lr, weight_decay=0.0,
 
 @torch.no_grad()
 def evaluate_linear(classifier, features, labels):
-    """(top-1, top-5) of the linear layer on the evaluation features."""
+    """{'top1', 'top5' where it tells anything} of the linear layer on the evaluation features."""
     classifier.eval()
     return topk_accuracy(classifier(features), labels)
 
@@ -289,8 +289,7 @@ LINEAR_ONLY, KNN_ONLY = {"cached_features", "lr", "batch_size", "weight_decay", 
 
 def protocol_defaults(dataset, image_size):
     """The options of the protocol before any flag: the dataclass's, then the dataset's preset."""
-    defaults = {f.name: f.default for f in dataclasses.fields(LinearConfig)}
-    return {**defaults, **PRESETS.get(preset(dataset, image_size), {})}
+    return {**defaults(LinearConfig), **PRESETS.get(preset(dataset, image_size), {})}
 
 
 def results_path(cfg, pre):
@@ -424,11 +423,10 @@ def run(cfg, ckpt):
 
     if cfg.knn:
         k = results["knn_k"] = min(cfg.knn, len(train_f))  # no more neighbours than images
-        results["knn_top1"], results["knn_top5"] = knn_accuracy(
-            train_f, train_l, val_f, val_l, num_classes, k, cfg.knn_temperature)
+        knn = knn_accuracy(train_f, train_l, val_f, val_l, num_classes, k, cfg.knn_temperature)
+        results.update({f"knn_{key}": value for key, value in knn.items()})
         log(f"kNN (k {k}{f' of the {cfg.knn} asked: {k} training images' if k < cfg.knn else ''}"
-            f", t {cfg.knn_temperature}): top-1 {results['knn_top1']:.2f}% "
-            f"top-5 {results['knn_top5']:.2f}%")
+            f", t {cfg.knn_temperature}): {shown(knn)}")
 
     if cfg.epochs:
         if cfg.cached_features:
@@ -445,9 +443,9 @@ def run(cfg, ckpt):
         classifier = linear_classifier(encoder.out_dim, num_classes).to(device)
         loss, train_top1 = train_linear(classifier, trunk, loader, cfg.epochs, peak_lr,
                                         cfg.weight_decay, cfg.momentum, device, log, autocast)
-        results["top1"], results["top5"] = evaluate_linear(classifier, val_f, val_l)
-        results.update(train_loss=loss, train_top1=train_top1)
-        log(f"linear evaluation: top-1 {results['top1']:.2f}% top-5 {results['top5']:.2f}%")
+        accuracy = evaluate_linear(classifier, val_f, val_l)
+        results.update(accuracy, train_loss=loss, train_top1=train_top1)
+        log(f"linear evaluation: {shown(accuracy)}")
 
     check_encoder_unchanged(encoder, reference)
     results["time_s"] = time.time() - t_start

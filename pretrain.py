@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 
-from data import (InMemory, ResumableSampler, ViewLoader, build_augmentation, load_split, preset,
-                  save_augmentation_grid, typical_side)
+from data import (InMemory, ResumableSampler, ViewLoader, build_augmentation, check_same_classes,
+                  load_split, preset, save_augmentation_grid, typical_side)
 from evaluation import extract_features, knn_accuracy
 from memory import SHUFFLE_GROUPS, Memory, memory_momentum
 from model import build_model, build_optimizer, learning_rate, scaled_lr
@@ -233,6 +233,7 @@ def train(cfg, ckpt=None):
     if cfg.eval_every:  # read now: a missing evaluation split fails before the first step
         # CIFAR pretrains on its labelled training split, already in memory
         knn_sets = (dataset if cfg.dataset.startswith("cifar") else split("train"), split("val"))
+        check_same_classes(*knn_sets)
     check_inputs(cfg, run, dataset, crop)
     steps_per_epoch = run.schedule(len(dataset))
     warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), run.total_steps)
@@ -323,7 +324,7 @@ def knn_monitor(encoder, train, val, cfg, run):
                               f"kNN: {name}", run.autocast)
              for name, data in (("train", train), ("val", val))]
     encoder.train()
-    top1, _ = knn_accuracy(*feats[0], *feats[1], len(train.classes), cfg.knn_k, cfg.knn_temperature)
+    top1 = knn_accuracy(*feats[0], *feats[1], len(train.classes), cfg.knn_k, cfg.knn_temperature)["top1"]
     run.log(f"epoch {run.epoch + 1}: kNN top-1 {top1:.2f}% (k {min(cfg.knn_k, len(train))} of "
             f"{len(train)} training images)")
     return top1

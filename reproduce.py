@@ -556,10 +556,10 @@ def _run_job(job, data_dir, stop, records, log):
                     entropy=last.get("entropy")))
     if job.evaluation.startswith("linear"):
         result = json.loads((job.run_dir / f"{job.evaluation}.json").read_text())
-        metrics.update(top1=result["top1"], top5=result["top5"], knn_top1=result.get("knn_top1"))
+        metrics.update(top1=result["top1"], top5=result.get("top5"), knn_top1=result.get("knn_top1"))
     else:
         result = json.loads((job.run_dir / job.evaluation / "results.json").read_text())
-        metrics.update(top1=result["top1"], top5=result["top5"])
+        metrics.update(top1=result["top1"], top5=result.get("top5"))
     if pre_seconds is not None:  # the run from start to result, its evaluation included
         metrics["minutes"] = (pre_seconds + eval_seconds) / 60
     record = dict(key=job.key, scale=job.scale, pretrain=job.pretrain, evaluation=job.evaluation,
@@ -571,6 +571,13 @@ def _run_job(job, data_dir, stop, records, log):
     with open(records, "a") as f:
         f.write(json.dumps(record) + "\n")
     return True
+
+
+def recorded_here(job, records):
+    """Whether the job's record was made by a run of this clone (its run folder is here): the
+    records the repository ships, made on our machines, count in the report, but a sweep runs
+    them again (a fresh clone measures its own)."""
+    return job.key in records and job.run_dir.is_dir()
 
 
 def read_records(out):
@@ -888,12 +895,16 @@ def main(argv=None):
             raise UserError(f"--data-dir {args.data_dir} does not exist")  # CIFAR-10: downloaded
         out.mkdir(parents=True, exist_ok=True)
         records, done = out / "records.jsonl", read_records(out)
-        todo = [j for j in jobs if j.key not in done]
+        todo = [j for j in jobs if not recorded_here(j, done)]
+        shipped = sum(j.key in done for j in todo)
         print(f"reproduce.py: {args.scale} scale, {len(jobs)} runs, {len(jobs) - len(todo)} "
-              f"already recorded in {records}; git {git_revision() or '-'}", flush=True)
+              f"already recorded in {records}" + (f", {shipped} recorded by runs made elsewhere "
+                                                   f"(the repository's) run here again" if shipped
+                                                   else "") + f"; git {git_revision() or '-'}",
+              flush=True)
         stop, skipped = Stop(), []
         for i, job in enumerate(todo, 1):
-            if job.key in read_records(out):  # recorded by another sweep meanwhile
+            if recorded_here(job, read_records(out)):  # by another sweep meanwhile
                 continue
             pid = locked_by(job.run_dir)
             if pid:

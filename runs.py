@@ -75,6 +75,10 @@ class Training(System):
                           "(--no-global-bn: per-GPU statistics, the paper's ablation)")
     compile: bool = opt(False, "torch.compile the model (slower start, faster steps on GPU)",
                         changeable=True)
+    # not a flag: what the run starts from, {option: fingerprint of that checkpoint}, set by the
+    # script; a run is of another configuration when the file at the same path changed
+    inputs: dict = field(default_factory=dict, metadata=dict(help="", changeable=False, path=False,
+                                                             derived=True))
 
 
 class UserError(Exception):
@@ -101,6 +105,8 @@ def parse_config(cls, argv, presets=None, description=None):
     parser = Parser(description=description, argument_default=argparse.SUPPRESS)
     shared = {f.name for f in dataclasses.fields(Training)}
     for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in shared):
+        if f.metadata.get("derived"):
+            continue
         per_dataset = {d: p[f.name] for d, p in presets.items() if p.get(f.name, f.default) != f.default}
         help = f.metadata["help"]
         if f.default != "":  # an empty default is explained by the help text itself
@@ -112,9 +118,14 @@ def parse_config(cls, argv, presets=None, description=None):
         else:
             parser.add_argument(flag, type=f.type, choices=f.metadata["choices"], help=help)
     given = vars(parser.parse_args(argv))
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    dataset = given.get("dataset", defaults.get("dataset"))
-    return checked(cls(**{**defaults, **presets.get(dataset, {}), **given})), given
+    dataset = given.get("dataset", defaults(cls).get("dataset"))
+    return checked(cls(**{**defaults(cls), **presets.get(dataset, {}), **given})), given
+
+
+def defaults(cls):
+    """{option: its default} of a configuration class."""
+    return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+            for f in dataclasses.fields(cls)}
 
 
 BOUNDS = {"min": (">=", operator.ge), "above": (">", operator.gt), "max": ("<=", operator.le),
@@ -469,11 +480,11 @@ class Progress:
 def identity(cls, config):
     """What makes a run what it is: every option of cls that is not changeable, paths resolved
     (data/cifar10 and ./data/cifar10 are one folder), from a config object or a stored dict."""
-    values = config if isinstance(config, dict) else dataclasses.asdict(config)
+    values = {**defaults(cls), **(config if isinstance(config, dict) else dataclasses.asdict(config))}
     out = {}
     for f in dataclasses.fields(cls):
         if not f.metadata["changeable"]:
-            v = values.get(f.name, f.default)
+            v = values[f.name]
             out[f.name] = os.path.realpath(v) if f.metadata["path"] and v else v
     return out
 
@@ -512,10 +523,14 @@ def continue_run(cls, cfg, given, kind, prefix, stored=lambda ckpt: ckpt["config
                                     f"--out-dir (or move the file away)")
             return cfg, None
         theirs, ours = identity(cls, stored(ckpt)), identity(cls, cfg)
-        differ = [k for k in ours if ours[k] != theirs[k]]
+        differ = [k for k in ours if ours[k] != theirs[k] and k in stored(ckpt)]  # older: fewer
         if differ:
-            shown = ", ".join(f"--{k.replace('_', '-')} {theirs[k]!r} there ({ours[k]!r} here)"
-                              for k in differ[:3])
+            shown = ", ".join(
+                f"--{k.replace('_', '-')} {theirs[k]!r} there ({ours[k]!r} here)" if k != "inputs"
+                else "; ".join(f"--{name} at step {theirs[k].get(name, {}).get('step')} there (step "
+                               f"{ours[k].get(name, {}).get('step')} here, other weights)"
+                               for name in sorted(set(ours[k]) | set(theirs[k])))
+                for k in differ[:3])
             raise UserError(f"{out} holds a {script} run of another configuration: {shown}"
                             f"{' ...' if len(differ) > 3 else ''}; continue it with its flags, or "
                             f"choose another --out-dir")
@@ -836,6 +851,12 @@ class Run:
         return results
 
 
+def peer_lost(error):
+    """Whether a collective failed because a process of the job is gone: NCCL says it with a
+    DistError, gloo with a RuntimeError of its transport."""
+    return isinstance(error, dist.DistError) or "gloo" in str(error) or "NCCL" in str(error)
+
+
 def write_json(path, data, script=None):
     """data as indented JSON at path, atomically (a crash leaves the old file or the new one),
     marked as script's (written_by) if given."""
@@ -849,19 +870,28 @@ def write_json(path, data, script=None):
 
 
 def run_cli(script, fn):
-    """Run a script's work: bad input (UserError) ends it with one line and exit status 1, and
-    a torchrun job always leaves its process group. Shared by every script's main()."""
+    """Run a script's work: bad input (UserError) ends it with one line and exit status 1, said
+    once under torchrun (by rank 0; every rank exits 1), and so does a collective that fails
+    because another process of the job died; a torchrun job always leaves its process group.
+    Shared by every script's main()."""
+    main = os.environ.get("RANK", "0") == "0"
     try:
         fn()
     except Done as done:
-        if os.environ.get("RANK", "0") == "0":
+        if main:
             print(done, flush=True)
     except UserError as e:
         # raised in a loader worker, the message carries the worker's traceback: its last line
         message = str(e).strip().splitlines()[-1].split("UserError: ")[-1]
-        sys.exit(f"{script}: error: {message}")
+        sys.exit(f"{script}: error: {message}" if main else 1)
     except KeyboardInterrupt:  # Ctrl-C before the training loop: nothing to save yet
         sys.exit(f"{script}: interrupted")
+    except RuntimeError as e:
+        if not (dist.is_available() and dist.is_initialized() and peer_lost(e)):
+            raise
+        sys.exit(f"{script}: error: rank {os.environ.get('RANK')} lost another process of the "
+                 f"job ({first_line(e)[:100]}...); torchrun --max-restarts restarts the job, which "
+                 f"continues from the last checkpoint")
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

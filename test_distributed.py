@@ -132,10 +132,13 @@ def torchrun(*args, check=True):
 
 
 def test_torchrun_batch_must_divide(tiny_folder, tmp_path):
+    """A refusal under torchrun: one line from rank 0 (once every rank said it, each with its
+    traceback), and a non-zero exit; what torchrun itself reports after it is torchrun's."""
     proc = torchrun(*TINY_PRETRAIN, "--data-dir", tiny_folder, "--device", "cpu", "--batch-size", 15,
                     "--out-dir", tmp_path, check=False)
     assert proc.returncode != 0
-    assert "--batch-size 15 is not divisible by 2 processes" in proc.stderr
+    assert proc.stderr.count("pretrain.py: error: --batch-size 15 is not divisible by 2 processes") == 1
+    assert "[rank" not in proc.stderr, proc.stderr  # no process's own traceback
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's note on dist_nn, as pretrain.py

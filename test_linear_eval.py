@@ -58,18 +58,18 @@ def test_linearly_separable_features_reach_100_percent():
     x, y = separable(1000)
     x_val, y_val = separable(500, seed=1)
     classifier = fit(x, y)
-    top1, top5 = evaluate_linear(classifier, x_val, y_val)
-    assert top1 >= 99.0, top1
-    assert top5 == 100.0
+    accuracy = evaluate_linear(classifier, x_val, y_val)
+    assert accuracy["top1"] >= 99.0, accuracy
+    assert "top5" not in accuracy  # 5 classes: a top-5 of 100% would tell nothing
 
 
 def test_random_labels_stay_at_chance():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(1000, 32, generator=g), torch.randint(0, 10, (1000,), generator=g)
     x_val, y_val = torch.randn(2000, 32, generator=g), torch.randint(0, 10, (2000,), generator=g)
-    top1, top5 = evaluate_linear(fit(x, y), x_val, y_val)
-    assert 6.0 < top1 < 14.0, top1  # chance is 10%, sd 0.7% on 2000 queries
-    assert 44.0 < top5 < 56.0, top5
+    accuracy = evaluate_linear(fit(x, y), x_val, y_val)
+    assert 6.0 < accuracy["top1"] < 14.0, accuracy  # chance is 10%, sd 0.7% on 2000 queries
+    assert 44.0 < accuracy["top5"] < 56.0, accuracy
 
 
 def test_two_steps_equal_nesterov_sgd_in_float64():
@@ -192,7 +192,7 @@ def test_knn_equals_naive_weighted_knn():
     train_f = centres[train_l] + 1.5 * torch.randn(300, 16, generator=g)
     val_f = centres[val_l] + 1.5 * torch.randn(100, 16, generator=g)
     for k in (1, 20, 200):
-        top1, _ = knn_accuracy(train_f, train_l, val_f, val_l, 4, k, 0.1)
+        top1 = knn_accuracy(train_f, train_l, val_f, val_l, 4, k, 0.1)["top1"]
         expected = naive_knn_top1(train_f, train_l, val_f, val_l, 4, k, 0.1)
         assert abs(top1 - expected) < 1e-4, (k, top1, expected)
     assert 40 < expected < 100  # neither trivial nor chance, so the comparison means something
@@ -212,7 +212,7 @@ def test_full_protocol_end_to_end(pretrained_checkpoint, tiny_folder):
     result = read_json(pretrained_checkpoint.parent / "linear_eval_e2_b16.json")
     assert result["protocol"] == "augmented" and result["random_init"] is False
     assert result["dataset"] == "folder" and result["num_classes"] == 4
-    assert 0 <= result["top1"] <= result["top5"] <= 100
+    assert 0 <= result["top1"] <= 100 and "top5" not in result  # 4 classes: top-5 tells nothing
     # a folder of 32 px images takes CIFAR-10's preset (weight decay 0), not ImageNet's (1e-6)
     assert result["config"]["epochs"] == 2 and result["config"]["weight_decay"] == 0.0
     assert "epoch 2/2" in proc.stdout and "top-1" in proc.stdout
@@ -367,7 +367,7 @@ def test_torchrun_matches_one_process(pretrained_checkpoint, tmp_path):
     one, two = read_json(tmp_path / "one.json"), read_json(tmp_path / "two.json")
     assert two["world_size"] == 2
     assert abs(one["train_loss"] - two["train_loss"]) < 1e-5
-    for key in ("top1", "top5", "knn_top1", "train_top1"):
+    for key in ("top1", "knn_top1", "train_top1"):
         assert abs(one[key] - two[key]) < 1e-4, key
 
 
@@ -463,3 +463,23 @@ def test_show_neighbours_writes_the_picture_only(pretrained_checkpoint, tmp_path
     assert picture.width == (9 * 34 + 2) * 3 and picture.height > 3 * 34 * 3  # 32 px cells, 3x
     assert "cannot write" in error_of(main, "--checkpoint", pretrained_checkpoint, "--workers", 0,
                                       "--show-neighbours", tmp_path / "nn.unknown")
+
+
+def test_accuracies_that_tell_nothing_are_not_reported(pretrained_checkpoint, tmp_path):
+    """A top-k only below the number of classes (top-5 of 3 classes is always 100%) and, for
+    kNN, within its k neighbours (one neighbour scores one class); a folder of one class is
+    refused by every script that classifies (every answer would be right)."""
+    import finetune
+    g = torch.Generator().manual_seed(0)
+    train_f, val_f = torch.randn(200, 8, generator=g), torch.randn(50, 8, generator=g)
+    train_l, val_l = torch.randint(0, 12, (200,), generator=g), torch.randint(0, 12, (50,), generator=g)
+    assert set(knn_accuracy(train_f, train_l, val_f, val_l, 12, 1, 0.1)) == {"top1"}
+    assert set(knn_accuracy(train_f, train_l, val_f, val_l, 12, 5, 0.1)) == {"top1", "top5"}
+    assert set(knn_accuracy(train_f, train_l % 3, val_f, val_l % 3, 3, 20, 0.1)) == {"top1"}
+    one = make_image_folder(tmp_path / "one", classes=1, train_per_class=16, val_per_class=4)
+    for main, args in ((linear_eval.main, ["--knn", 5, "--epochs", 0]),
+                       (finetune.main, ["--label-fraction", 1.0, "--out-dir", tmp_path / "ft"])):
+        error = error_of(main, "--checkpoint", pretrained_checkpoint, "--data-dir", one, *args,
+                         "--batch-size", 8, "--workers", 0)
+        assert "the evaluation images are of 1 class (class0): classifying needs two or more" \
+            in error, error

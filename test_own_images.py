@@ -2,6 +2,8 @@
 setup caught in one line before any work (nothing left behind), as a new user meets them."""
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -262,3 +264,42 @@ def test_the_converter_asks_which_head_layer_where_nothing_tells(tmp_path):
     out = run_script("tf_checkpoint.py", src, tmp_path / "c.pt", "--classifier",
                      "--ft-proj-layer", 0).stdout
     assert "classifier of 10 classes on head layer 0" in out
+
+
+# ------------------------------------------------------------------------ the README, as written
+
+SMALLER = {  # flags appended to each README command (the last of a flag wins): seconds, not days
+    "pretrain.py": ["--arch", "resnet18", "--width-multiplier", "0.0625", "--batch-size", "16",
+                    "--epochs", "1", "--warmup-epochs", "0", "--workers", "0"],
+    "finetune.py": ["--batch-size", "8", "--epochs", "1", "--workers", "0"],
+    "distill.py": ["--batch-size", "8", "--epochs", "1", "--workers", "0"],
+    "linear_eval.py": ["--batch-size", "8", "--epochs", "2", "--workers", "0"],
+}
+
+
+def readme_commands(section):
+    """The commands of a README section's code blocks, continuation lines joined."""
+    text = (ROOT / "README.md").read_text().split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    code = "\n".join(line[4:] for line in text.splitlines() if line.startswith("    "))
+    return [c.split() for c in code.replace("\\\n", " ").splitlines() if c.startswith("python ")]
+
+
+def test_the_readmes_own_images_commands_run_as_written(labelled, tmp_path):
+    """'Your own images' on a folder of unlabeled photos and another of labelled ones (class
+    folders, no val/): each command as the README writes it, made small, in order; the
+    labelled folder's held-out split is its own, not the pretraining's (once refused)."""
+    photos = make_own_images(tmp_path / "photos")
+    commands = readme_commands("Your own images")
+    assert [c[1] for c in commands] == ["pretrain.py", "pretrain.py", "finetune.py", "distill.py",
+                                        "linear_eval.py"]
+    for command in commands:
+        args = [{"~/photos": str(photos), "~/labelled": str(labelled)}.get(a, a) for a in command[2:]]
+        proc = subprocess.run([sys.executable, str(ROOT / command[1]), *args, *SMALLER[command[1]]],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (command, proc.stderr)
+    assert (tmp_path / "views.png").is_file()
+    results = json.loads((tmp_path / "runs" / "photos-ft" / "results.json").read_text())
+    assert results["config"]["val_fraction"] == 0.1 and results["top1"] >= 0
+    assert load_checkpoint(tmp_path / "runs" / "photos-student")["finished"]
+    (evaluation,) = (tmp_path / "runs" / "photos").glob("linear_eval*.json")
+    assert json.loads(evaluation.read_text())["knn_top1"] >= 0

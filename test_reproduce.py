@@ -168,3 +168,23 @@ def test_the_laptop_recipe_is_the_searchs_choice_in_the_readme_and_the_bare_comm
     job = reproduce.Job("laptop", row.pretrain, row.evaluation, 0, ROOT / "results")
     flags = " ".join(job.evaluation_command())
     assert all(f in flags for f in evaluation.split("<its folder> ")[1].split(" --"))
+
+
+def test_records_made_elsewhere_are_run_again(tmp_path, monkeypatch, capsys):
+    """A fresh clone holds the repository's records but none of their runs: `--only base --seeds
+    2` runs all four (once it said they were recorded and ran nothing); a job whose run folder is
+    here is done."""
+    scale_keys = [f"smoke/base/{e}/seed{s}" for s in (0, 1) for e in ("linear", "linear-random")]
+    records = fabricated({("base", "linear"): [50.0, 51.0], ("base", "linear-random"): [20.0, 21.0]},
+                         scale="smoke")
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(records[k]) + "\n" for k in scale_keys))
+    ran = []
+    monkeypatch.setattr(reproduce, "run_job", lambda job, *a: ran.append(job.key) or True)
+    args = ["--scale", "smoke", "--only", "base", "--seeds", "2", "--data-dir", str(tmp_path),
+            "--out", str(tmp_path)]
+    reproduce.main(args)
+    assert ran == scale_keys and "4 recorded by runs made elsewhere" in capsys.readouterr().out
+    reproduce.jobs_for(["base"], "smoke", 1, tmp_path)[0].run_dir.mkdir(parents=True)  # seed 0's run
+    ran.clear()
+    reproduce.main(args)
+    assert ran == scale_keys[2:]

@@ -5,6 +5,7 @@ checkpoint falls back to the previous one, and a torchrun job whose worker dies 
 finishes as if nothing happened."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,6 +85,28 @@ def test_another_configuration_or_script_in_the_folder_is_refused(pretrained_che
     error = error_of(pretrain.main, *TINY_PRETRAIN, "--data-dir", tiny_folder, "--out-dir",
                      finetuned_checkpoint.parent)
     assert "holds a finetune.py run (finetuned.pt)" in error
+
+
+def test_a_new_run_writes_over_no_file_it_did_not_make(pretrained_checkpoint, tmp_path):
+    """A folder with the user's results.json, subset.txt or log.jsonl is refused before any
+    work, the file untouched (once finetune.py replaced them); the files a killed first attempt
+    of the same command left (no checkpoint yet) are its own, and it starts again."""
+    folder = tmp_path / "mine"
+    args = ["--checkpoint", pretrained_checkpoint, "--label-fraction", 1.0, "--epochs", 1,
+            "--batch-size", 8, "--workers", 0, "--out-dir", folder]
+    folder.mkdir()
+    for name in ("results.json", "subset.txt", "log.jsonl"):
+        (folder / name).write_text("the user's own\n")
+        error = error_of(finetune.main, *args)
+        assert error == f"finetune.py: error: {folder} holds {name}, which is not finetune.py's: " \
+                        f"choose another --out-dir (or move the file away)"
+        assert (folder / name).read_text() == "the user's own\n"
+        (folder / name).unlink()
+    from data import SUBSET_HEADER
+    (folder / "subset.txt").write_text(SUBSET_HEADER + "\nclass0/000.png\n")  # a first attempt's
+    (folder / "log.jsonl").write_text(json.dumps(dict(epoch=1, step=6, loss=1.0)) + "\n")
+    run_script("finetune.py", *args)
+    assert epochs_logged(folder) == [1] and load_checkpoint(folder)["finished"]
 
 
 def test_the_default_folder_is_the_same_for_the_same_command(tiny_folder, tmp_path):
@@ -236,8 +259,9 @@ def test_torchrun_restarts_after_a_worker_is_killed_and_ends_as_if_uninterrupted
                                                                                  tmp_path):
     """torchrun restarts every worker with the same arguments when one dies: they continue the
     checkpoint, and the job ends with the weights of the uninterrupted two-process run, with
-    each launch form (before cli.restart_store such restarts finished 0 times in 3 here, with it
-    6 in 6: docs/long-runs.md)."""
+    each launch form (before runs.restart_store such restarts finished 0 times in 3 here, with it
+    6 in 6: docs/long-runs.md). The surviving process says what happened in one line, not a
+    traceback (once about 40 lines of one)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = tmp_path / "straight"
     proc = subprocess.run(torchrun_command(tiny_folder, straight, "static", 0), cwd=ROOT, env=env,
@@ -260,6 +284,7 @@ def test_torchrun_restarts_after_a_worker_is_killed_and_ends_as_if_uninterrupted
         proc.wait(timeout=300)
         text = "".join(lines)
         assert proc.returncode == 0 and "continuing" in text and "done: 6 steps" in text, text
+        assert "lost another process of the job" in text and "Traceback" not in text, text
         assert load_checkpoint(out)["rng"] and len(load_checkpoint(out)["rng"]) == 2
         assert epochs_logged(out) == [1, 2], launch
         assert same_weights(straight / "ckpt.pt", out / "ckpt.pt"), launch
@@ -318,3 +343,28 @@ def test_checkpoints_written_before_the_run_skeleton_still_continue_and_load(tin
     run_script("linear_eval.py", "--checkpoint", tmp_path / "s", *data, "--epochs", 0, "--knn", 3)
     (results,) = (tmp_path / "s").glob("linear_eval_*_e0_knn3.json")  # on other data than its own
     assert json.loads(results.read_text())["knn_top1"] >= 0
+
+
+def test_a_finished_fine_tune_of_a_checkpoint_that_has_changed_is_not_done(
+        midrun_checkpoint, pretrained_checkpoint, tmp_path):
+    """finetune.py ran on a pretraining checkpoint at step 3; the pretraining went on. The same
+    command is then a new run (once it printed the old results as done), its first folder kept,
+    and that folder given by --out-dir is refused, naming the steps. results.json records what
+    was fine-tuned."""
+    (tmp_path / "p").mkdir()
+    shutil.copy(midrun_checkpoint, tmp_path / "p" / "ckpt.pt")
+    command = [sys.executable, str(ROOT / "finetune.py"), "--checkpoint", "p/ckpt.pt",
+               "--label-fraction", "1.0", "--epochs", "1", "--batch-size", "8", "--workers", "0"]
+    subprocess.run(command, cwd=tmp_path, check=True, capture_output=True)
+    (first,) = (tmp_path / "runs").iterdir()
+    results = json.loads((first / "results.json").read_text())
+    assert results["config"]["inputs"]["checkpoint"]["step"] == 3
+    shutil.copy(pretrained_checkpoint, tmp_path / "p" / "ckpt.pt")  # the pretraining went on
+    out = subprocess.run(command, cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+    assert "complete" not in out and "done: 6 steps" in out
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+    assert json.loads((first / "results.json").read_text()) == results
+    proc = subprocess.run(command + ["--out-dir", str(first)], cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert proc.returncode == 1 and "--checkpoint at step 3 there (step 6 here, other weights)" \
+        in proc.stderr, proc.stderr

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from data import load_split
-from evaluation import evaluate
+from evaluation import evaluate, shown
 from finetune import FinetuneConfig
 from model import Classifier, build_model
 from pretrain import PRESETS, Config
@@ -611,11 +611,11 @@ def main(argv=None):
             if len(val.classes) != classifier.fc.out_features:
                 raise UserError(f"the supervised head has {classifier.fc.out_features} classes, "
                                 f"{args.evaluate}/val has {len(val.classes)}")
-            top1, top5 = evaluate(classifier.to(device), val, cfg.image_size, 256, device,
+            accuracy = evaluate(classifier.to(device), val, cfg.image_size, 256, device,
                                   default_workers(1), print)
             classifier.cpu()
-            results = dict(top1=top1, top5=top5, data_dir=args.evaluate)
-            print(f"supervised head on {args.evaluate}/val: top-1 {top1:.2f}% top-5 {top5:.2f}%")
+            results = dict(accuracy, data_dir=args.evaluate)
+            print(f"supervised head on {args.evaluate}/val: {shown(accuracy)}")
         if args.classifier:
             ft = FinetuneConfig(checkpoint=args.checkpoint, dataset=cfg.dataset, ft_proj_layer=k,
                                 **{f: config[f] for f in ("arch", "width_multiplier", "sk_ratio",
