@@ -56,6 +56,7 @@ from runs import (UserError, check_output, default_workers, git_revision, opt, p
 @dataclass
 class BenchConfig(Config):
     """pretrain.py's options (what is measured, with its presets), and how it is measured."""
+    WRITES = "writes only --out (JSON), and a checkpoint in a temporary folder it removes"
     # how it is measured
     channels_last: bool = opt(True, "NHWC activations and weights, as pretrain.py runs; "
                               "--no-channels-last measures the NCHW layout it replaced")
@@ -71,8 +72,8 @@ class BenchConfig(Config):
                       min=0)
     steps: int = opt(10, "steps (batches) per timed repeat", min=1)
     repeats: int = opt(5, "timed repeats per row; the table shows the median", min=1)
-    epoch_images: int = opt(50000, "images per epoch for the seconds-per-epoch figure "
-                            "(CIFAR-10's training set: 50,000)", min=1)
+    epoch_images: int = opt(0, "images per epoch for the seconds-per-epoch figure; 0: the "
+                            "dataset's (CIFAR-10's training set: 50,000)", min=0)
     out: str = opt("", "also write the results as JSON to this file")
 
 
@@ -324,7 +325,8 @@ def bench(cfg):
 
     # Seconds per epoch as pretrain.py runs one: whole batches (its workers persist across epochs,
     # so their start-up is paid once per run, not per epoch).
-    steps_per_epoch = cfg.epoch_images // cfg.batch_size
+    result["epoch_images"] = cfg.epoch_images or len(dataset)
+    steps_per_epoch = result["epoch_images"] // cfg.batch_size
     for name in ("memory", "full"):
         if name in result["rows"]:
             result["rows"][name]["epoch_s"] = (steps_per_epoch * cfg.batch_size /
@@ -356,8 +358,9 @@ def report(result):
                    else "process peak RSS, cumulative")
     lines.append(f"(an image is two views; ms/step: median over {cfg['repeats']} repeats of "
                  f"{cfg['steps']} or more steps; peak MB: {memory_kind}; s/epoch: "
-                 f"{cfg['epoch_images'] // cfg['batch_size']} steps of {cfg['batch_size']}"
-                 + ")")
+                 f"{result['epoch_images'] // cfg['batch_size']} steps of {cfg['batch_size']}, "
+                 f"{result['epoch_images']} images" + ("" if cfg["epoch_images"] else
+                                                       ", the dataset's") + ")")
     if cfg["compile"] and "memory" in rows:  # the price torch.compile pays before its first step
         r = rows["memory"]
         extra = r["warmup_seconds"] - cfg["warmup"] * r["ms_per_step"] / 1000

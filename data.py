@@ -106,6 +106,12 @@ def load_split(dataset, data_dir, split, size, device, workers=0, views=0, log=p
             raise UserError(f"the images under {source.root} are {width} x {height} px, {dataset}'s "
                             f"{SIDES[dataset]} x {SIDES[dataset]}: for your own images use "
                             f"--dataset folder (and --image-size {min(width, height)})")
+        classes = len(source.classes)  # the same count or, for a part of CIFAR-10, fewer
+        if classes and (classes > 10 if dataset == "cifar10" else classes <= 10):
+            other = "cifar100" if dataset == "cifar10" else "cifar10"
+            raise UserError(f"{source.root} has {classes} classes: not {dataset}'s "
+                            f"{10 if dataset == 'cifar10' else 100}; --dataset {other}, or "
+                            f"--dataset folder for images of your own")
     if not hasattr(source, "samples"):  # torchvision's arrays: N x H x W x 3 (CIFAR), N x 3 x H x W
         images = torch.as_tensor(source.data)
         images = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 else images
@@ -122,8 +128,8 @@ def load_split(dataset, data_dir, split, size, device, workers=0, views=0, log=p
             raise UserError(f"the images under {source.root} differ in size ({first_line(e)}); "
                             f"use --dataset folder for such data")
         images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        if source.unreadable.value:
-            log(f"{source.unreadable.value} unreadable image(s), each replaced by the next image "
+        if source.unreadable_files():
+            log(f"{source.unreadable_files()} unreadable image(s), each replaced by the next image "
                 f"(named on stderr)")
     return InMemory(images.contiguous().to(device), torch.as_tensor(labels).to(device),
                     source.classes, getattr(source, "samples", None), getattr(source, "root", None))
@@ -407,6 +413,8 @@ def select(dataset, indices):
     dataset = copy.copy(dataset)
     if hasattr(dataset, "samples"):
         dataset.samples = dataset.imgs = [dataset.samples[i] for i in indices]
+        if hasattr(dataset, "ids"):  # an ImageFolder's places in its unreadable marks
+            dataset.ids = [dataset.ids[i] for i in indices]
         dataset.targets = [y for _, y in dataset.samples]
     else:
         dataset.data = dataset.data[indices]
@@ -489,25 +497,32 @@ def _torchvision_dataset(name, root, make):
         with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints before failing offline
             return make(download=True)
     except Exception as e:
+        export = (", or point --data-dir at an image-folder export (train/<class>/*, "
+                  "val/<class>/*)" if name.startswith("cifar") else
+                  " (torchvision's binary files), or --dataset folder for images of your own")
         raise UserError(f"{name} is not in {root} and could not be downloaded "
                         f"({type(e).__name__}); download it into --data-dir on a machine with "
-                        f"network, or point --data-dir at an image-folder export "
-                        f"(train/<class>/*, val/<class>/*)")
+                        f"network{export}")
 
 
 class ImageFolder(torchvision.datasets.ImageFolder):
     """torchvision's ImageFolder that survives unreadable files (truncated JPEGs, non-images with
     an image extension: real folders, ImageNet's included, contain some). Such a file is named
     on stderr and replaced by the next readable image, so batches keep their size on every
-    process; `unreadable` counts the replacements, across loader workers. Many in a row mean
-    the wrong folder, not a stray file, and stop the run."""
+    process; `unreadable` marks each such file once (a byte per file of the folder as it was
+    read, shared with the loader workers; `ids` are the samples' places in it, which select
+    keeps). Many in a row mean the wrong folder, not a stray file, and stop the run."""
 
     MAX_IN_A_ROW = 50
 
     def __init__(self, root, transform):
         super().__init__(root, transform)
-        self.unreadable = multiprocessing.Value("q", 0)  # shared with the loader workers
+        self.unreadable = multiprocessing.Array("b", max(1, len(self.samples)), lock=False)
+        self.ids = list(range(len(self.samples)))
         self.named = set()
+
+    def unreadable_files(self):
+        return bytes(self.unreadable).count(1)
 
     def __getitem__(self, index):
         image, target = self.read(index)
@@ -516,12 +531,12 @@ class ImageFolder(torchvision.datasets.ImageFolder):
     def read(self, index):
         """(PIL image, label) of the file at index, or of the next readable one."""
         for offset in range(self.MAX_IN_A_ROW):
-            path, target = self.samples[(index + offset) % len(self.samples)]
+            j = (index + offset) % len(self.samples)
+            path, target = self.samples[j]
             try:
                 return self.loader(path), target  # decodes the whole file
             except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for a bad file
-                with self.unreadable.get_lock():
-                    self.unreadable.value += 1
+                self.unreadable[self.ids[j]] = 1
                 if path not in self.named:  # one write: lines of several workers stay whole
                     self.named.add(path)
                     sys.stderr.write(f"warning: unreadable image {path} ({type(e).__name__}: "

@@ -47,6 +47,9 @@ from runs import (Run, Training, UserError, as_user_error, continue_run, fingerp
 @dataclass
 class DistillConfig(Training):
     """distill.py's options (runs.Training adds the run's: --out-dir, --resume, ...)."""
+    WRITES = ("writes, in --out-dir: student.pt (the run; the one before it kept as "
+              "student.prev.pt, a damaged one as student.damaged.pt), log.jsonl (a record per "
+              "epoch), results.json, and with --alpha < 1 subset.txt (the labelled images)")
     teacher: str = opt("", "fine-tuned checkpoint (finetune.py's finetuned.pt), the fixed teacher",
                        path=True)
     # data

@@ -47,6 +47,9 @@ from runs import (Run, Training, UserError, as_user_error, checkpoint_path, cont
 @dataclass
 class FinetuneConfig(Training):
     """finetune.py's options (runs.Training adds the run's: --out-dir, --resume, ...)."""
+    WRITES = ("writes, in --out-dir: finetuned.pt (the run, distill.py's teacher; the one before "
+              "it kept as finetuned.prev.pt, a damaged one as finetuned.damaged.pt), log.jsonl (a "
+              "record per epoch), subset.txt (the labelled images) and results.json")
     checkpoint: str = opt("", "pretraining checkpoint (pretrain.py's ckpt.pt, or a student of "
                           "distill.py); with --from-scratch only its architecture is used",
                           path=True)
@@ -65,7 +68,8 @@ class FinetuneConfig(Training):
     seed: int = opt(0, "random seed: which images are labelled, initialisation, data order")
     # model (v2 Sec. 2)
     ft_proj_layer: int = opt(1, "keep this many projection-head layers under the classifier: "
-                             "0 drops the head (v1), 1 is v2's choice", min=0)
+                             "0 drops the head (v1), 1 is v2's choice (0 for a network without "
+                             "one: a student of distill.py)", min=0)
     arch: str = opt("resnet18", "encoder for --from-scratch without --checkpoint",
                     ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
     width_multiplier: float = opt(1.0, "width for --from-scratch without --checkpoint", above=0)
@@ -133,6 +137,8 @@ def resolve_config(argv):
             raise UserError(f"--{clash[0].replace('_', '-')} differs from the checkpoint's "
                             f"{pre.get(clash[0])}: the architecture comes from --checkpoint")
         layers = head_layers(pre)
+        if "ft_proj_layer" not in given:  # v2's layer 1 where there is one (a student has none)
+            given["ft_proj_layer"] = cfg.ft_proj_layer = min(cfg.ft_proj_layer, layers)
         if cfg.ft_proj_layer > layers:
             raise UserError(f"--ft-proj-layer {cfg.ft_proj_layer}: the projection head has {layers} "
                             f"layer(s); use --ft-proj-layer 0{f' to {layers}' if layers else ''}")

@@ -53,6 +53,9 @@ from runs import (Progress, Run, System, UserError, as_user_error, check_output,
 @dataclass
 class LinearConfig(System):
     """linear_eval.py's options (runs.System adds --device, --precision, --workers)."""
+    WRITES = ("writes one results file (JSON): --out, or beside the checkpoint named after what was "
+              "measured (linear_eval.json, linear_eval_e0_knn200.json, ...); with "
+              "--show-neighbours only that PNG")
     checkpoint: str = opt("", "pretraining checkpoint (pretrain.py's ckpt.pt); the encoder's "
                           "architecture and input size come from its stored configuration",
                           path=True)
@@ -419,6 +422,7 @@ def run(cfg, ckpt):
                                 layer=cfg.layer, dim=encoder.out_dim),
                    protocol="cached-features" if cfg.cached_features else "augmented",
                    num_classes=num_classes, world_size=world, device=device.type,
+                   precision=job.precision,
                    git=git_revision(), config=dataclasses.asdict(cfg))
 
     if cfg.knn:

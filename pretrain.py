@@ -56,6 +56,9 @@ warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.
 @dataclass
 class Config(Training):
     """pretrain.py's options (runs.Training adds the run's: --out-dir, --device, ...)."""
+    WRITES = ("writes, in --out-dir: ckpt.pt (the run; the one before it kept as ckpt.prev.pt, a "
+              "damaged one as ckpt.damaged.pt) and log.jsonl (a record per epoch); with "
+              "--show-augmentations only that PNG")
     # data
     dataset: str = opt("cifar10", "which data; folder: your own images, with or without class "
                        "folders (ImageNet's recipe; CIFAR-10's at 32 px or less)",

@@ -102,7 +102,8 @@ def parse_config(cls, argv, presets=None, description=None):
     shared options (System, Training) are listed after the script's own.
     """
     presets = presets or {}
-    parser = Parser(description=description, argument_default=argparse.SUPPRESS)
+    parser = Parser(description=description, argument_default=argparse.SUPPRESS,
+                    epilog=getattr(cls, "WRITES", None))  # the files the script writes
     shared = {f.name for f in dataclasses.fields(Training)}
     for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in shared):
         if f.metadata.get("derived"):
@@ -622,6 +623,9 @@ class Run:
         where this invocation stops (--max-steps); a run continues only on data of its length."""
         cfg, ckpt = self.cfg, self.ckpt
         self.steps_per_epoch = images // cfg.batch_size
+        if images == 0:
+            raise UserError(f"there are no {what} to train on: every image is in the evaluation "
+                            f"split (--val-dir, --val-fraction or the folder's val/)")
         if self.steps_per_epoch == 0:
             raise UserError(f"{images} {what} are fewer than one batch of {cfg.batch_size}: lower "
                             f"--batch-size to at most {images}")
@@ -809,13 +813,15 @@ class Run:
             self.stop_if_asked()
 
     def unreadable(self):
-        """{'unreadable_images': the files of an image folder replaced so far, over processes}."""
-        counter = getattr(getattr(self.data, "dataset", self.data), "unreadable", None)
-        if counter is None:
+        """{'unreadable_images': the files of an image folder found unreadable so far, by any
+        process (data.ImageFolder marks each once)}."""
+        marks = getattr(getattr(self.data, "dataset", self.data), "unreadable", None)
+        if marks is None:
             return {}
-        count = torch.tensor(counter.value, device=self.device)
+        marks = torch.frombuffer(bytearray(marks), dtype=torch.int8).to(self.device, torch.int32)
         if self.world > 1:
-            dist.all_reduce(count)
+            dist.all_reduce(marks, dist.ReduceOp.MAX)
+        count = marks.sum()
         if count.item():
             self.log(f"{count.item()} unreadable image(s) so far, each replaced by the next image "
                      f"(named on stderr)")

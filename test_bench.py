@@ -97,8 +97,11 @@ def test_bench_runs_on_cpu_and_reports_every_row(dataset, source, tiny_folder, t
         assert row["images_per_s"] > 0 and row["ms_per_step"] > 0 and row["peak_memory_mb"] > 0
         assert len(row["ms_per_step_repeats"]) == 2
         assert row["images_per_s"] == pytest.approx(8 / (row["ms_per_step"] / 1000))
+    # an epoch is the dataset's 48 images (6 steps of 8), as pretrain.py would run it, and says so
+    assert result["epoch_images"] == 48 and "6 steps of 8, 48 images, the dataset's" in proc.stdout
     for name in ("memory", "full"):
-        assert result["rows"][name]["epoch_s"] > 0 and result["rows"][name]["achieved_tflops"] > 0
+        assert result["rows"][name]["epoch_s"] == pytest.approx(48 / result["rows"][name]["images_per_s"])
+        assert result["rows"][name]["achieved_tflops"] > 0
         assert result["rows"][name]["peak_fraction"] is None  # no bf16 peak for a CPU
     assert result["rows"]["data"]["first_batch_s"] > 0
     assert 0 < result["loss_share"] < 1 and 0 < result["optimizer_share"] < 1

@@ -118,10 +118,11 @@ def test_distill_end_to_end(tiny_folder, finetuned_checkpoint, tmp_path):
     model = build_model(ckpt["config"])
     load_state(model, ckpt["model"])  # strict
     assert ckpt["classifier"]["weight"].shape == (4, model.encoder.out_dim)
-    # ... and finetune.py fine-tunes it (no projection head: --ft-proj-layer 0)
-    run_script("finetune.py", "--checkpoint", out / "student.pt", "--ft-proj-layer", "0",
-               "--label-fraction", "0.5", "--epochs", "1", "--batch-size", "8", *TINY_RUN,
-               "--out-dir", tmp_path / "ft-student")
+    # ... and finetune.py fine-tunes it with its defaults (no projection head: layer 0), as its
+    # --help says (once the default --ft-proj-layer 1 was refused)
+    run_script("finetune.py", "--checkpoint", out / "student.pt", "--label-fraction", "0.5",
+               "--epochs", "1", "--batch-size", "8", *TINY_RUN, "--out-dir", tmp_path / "ft-student")
+    assert load_checkpoint(tmp_path / "ft-student")["config"]["ft_proj_layer"] == 0
 
 
 def test_distill_with_labels_and_a_smaller_student(finetuned_checkpoint, tmp_path):

@@ -131,11 +131,12 @@ def test_unreadable_images_are_named_counted_and_replaced(tmp_path):
     (data / "train" / "class0" / "truncated.png").write_bytes(good[:len(good) // 2])
     (data / "train" / "class1" / "notes.jpg").write_text("not an image")
     proc = run_script("pretrain.py", *TINY_PRETRAIN, "--data-dir", data, "--out-dir",
-                      tmp_path / "run", "--batch-size", 6, "--epochs", 1, "--workers", 1)
+                      tmp_path / "run", "--batch-size", 6, "--epochs", 3, "--workers", 1)
     assert "truncated.png" in proc.stderr and "notes.jpg" in proc.stderr
     assert "2 unreadable image(s)" in proc.stdout
-    record = json.loads((tmp_path / "run" / "log.jsonl").read_text())
-    assert record["unreadable_images"] == 2 and record["step"] == 3
+    # files, not replacements: each epoch replaces both again (once the count was 6 by now)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["unreadable_images"] for r in records] == [2, 2, 2] and records[0]["step"] == 3
 
 
 def test_the_augmentation_picture_replaces_an_unreadable_image(tmp_path):
@@ -191,6 +192,15 @@ def test_help_of_every_script(name, capsys):
     assert "(default )" not in out and "default runs/<dataset>-<arch>-<time>) (" not in out
     missing = [f for f in documented_flags(name) if f not in out.replace("[no-", "[")]
     assert not missing, f"README or docs give {name} {missing}, which it does not take"
+    for file in WRITES.get(name, []):  # and every file it writes
+        assert file in " ".join(out.split()), (name, file)
+
+
+WRITES = {"pretrain.py": ["ckpt.pt", "ckpt.prev.pt", "log.jsonl"],
+          "finetune.py": ["finetuned.pt", "finetuned.prev.pt", "log.jsonl", "subset.txt",
+                          "results.json"],
+          "distill.py": ["student.pt", "student.prev.pt", "log.jsonl", "subset.txt", "results.json"],
+          "linear_eval.py": ["linear_eval.json", "linear_eval_e0_knn200.json", "--out"]}
 
 
 @pytest.mark.parametrize("args, message", [

@@ -219,6 +219,13 @@ def test_ctrl_c_checkpoints_after_the_step_and_resumes(tiny_folder, tmp_path):
     (["--dataset", "mnist"], "invalid choice: 'mnist'"),
     (["--dataset", "folder", "--data-dir", "/nonexistent/data"], "no image folder at /nonexistent/data"),
     (["--dataset", "cifar10", "--data-dir", "EMPTY"], "cifar10 is not in EMPTY and could not be downloaded"),
+    (["--dataset", "stl10", "--data-dir", "EMPTY"], "download it into --data-dir on a machine with "
+     "network (torchvision's binary files), or --dataset folder for images of your own"),
+    (["--dataset", "cifar100", "--data-dir", "TINY"], "has 4 classes: not cifar100's 100; --dataset "
+     "cifar10, or --dataset folder"),
+    (["--dataset", "folder", "--data-dir", "TINY", "--val-dir", "TINY/train", "--warmup-epochs", "0",
+      "--image-size", "32"],
+     "there are no images to train on: every image is in the evaluation split"),
     (["--resume", "/nonexistent/ckpt.pt"], "no checkpoint at /nonexistent/ckpt.pt"),
     (["--batch-size", "x"], "invalid int value"),
     (["--augment", "crop,sobel"], "unknown sobel"),
@@ -227,8 +234,9 @@ def test_ctrl_c_checkpoints_after_the_step_and_resumes(tiny_folder, tmp_path):
      "steps and learning-rate schedule count 2 epochs; continue with --epochs 2, or start a new run"),
 ])
 def test_bad_input_gives_one_clear_line(args, message, tiny_folder, midrun_checkpoint, tmp_path):
-    names = {"MIDRUN": str(midrun_checkpoint), "EMPTY": str(tmp_path / "cifar")}
-    args = [names.get(a, a) for a in args]
+    names = {"MIDRUN": str(midrun_checkpoint), "EMPTY": str(tmp_path / "cifar"),
+             "TINY": str(tiny_folder)}
+    args = [names.get(a, a).replace("TINY", str(tiny_folder)) for a in args]
     message = message.replace("EMPTY", names["EMPTY"])
     if "--data-dir" not in args:
         args = args + ["--data-dir", str(tiny_folder), "--image-size", "32"]
