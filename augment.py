@@ -18,7 +18,7 @@ queued like the training step:
     view1, view2 = augment(images), augment(images)      # uint8 n x 3 x H x W -> float [0, 1]
 
 Full-resolution images (ImageNet) are cropped in the loader workers, twice per image (one crop
-per view, random_crop_resize_uint8(image, 224)), and each batch of crops gets the rest on the
+per view, random_crops_uint8(image, 224, views=2)), and each batch of crops gets the rest on the
 device: SimCLRAugmentation(224, blur=True)(crops, cropped=True).
 
 Where this departs from the authors' code, on purpose: the blur's sigma is drawn per image (the
@@ -26,6 +26,7 @@ paper's wording; their code draws one per batch); worker crops are rounded to ui
 most); and TF's CPU saturation kernel, which turns a pixel gray when red is the max and green a
 hair (about 1e-7 of the range) below blue, is not copied (a few pixels in ten million).
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,8 @@ def _f32(value):
 
 
 def sample_crop_boxes(n, height, width, generator=None, device=None):
-    """n random crops of a height x width image: n x 4 (top, left, crop height, crop width).
+    """n random crops of a height x width image (or of n images, height and width n each): n x 4
+    (top, left, crop height, crop width).
 
     TensorFlow's sampler (GenerateRandomCrop in sample_distorted_bounding_box_op.cc) with the
     authors' arguments, its 100 attempts drawn for all n images at once. The areas are not
@@ -60,9 +62,12 @@ def sample_crop_boxes(n, height, width, generator=None, device=None):
 
 
 def _crop_boxes(u_ratio, u_height, u_offset, height, width):
-    """GenerateRandomCrop on given uniforms (n x attempts, n x attempts, n x 2), in float32 as TF."""
-    min_area = (torch.tensor(AREA_RANGE[0]) * width * height).item()  # float32, as the kernel
-    max_area = (torch.tensor(AREA_RANGE[1]) * width * height).item()
+    """GenerateRandomCrop on given uniforms (n x attempts, n x attempts, n x 2), in float32 as TF;
+    height, width: ints, or n each."""
+    height = torch.as_tensor(height, device=u_ratio.device).reshape(-1, 1)  # n or 1 x 1
+    width = torch.as_tensor(width, device=u_ratio.device).reshape(-1, 1)
+    min_area = torch.tensor(AREA_RANGE[0]) * width * height  # float32, as the kernel
+    max_area = torch.tensor(AREA_RANGE[1]) * width * height
     lo, hi = _f32(ASPECT_RANGE[0]), _f32(ASPECT_RANGE[1])
     ratio = u_ratio * _f32(hi - lo) + lo  # aspect ratio of each attempt, uniform
     # Heights from the area bounds (lrintf rounds half to even, as torch.round); when the
@@ -71,7 +76,7 @@ def _crop_boxes(u_ratio, u_height, u_offset, height, width):
     h_hi = torch.sqrt(max_area / ratio).round()
     fit = ((width + 0.5 - _f32(1e-7)) / ratio.double()).floor().float()  # double, as in C++
     fit = fit - ((fit * ratio).round() > width).float()
-    h_hi = torch.where((h_hi * ratio).round() > width, fit, h_hi).clamp(max=height)
+    h_hi = torch.minimum(torch.where((h_hi * ratio).round() > width, fit, h_hi), height)
     h_lo = torch.minimum(h_lo, h_hi)
     h = h_lo + (u_height * (h_hi - h_lo + 1)).floor()  # uniform over the allowed integers
     w = (h * ratio).round()
@@ -81,9 +86,10 @@ def _crop_boxes(u_ratio, u_height, u_offset, height, width):
     w = (h * ratio).round()
     area = w * h
     valid = ((area >= min_area) & (area <= max_area) & (w <= width) & (h <= height) & (w > 0)
-             & (h > 0) & (area / float(width * height) >= _f32(MIN_COVERED)))
+             & (h > 0) & (area / (width * height).float() >= _f32(MIN_COVERED)))
     first = valid.int().argmax(1, keepdim=True)  # the first valid attempt (argmax: first max)
     found = valid.any(1)
+    height, width = height[:, 0].float(), width[:, 0].float()
     h = torch.where(found, h.gather(1, first)[:, 0], height)
     w = torch.where(found, w.gather(1, first)[:, 0], width)
     # random->Uniform(H - h) is in [0, H - h): a smaller crop never touches the bottom or right
@@ -109,19 +115,28 @@ def _keys_cubic(x, a=-0.75):
     return torch.where(x <= 1, near, far)
 
 
-def _resize_matrix(start, length, size, extent):
-    """n x size x extent: row o holds the bicubic weights of output pixel o over the input line,
-    for crops [start, start + length) resized to size, as resize_bicubic_op.cc (legacy scaler)."""
+# Keys' kernel at the 1025 fractional positions resize_bicubic_op.cc tabulates: 1025 x 4 weights
+# of the taps at -1, 0, 1, 2 from a position's floor
+_FRACTION = torch.arange(1025, dtype=torch.float64) / 1024
+_TABLE = _keys_cubic(torch.stack([1 + _FRACTION, _FRACTION, 1 - _FRACTION, 2 - _FRACTION], -1)).float()
+
+
+def _taps(start, length, size):
+    """The bicubic taps of crops [start, start + length) of a line resized to size, as
+    resize_bicubic_op.cc (legacy scaler): (input positions n x size x 4, weights n x size x 4)."""
     scale = length.float() / size  # in / out, float32
     loc = torch.arange(size, device=start.device) * scale[:, None]  # n x size, no half-pixel
     base = loc.floor()
-    t = ((loc - base) * 1024).round().double() / 1024  # TF reads a 1024-entry coefficient table
-    weights = _keys_cubic(torch.stack([1 + t, t, 1 - t, 2 - t], -1)).float()  # n x size x 4
+    weights = _TABLE.to(start.device)[((loc - base) * 1024).round().long()]  # TF's table lookup
     taps = base.long()[..., None] + torch.arange(-1, 3, device=start.device)  # n x size x 4
     # TF crops, then clamps taps to the crop: the border pixel repeats, nothing outside is read
-    taps = torch.minimum(taps.clamp(min=0), (length - 1)[:, None, None]) + start[:, None, None]
-    matrix = torch.zeros(len(start), size, extent, device=start.device)
-    return matrix.scatter_add_(2, taps, weights)
+    return torch.minimum(taps.clamp(min=0), (length - 1)[:, None, None]) + start[:, None, None], weights
+
+
+def _resize_matrix(start, length, size, extent):
+    """n x size x extent: row o holds the bicubic weights (_taps) of output pixel o over the line."""
+    taps, weights = _taps(start, length, size)
+    return torch.zeros(len(start), size, extent, device=start.device).scatter_add_(2, taps, weights)
 
 
 def crop_resize(images, boxes, size):
@@ -133,7 +148,18 @@ def crop_resize(images, boxes, size):
     tf.image.resize(..., BICUBIC) has half-pixel centres, a = -0.5, and drops the taps outside
     the crop: on CIFAR-10 crops it differs by 4.7/255 on average, 30/255 at the 99th
     percentile. Not clipped, as TF. images n x C x H x W float -> n x C x size x size.
+
+    On a CPU from BANDED_FROM px up, image by image as a loader worker (resize_crop): there the
+    dense products cost 1.5x (96 px) to 4x (224 px) more; a GPU runs them in one batch.
     """
+    if images.device.type == "cpu" and size >= BANDED_FROM:
+        return torch.stack([resize_crop(image.permute(1, 2, 0), box, size).permute(2, 1, 0)
+                            for image, box in zip(images, boxes.tolist())])
+    return _dense_crop_resize(images, boxes, size)
+
+
+def _dense_crop_resize(images, boxes, size):
+    """crop_resize as two batched products with dense resize matrices."""
     _, _, height, width = images.shape
     rows = _resize_matrix(boxes[:, 0], boxes[:, 2], size, height)  # n x S x H
     cols = _resize_matrix(boxes[:, 1], boxes[:, 3], size, width)  # n x S x W
@@ -149,26 +175,70 @@ def _separable(x, rows, cols):
     return rows[:, None] @ out.view(n, c, height, cols.shape[1])  # n x C x P x Q
 
 
-def random_crop_resize_uint8(image, size, generator=None):
-    """One full-resolution uint8 image C x H x W -> a random crop as uint8 C x size x size, for
-    loader workers. Rounding to uint8 (and clipping the bicubic overshoot) is the one departure
-    from TF, which keeps floats: at most 0.5/255 per pixel."""
-    _, height, width = image.shape
-    top, left, h, w = sample_crop_boxes(1, height, width, generator, image.device)[0].tolist()
-    return _resize_uint8(image[:, top:top + h, left:left + w], size)
+# A loader worker's crops, one image at a time: the same filter as a banded product, since a
+# dense one costs O(H W S) per channel (300 MFLOP for a 224 px view of a 375 px crop) where the
+# filter's 4 taps need 60 times less; in blocks of outputs, each block reading the input span
+# its taps reach. The blocks, cached by line length, cost what the taps do (test_augment).
+BLOCK = 8
+BANDED_FROM = 80  # px: crop_resize's output size from which a CPU resizes image by image
+
+
+@functools.lru_cache(maxsize=4096)
+def _banded(length, size):
+    """A line of length pixels resized to size, as blocks of BLOCK outputs: (their weights over
+    the span of input each block reads, nb x BLOCK x span; the input pixel of each span row,
+    nb * span)."""
+    taps, weights = (t[0] for t in _taps(torch.zeros(1, dtype=torch.long), torch.tensor([length]), size))
+    pad = -size % BLOCK  # the last block's missing outputs read its last pixel with weight 0
+    taps = torch.cat([taps, taps[-1:].expand(pad, 4)])
+    weights = torch.cat([weights, weights.new_zeros(pad, 4)])
+    first = taps[::BLOCK, 0]  # taps only move forward: each block's first is its lowest
+    local = taps - first.repeat_interleave(BLOCK)[:, None]
+    span = int(local.max()) + 1
+    blocks = torch.zeros(len(taps), span).scatter_add_(1, local, weights)
+    reads = (first[:, None] + torch.arange(span)).clamp(max=length - 1).flatten()
+    return blocks.view(-1, BLOCK, span), reads
+
+
+def resize_crop(image, box, size):
+    """crop_resize of one box (top, left, height, width) of an H x W x C image (uint8 as decoded,
+    or float), as loader workers run it: float size x size x C, transposed (x, y, channel), equal
+    to crop_resize's to float rounding (sums in another order)."""
+    top, left, h, w = box
+    c = image.shape[2]
+    rows, reads = _banded(h, size)
+    x = image[:, left:left + w].index_select(0, reads + top).float()  # nb*span x w x C
+    t = torch.bmm(rows, x.view(len(rows), -1, w * c)).view(-1, w, c)[:size]  # S(y) x w x C
+    cols, reads = _banded(w, size)
+    t = t.transpose(0, 1).contiguous().index_select(0, reads)  # nb*span x S(y) x C
+    return torch.bmm(cols, t.view(len(cols), -1, size * c)).view(-1, size, c)[:size]  # S(x) x S(y) x C
+
+
+def _uint8_chw(resized):
+    """resize_crop's float x x y x 3 as a uint8 3 x y x x image: rounding (and clipping the
+    bicubic overshoot) is the one departure from TF, which keeps floats: 0.5/255 at most."""
+    return resized.permute(2, 1, 0).round().clamp_(0, 255).to(torch.uint8)
+
+
+def random_crops_uint8(images, size, views=1, generator=None):
+    """`views` random crops of each full-resolution uint8 image H x W x 3 (as decoded; a list of
+    them, or one) -> uint8 images x views x 3 x size x size (or views x ...), for loader
+    workers: one draw of the sampler for all of them."""
+    one = torch.is_tensor(images)
+    images = [images] if one else images
+    sides = torch.tensor([image.shape[:2] for image in images]).repeat_interleave(views, 0)
+    boxes = sample_crop_boxes(len(sides), sides[:, 0], sides[:, 1], generator).tolist()
+    out = torch.empty(len(boxes), 3, size, size, dtype=torch.uint8)
+    for i, box in enumerate(boxes):  # rounded as _uint8_chw, straight into the batch
+        out[i].copy_(resize_crop(images[i // views], box, size).round_().clamp_(0, 255).permute(2, 1, 0))
+    return out.view(len(images), views, 3, size, size)[0] if one else out.view(len(images), views, 3, size, size)
 
 
 def center_crop_resize(image, size, proportion=CROP_PROPORTION):
-    """The evaluation view (data_util.preprocess_for_eval) of a uint8 image C x H x W -> uint8
-    C x size x size; a 32 px CIFAR image comes back as it is (a same-size resize is exact)."""
-    top, left, h, w = center_crop_box(image.shape[1], image.shape[2], size, proportion)
-    return _resize_uint8(image[:, top:top + h, left:left + w], size)
-
-
-def _resize_uint8(crop, size):
-    box = torch.tensor([[0, 0, crop.shape[1], crop.shape[2]]], device=crop.device)
-    out = crop_resize(crop[None].float(), box, size)[0]
-    return out.round().clamp(0, 255).to(torch.uint8)
+    """The evaluation view (data_util.preprocess_for_eval) of a uint8 image H x W x 3 -> uint8
+    3 x size x size; a 32 px CIFAR image comes back as it is (a same-size resize is exact)."""
+    box = center_crop_box(image.shape[0], image.shape[1], size, proportion)
+    return _uint8_chw(resize_crop(image, box, size))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,8 +428,8 @@ class SimCLRAugmentation:
     def __call__(self, images, cropped=False, generator=None):
         """uint8 n x 3 x H x W (any device) -> float32 n x 3 x size x size in [0, 1].
 
-        cropped=True: the images were cropped and resized already (random_crop_resize_uint8 in
-        the loader workers); flip, colour and blur still apply. With base_crop (Fig. 5's
+        cropped=True: the images were cropped and resized already (random_crops_uint8 in the
+        loader workers); flip, colour and blur still apply. With base_crop (Fig. 5's
         protocol) that crop is the one both views share (ViewLoader makes it), and crop
         crops it again.
         """

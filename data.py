@@ -18,6 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torchvision
@@ -25,7 +26,7 @@ from PIL import Image, ImageDraw, PngImagePlugin
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from augment import (SimCLRAugmentation, center_crop_box, center_crop_resize, crop_resize,
-                     parse_augment, random_crop_resize_uint8, sample_crop_boxes)
+                     parse_augment, random_crops_uint8, sample_crop_boxes)
 from runs import SOFTWARE, Progress, UserError, first_line, world_info
 
 SMALL_IMAGE_DATASETS = ("cifar10", "cifar100", "stl10")  # decoded once into device memory
@@ -50,12 +51,16 @@ class WorkerCrops:
     def __init__(self, size, views=0, random=True):
         self.size, self.views, self.random = size, views, random
 
-    def __call__(self, image):
-        x = torchvision.transforms.functional.pil_to_tensor(image)  # uint8 3 x H x W
-        if not self.views:
-            return center_crop_resize(x, self.size)
-        crop = random_crop_resize_uint8 if self.random else center_crop_resize
-        return torch.stack([crop(x, self.size) for _ in range(self.views)])  # V x 3 x S x S
+    def __call__(self, image):  # uint8 H x W x 3, as decoded
+        return self.batch([image])[0]
+
+    def batch(self, images):
+        """The crops of a batch of images (a loader worker's): one draw of the crop sampler for
+        all of them, the per-image cost of the sampler's 100 attempts paid once."""
+        if self.views and self.random:
+            return list(random_crops_uint8(images, self.size, self.views))  # V x 3 x S x S each
+        views = [center_crop_resize(image, self.size) for image in images]  # 3 x S x S each
+        return [torch.stack([view] * self.views) for view in views] if self.views else views
 
 
 class InMemory:
@@ -92,7 +97,7 @@ def load_split(dataset, data_dir, split, size, device, workers=0, views=0, log=p
     val_dir: where the evaluation images come from (build_dataset); a training split never holds
     them, nor the files of held_out (excluding)."""
     transform = (WorkerCrops(size, views, crop) if dataset not in SMALL_IMAGE_DATASETS else
-                 torchvision.transforms.functional.pil_to_tensor)
+                 chw)
     source = build_dataset(dataset, data_dir, split, transform, val_fraction, val_dir)
     if split != "val":
         source = excluding(source, evaluation_files(data_dir, val_dir) if held_out is None
@@ -505,6 +510,30 @@ def _torchvision_dataset(name, root, make):
                         f"network{export}")
 
 
+def chw(image):
+    """An image as decoded (H x W x 3) as the tensors of this project are: 3 x H x W."""
+    return image.permute(2, 0, 1)
+
+
+def decode(path):
+    """An image file as a uint8 H x W x 3 tensor, RGB, as torchvision's ImageFolder reads it
+    (PIL's convert("RGB")). JPEGs of 1 or 3 channels are decoded by torchvision.io, whose
+    libjpeg-turbo gives PIL's pixels (tested) in less time and in this layout; the others (CMYK
+    JPEGs, PNG, ...) by PIL. A file neither reads raises OSError."""
+    with open(path, "rb") as f:
+        jpeg = f.read(2) == b"\xff\xd8"
+    if jpeg and hasattr(torchvision.io, "decode_jpeg"):  # deprecated in torchvision 0.29: PIL after
+        try:
+            x = torchvision.io.decode_jpeg(torchvision.io.read_file(str(path)),
+                                           mode=torchvision.io.ImageReadMode.UNCHANGED)
+        except RuntimeError:  # a damaged file: as PIL says it (below)
+            x = None
+        if x is not None and len(x) in (1, 3):
+            return x.permute(1, 2, 0).expand(-1, -1, 3)  # gray as PIL converts it: the same Y x 3
+    with Image.open(path) as image:
+        return torch.from_numpy(np.array(image.convert("RGB")))
+
+
 class ImageFolder(torchvision.datasets.ImageFolder):
     """torchvision's ImageFolder that survives unreadable files (truncated JPEGs, non-images with
     an image extension: real folders, ImageNet's included, contain some). Such a file is named
@@ -528,14 +557,21 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         image, target = self.read(index)
         return self.transform(image), target
 
+    def __getitems__(self, indices):
+        """A loader's batch (DataLoader asks for it at once): the images decoded, then made into
+        their crops together where the transform can (WorkerCrops.batch)."""
+        images, targets = zip(*(self.read(i) for i in indices))
+        batch = getattr(self.transform, "batch", lambda images: [self.transform(x) for x in images])
+        return list(zip(batch(list(images)), targets))
+
     def read(self, index):
-        """(PIL image, label) of the file at index, or of the next readable one."""
+        """(uint8 H x W x 3 image, label) of the file at index, or of the next readable one."""
         for offset in range(self.MAX_IN_A_ROW):
             j = (index + offset) % len(self.samples)
             path, target = self.samples[j]
             try:
-                return self.loader(path), target  # decodes the whole file
-            except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for a bad file
+                return decode(path), target  # the whole file
+            except (OSError, ValueError, SyntaxError) as e:  # what decode raises for a bad file
                 self.unreadable[self.ids[j]] = 1
                 if path not in self.named:  # one write: lines of several workers stay whole
                     self.named.add(path)
@@ -609,8 +645,8 @@ def save_augmentation_grid(path, data, augments, size, device, count=8):
         evaluation, _ = next(eval_batches(part, size, len(idx), device, 0))
     else:
         part = select(data, idx)
-        images = [part.read(i)[0] for i in range(len(idx))]  # PIL, RGB; unreadable ones replaced
-        originals = [torchvision.transforms.functional.pil_to_tensor(image) for image in images]
+        images = [part.read(i)[0] for i in range(len(idx))]  # H x W x 3; unreadable ones replaced
+        originals = [chw(image) for image in images]
         evaluation = torch.stack([WorkerCrops(size)(image) for image in images]) / 255
     fitted = []
     for image in originals:  # uint8 3 x H x W -> the whole image in a size x size cell, on white

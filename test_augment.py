@@ -94,6 +94,20 @@ def test_crop_sampler_is_tensorflows_algorithm(height, width):
     assert boxes.tolist() == expected
 
 
+def test_crop_sampler_of_many_images_is_the_sampler_of_each():
+    """One draw for a batch of images of their own sizes (a worker's batch) gives each image the
+    boxes of its own call on the same uniforms."""
+    g = torch.Generator().manual_seed(7)
+    sizes = torch.tensor([[375, 500], [500, 333], [17, 300], [32, 32], [5, 5], [1024, 768]])
+    u = torch.rand(2, len(sizes), A.ATTEMPTS, generator=g)
+    u_offset = torch.rand(len(sizes), 2, generator=g)
+    boxes = A._crop_boxes(u[0], u[1], u_offset, sizes[:, 0], sizes[:, 1])
+    for i, (height, width) in enumerate(sizes.tolist()):
+        one = A._crop_boxes(u[0, i:i + 1], u[1, i:i + 1], u_offset[i:i + 1], height, width)
+        assert boxes[i].tolist() == one[0].tolist() == tf_crop_box(
+            height, width, u[0, i].tolist(), u[1, i].tolist(), u_offset[i].tolist())
+
+
 def test_crop_areas_are_tensorflows_not_uniform():
     """At 32 px: mean area 0.43, median 0.39-0.40, none under 10% (torchvision: 0.49, 0.49,
     2.5% under 10%); aspect ratios 3/4-4/3 up to rounding; offsets in [0, H - h)."""
@@ -154,9 +168,9 @@ def test_center_crop_box_is_the_authors_centre_crop():
     # ... but an image that is not square is cut to its centred square, not squashed
     assert A.center_crop_box(100, 80, 32) == (10, 0, 80, 80)
     assert A.center_crop_box(30, 50, 16) == (0, 10, 30, 30)
-    image = torch.randint(0, 256, (3, 100, 80), dtype=torch.uint8)
+    image = torch.randint(0, 256, (100, 80, 3), dtype=torch.uint8)  # as decoded: H x W x 3
     view = A.center_crop_resize(image, 32)
-    assert torch.equal(view, A.center_crop_resize(image[:, 10:90], 32))  # the centre, whole
+    assert torch.equal(view, A.center_crop_resize(image[10:90], 32))  # the centre, whole
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,18 +235,42 @@ def test_crop_resize_of_the_whole_image_at_its_size_is_the_identity():
 
 
 def test_worker_crops_are_the_batched_crop_rounded_to_uint8():
-    """random_crop_resize_uint8 (one full-size image) and center_crop_resize (evaluation)."""
+    """random_crops_uint8 (one full-size image, as decoded: H x W x 3) and center_crop_resize
+    (evaluation)."""
     image = torch.randint(0, 256, (3, 75, 100), dtype=torch.uint8)
     g = torch.Generator().manual_seed(3)
-    out = A.random_crop_resize_uint8(image, 24, g)
+    out = A.random_crops_uint8(image.permute(1, 2, 0), 24, 1, g)[0]
     box = A.sample_crop_boxes(1, 75, 100, torch.Generator().manual_seed(3))
     expected = A.crop_resize(image[None].float(), box, 24)[0].round().clamp(0, 255)
     assert out.dtype == torch.uint8 and out.shape == (3, 24, 24) and torch.equal(out.float(), expected)
     centre = torch.tensor([A.center_crop_box(75, 100, 48)])
     expected = A.crop_resize(image[None].float(), centre, 48)[0].round().clamp(0, 255)
-    assert torch.equal(A.center_crop_resize(image, 48).float(), expected)
+    assert torch.equal(A.center_crop_resize(image.permute(1, 2, 0), 48).float(), expected)
     small = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-    assert torch.equal(A.center_crop_resize(small, 32), small)  # data.py: no crop at 32 px
+    assert torch.equal(A.center_crop_resize(small.permute(1, 2, 0), 32), small)  # data.py: no crop at 32 px
+
+
+@pytest.mark.parametrize("height,width,size", [(375, 500, 224), (500, 333, 224), (120, 90, 224),
+                                               (40, 61, 96), (7, 300, 64), (1, 1, 16)])
+def test_the_workers_banded_resize_is_the_dense_one(height, width, size):
+    """resize_crop (a worker's view: the 4-tap filter in bands) against crop_resize (dense
+    matrices) on 30 random crops of each image, down and up (crops smaller than the output,
+    one pixel wide), to float rounding; rounded to uint8, the same pixels but where the two sit
+    within float rounding of a half."""
+    g = torch.Generator().manual_seed(height)
+    image = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=g)
+    boxes = A.sample_crop_boxes(30, height, width, g)
+    boxes[0] = torch.tensor([0, 0, height, width])  # the whole image
+    batch = image.permute(2, 0, 1)[None].float().expand(30, -1, -1, -1)
+    dense = A._dense_crop_resize(batch, boxes, size)
+    # crop_resize itself resizes banded on a CPU from 80 px (and dense below)
+    assert (A.crop_resize(batch, boxes, size) - dense).abs().max() <= 2e-4
+    for box, want in zip(boxes.tolist(), dense):
+        got = A.resize_crop(image, box, size).permute(2, 1, 0)
+        assert (got - want).abs().max() <= 2e-4, box  # of 255: float rounding
+        rounded = (A._uint8_chw(A.resize_crop(image, box, size)).float() - want.round().clamp(0, 255))
+        near_half = ((want - want.floor() - 0.5).abs() < 1e-3)
+        assert not rounded[~near_half].any(), box
 
 
 # ---------------------------------------------------------------------------------------------

@@ -272,7 +272,7 @@ def test_the_evaluation_view_in_memory_is_clipped_as_the_authors_and_the_folders
         raw = crop_resize(images.float() / 255, torch.tensor([[0, 0, 32, 32]] * 6), size)
         assert raw.min() < -0.05 and raw.max() > 1.05  # what the clip is there for
         assert x.shape == (6, 3, size, size) and x.min() >= 0 and x.max() <= 1
-        folder = torch.stack([center_crop_resize(image, size) for image in images]) / 255
+        folder = torch.stack([center_crop_resize(image.permute(1, 2, 0), size) for image in images]) / 255
         assert (x - folder).abs().max() <= 0.5 / 255 + 1e-6
 
 

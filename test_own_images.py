@@ -303,3 +303,28 @@ def test_the_readmes_own_images_commands_run_as_written(labelled, tmp_path):
     assert load_checkpoint(tmp_path / "runs" / "photos-student")["finished"]
     (evaluation,) = (tmp_path / "runs" / "photos").glob("linear_eval*.json")
     assert json.loads(evaluation.read_text())["knn_top1"] >= 0
+
+
+def test_images_decode_as_pil_reads_them(tmp_path):
+    """data.decode, the loader workers' reader: JPEGs (RGB and gray) through torchvision.io give
+    PIL's convert("RGB") pixels exactly; CMYK JPEGs, PNGs with alpha and palettes go through PIL;
+    a truncated JPEG is unreadable (OSError), as PIL says."""
+    from data import decode
+    photos = sorted(make_own_images(tmp_path / "own").rglob("*.[jJ][pP]*[gG]"))
+    rng = np.random.default_rng(1)
+    pixels = rng.uniform(0, 255, (40, 50, 3)).astype(np.uint8)
+    Image.fromarray(pixels).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(pixels).convert("L").save(tmp_path / "gray.jpg")
+    Image.fromarray(pixels).convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(np.dstack([pixels, pixels[..., :1]])).save(tmp_path / "alpha.png")
+    files = photos + [tmp_path / n for n in ("cmyk.jpg", "gray.jpg", "palette.png", "alpha.png")]
+    assert len(files) > 10
+    for path in files:
+        with Image.open(path) as image:
+            want = torch.from_numpy(np.array(image.convert("RGB")))
+        got = decode(path)
+        assert got.dtype == torch.uint8 and torch.equal(got, want), path
+    data = files[0].read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])
+    with pytest.raises(OSError):
+        decode(tmp_path / "cut.jpg")
