@@ -153,7 +153,7 @@ def crop_resize(images, boxes, size):
     dense products cost 1.5x (96 px) to 4x (224 px) more; a GPU runs them in one batch.
     """
     if images.device.type == "cpu" and size >= BANDED_FROM:
-        return torch.stack([resize_crop(image.permute(1, 2, 0), box, size).permute(2, 1, 0)
+        return torch.stack([resize_crop(image.permute(1, 2, 0), box, size)
                             for image, box in zip(images, boxes.tolist())])
     return _dense_crop_resize(images, boxes, size)
 
@@ -202,22 +202,23 @@ def _banded(length, size):
 
 def resize_crop(image, box, size):
     """crop_resize of one box (top, left, height, width) of an H x W x C image (uint8 as decoded,
-    or float), as loader workers run it: float size x size x C, transposed (x, y, channel), equal
-    to crop_resize's to float rounding (sums in another order)."""
+    or float), as loader workers run it: float C x size x size (a view of an x, C, y buffer),
+    equal to crop_resize's to float rounding (sums in another order)."""
     top, left, h, w = box
     c = image.shape[2]
     rows, reads = _banded(h, size)
     x = image[:, left:left + w].index_select(0, reads + top).float()  # nb*span x w x C
-    t = torch.bmm(rows, x.view(len(rows), -1, w * c)).view(-1, w, c)[:size]  # S(y) x w x C
+    t = torch.bmm(rows, x.view(len(rows), -1, w * c)).view(-1, w * c)[:size]  # S(y) x (w C)
+    t = t.t().contiguous().view(w, c * size)  # the lines of the second pass: w x (C S(y))
     cols, reads = _banded(w, size)
-    t = t.transpose(0, 1).contiguous().index_select(0, reads)  # nb*span x S(y) x C
-    return torch.bmm(cols, t.view(len(cols), -1, size * c)).view(-1, size, c)[:size]  # S(x) x S(y) x C
+    t = torch.bmm(cols, t.index_select(0, reads).view(len(cols), -1, c * size))  # S(x)' x (C S(y))
+    return t.view(-1, c, size)[:size].permute(1, 2, 0)  # C x S(y) x S(x)
 
 
 def _uint8_chw(resized):
-    """resize_crop's float x x y x 3 as a uint8 3 x y x x image: rounding (and clipping the
-    bicubic overshoot) is the one departure from TF, which keeps floats: 0.5/255 at most."""
-    return resized.permute(2, 1, 0).round().clamp_(0, 255).to(torch.uint8)
+    """resize_crop's float C x y x x as uint8: rounding (and clipping the bicubic overshoot) is
+    the one departure from TF, which keeps floats: 0.5/255 at most."""
+    return resized.round().clamp_(0, 255).to(torch.uint8)
 
 
 def random_crops_uint8(images, size, views=1, generator=None):
@@ -230,7 +231,7 @@ def random_crops_uint8(images, size, views=1, generator=None):
     boxes = sample_crop_boxes(len(sides), sides[:, 0], sides[:, 1], generator).tolist()
     out = torch.empty(len(boxes), 3, size, size, dtype=torch.uint8)
     for i, box in enumerate(boxes):  # rounded as _uint8_chw, straight into the batch
-        out[i].copy_(resize_crop(images[i // views], box, size).round_().clamp_(0, 255).permute(2, 1, 0))
+        out[i].copy_(resize_crop(images[i // views], box, size).round_().clamp_(0, 255))
     return out.view(len(images), views, 3, size, size)[0] if one else out.view(len(images), views, 3, size, size)
 
 

@@ -39,9 +39,10 @@ from pathlib import Path
 
 import torch
 from einops import rearrange
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import InMemory, ViewLoader, load_split
+from data import InMemory, ViewLoader, decode, load_split
 from model import build_model, build_optimizer, scaled_lr
 from objective import build_objective
 from pretrain import Config, parse_with_presets, train_step, view_augmentations
@@ -65,8 +66,17 @@ class BenchConfig(Config):
                                 "does; --no-cudnn-benchmark measures without")
     rows: str = opt("data,memory,full", "rows to measure, comma-separated: data (pipeline "
                     "alone), memory (step on a batch in memory, with the loss and optimizer "
-                    "shares), full (step fed by the pipeline); checkpoint (seconds to write the "
-                    "run's checkpoint as pretrain.py does, in the current folder) on request")
+                    "shares), full (step fed by the pipeline); on request checkpoint (seconds to "
+                    "write the run's checkpoint as pretrain.py does, in the current folder) and "
+                    "worker (one loader worker's images/s on a core, and torchvision's, on a "
+                    "folder's JPEGs at --image-size)")
+    mosaics: int = opt(0, "the worker row on this many ImageNet-sized JPEGs (500 x 375 and the "
+                       "like, quality 90) made in a temporary folder as mosaics of 64 px tiles of "
+                       "--data-dir's images, for a machine without ImageNet; 0: --data-dir's own",
+                       min=0)
+    worker_images: int = opt(256, "images the worker row times in each round", min=1)
+    step_rate: float = opt(0.0, "images/s of a device's step, for the cores per device the worker "
+                           "row implies (0: row 2's rate)", min=0)
     warmup: int = opt(3, "untimed steps before each row (cuDNN autotuning, torch.compile); rows "
                       "fed by the pipeline take at least 2 per worker (prefetched batches)",
                       min=0)
@@ -77,7 +87,7 @@ class BenchConfig(Config):
     out: str = opt("", "also write the results as JSON to this file")
 
 
-ROWS = ("data", "memory", "full", "checkpoint")
+ROWS = ("data", "memory", "full", "checkpoint", "worker")
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s, matched in this
 # order against torch.cuda.get_device_name(). An estimate of what the hardware allows: clocks
@@ -198,6 +208,10 @@ def bench(cfg):
     precision, autocast, _ = precision_for(cfg.precision, device)
     augments = view_augmentations(cfg)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(1)
+    worker = worker_row(cfg, ViewLoader.crops_per_image(augments)) if "worker" in rows else None
+    if rows == ["worker"]:
+        return dict(config=dataclasses.asdict(cfg), device=device.type, cpu_count=os.cpu_count(),
+                    torch=torch.__version__, git=git_revision(), rows={}, worker=worker)
     dataset = load_split(cfg.dataset, cfg.data_dir, "pretrain", cfg.image_size, device, workers,
                          views=ViewLoader.crops_per_image(augments), log=lambda *a: None)
     if isinstance(dataset, InMemory):  # no loader workers in the measured pipeline
@@ -210,7 +224,7 @@ def bench(cfg):
     print("config " + json.dumps(dataclasses.asdict(cfg)))
     result = dict(config=dataclasses.asdict(cfg), device=device_name, precision=precision,
                   workers=workers, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-                  torch=torch.__version__, git=git_revision(), rows={})
+                  torch=torch.__version__, git=git_revision(), rows={}, worker=worker)
 
     # Row 1: the pipeline alone. Its first batch waits for the workers to start (pretrain.py
     # pays that every epoch), so it is timed on its own and left out of the rate. The workers
@@ -339,9 +353,27 @@ def bench(cfg):
 # ---------------------------------------------------------------------------------------------
 
 
+def worker_lines(worker, cfg, step_rate):
+    """The worker row's lines: the rates side by side, and the cores per device they imply."""
+    w = worker
+    lines = [f"worker, one core, {w['images']} JPEGs of {w['image_size'][0]} x {w['image_size'][1]} "
+             f"px and the like, {w['views']} views at {cfg['image_size']} px: this project "
+             f"{w['ours_images_per_s']:.0f} images/s, torchvision's PIL + RandomResizedCrop x "
+             f"{w['views']} {w['torchvision_images_per_s']:.0f} ({w['ratio']:.2f}x); the decode "
+             f"alone {w['decode_images_per_s']:.0f} (PIL's {w['decode_pil_images_per_s']:.0f})"]
+    if step_rate:
+        lines.append(f"  a step of {step_rate:.0f} images/s needs about "
+                     f"{step_rate / w['ours_images_per_s']:.1f} cores per device for this "
+                     f"project's workers ({step_rate / w['torchvision_images_per_s']:.1f} for "
+                     f"torchvision's); where a node has fewer, --decode device")
+    return lines
+
+
 def report(result):
     """The table, the derived figures and the issue's targets, as text."""
     cfg, rows = result["config"], result["rows"]
+    if cfg["rows"] == "worker":  # the worker row alone
+        return "\n".join(worker_lines(result["worker"], cfg, cfg["step_rate"]))
     source = f"{result['workers']} workers" if result["workers"] else "in memory"
     titles = dict(data=f"1 data pipeline ({source})",
                   memory="2 step, batch in memory", full="3 step fed by the pipeline")
@@ -397,6 +429,9 @@ def report(result):
         ratio = rows["full"]["images_per_s"] / rows["memory"]["images_per_s"]
         lines.append(f"target, pipeline keeps up: row 3 / row 2 = {ratio:.2f} (want >= 0.90: "
                      f"{'met' if ratio >= 0.9 else 'not met'})")
+    if result["worker"]:
+        lines += worker_lines(result["worker"], cfg, cfg["step_rate"] or (
+            rows["memory"]["images_per_s"] if "memory" in rows else 0))
     if "checkpoint" in result:
         c = result["checkpoint"]
         lines.append(f"checkpoint: {c['mb']:.1f} MB written in {c['seconds']:.2f} s (median of "
@@ -407,6 +442,77 @@ def report(result):
         lines.append(f"target, loss + optimizer < 5% of the step: {100 * share:.1f}% "
                      f"({'met' if share < 0.05 else 'not met'})")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader worker of image folders, against torchvision's
+# ---------------------------------------------------------------------------------------------
+
+
+def make_mosaics(source, folder, count, seed=0):
+    """count ImageNet-sized JPEGs in folder/train/n0000000<k>/ (500 x 375, 375 x 500, 500 x 333
+    or 400 x 400, quality 90), each a mosaic of 64 px tiles of source's images: real photos'
+    content at ImageNet's size, where ImageNet is not at hand (as the GPU check makes them)."""
+    import random
+    files = sorted(p for p in Path(source).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not files:
+        raise UserError(f"--mosaics: no JPEG or PNG images under {source}")
+    for i in range(count):
+        rng = random.Random(seed + i)
+        w, h = rng.choice([(500, 375), (375, 500), (500, 333), (400, 400)])
+        canvas = Image.new("RGB", (w, h))
+        for y in range(0, h, 64):
+            for x in range(0, w, 64):
+                with Image.open(rng.choice(files)) as tile:
+                    canvas.paste(tile.convert("RGB").resize((64, 64)), (x, y))
+        sub = Path(folder) / "train" / f"n{i % 8:08d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        canvas.save(sub / f"{i:05d}.JPEG", quality=90)
+    return Path(folder)
+
+
+def worker_row(cfg, views):
+    """What one loader worker does per image of a folder of JPEGs, in images/s on one core (one
+    thread, in this process): this project's (decode, the views' random crops at --image-size:
+    data.WorkerCrops on batches, as the DataLoader asks) against torchvision's usual SimCLR
+    worker (PIL decode, RandomResizedCrop x views, to tensors), and the decode alone (PIL's,
+    data.decode's), interleaved round by round over the same files; the median of --repeats
+    rounds after an untimed one (which also fills the resize's cache, as a run's first batches
+    do)."""
+    import torchvision.transforms as T
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix=".bench-mosaics-", dir=".") as tmp:
+        root = make_mosaics(cfg.data_dir, tmp, cfg.mosaics) if cfg.mosaics else Path(cfg.data_dir)
+        folder = load_split("folder", str(root), "pretrain", cfg.image_size, torch.device("cpu"),
+                            0, views, log=lambda *a: None)
+        folder.samples = folder.samples[:cfg.worker_images]
+        folder.ids, paths = folder.ids[:len(folder.samples)], [p for p, _ in folder.samples]
+        with Image.open(paths[0]) as first:
+            shape = first.size
+        crop = T.Compose([T.RandomResizedCrop(cfg.image_size), T.PILToTensor()])
+
+        def pil(path):
+            with Image.open(path) as image:
+                return image.convert("RGB")
+
+        ways = {"ours": lambda: [folder.__getitems__(list(range(i, min(i + 32, len(paths)))))
+                                 for i in range(0, len(paths), 32)],
+                "torchvision": lambda: [[crop(image) for _ in range(views)] for image in map(pil, paths)],
+                "decode": lambda: [decode(p) for p in paths],
+                "decode_pil": lambda: [pil(p) for p in paths]}
+        rates = {name: [] for name in ways}
+        for round in range(cfg.repeats + 1):
+            for name, way in ways.items():
+                start = time.perf_counter()
+                way()
+                if round:  # the first round is the untimed one
+                    rates[name].append(len(paths) / (time.perf_counter() - start))
+    torch.set_num_threads(threads)
+    rates = {name: statistics.median(r) for name, r in rates.items()}
+    return dict(images=len(paths), image_size=list(shape), views=views, **{
+        f"{name}_images_per_s": rate for name, rate in rates.items()},
+        ratio=rates["ours"] / rates["torchvision"])
 
 
 def main(argv=None):

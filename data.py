@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +47,14 @@ class WorkerCrops:
     """What a loader worker does to each full-resolution image of a folder (the part of the
     augmentation that needs the whole image): `views` random crops resized to size (TF's
     sampler and bicubic resize), or with views=0 the evaluation's centre crop, uint8 out.
-    random=False (--augment without crop): the centre crop for every view."""
+    random=False (--augment without crop): the centre crop for every view. on_device (--decode
+    device): the worker reads a JPEG's bytes and leaves decoding and cropping to the device
+    (device_crops); reader: how the folder reads each file for it."""
 
-    def __init__(self, size, views=0, random=True):
+    def __init__(self, size, views=0, random=True, on_device=False):
         self.size, self.views, self.random = size, views, random
+        self.on_device = on_device and views and random
+        self.reader = read_encoded if self.on_device else decode
 
     def __call__(self, image):  # uint8 H x W x 3, as decoded
         return self.batch([image])[0]
@@ -57,6 +62,8 @@ class WorkerCrops:
     def batch(self, images):
         """The crops of a batch of images (a loader worker's): one draw of the crop sampler for
         all of them, the per-image cost of the sampler's 100 attempts paid once."""
+        if self.on_device:
+            return images  # read_encoded's: the device crops them
         if self.views and self.random:
             return list(random_crops_uint8(images, self.size, self.views))  # V x 3 x S x S each
         views = [center_crop_resize(image, self.size) for image in images]  # 3 x S x S each
@@ -90,14 +97,15 @@ SIDES = {"cifar10": 32, "cifar100": 32, "stl10": 96}  # px
 
 
 def load_split(dataset, data_dir, split, size, device, workers=0, views=0, log=print, crop=True,
-               val_fraction=0.0, val_dir="", held_out=None):
+               val_fraction=0.0, val_dir="", held_out=None, decode_on="workers"):
     """A split ready for batches on the device: CIFAR-10/100 and STL-10 as InMemory; image
     folders (ImageNet, your own) as an ImageFolder whose workers decode and crop (WorkerCrops;
-    crop=False: the centre crop for every view, --augment without crop). val_fraction,
-    val_dir: where the evaluation images come from (build_dataset); a training split never holds
-    them, nor the files of held_out (excluding)."""
-    transform = (WorkerCrops(size, views, crop) if dataset not in SMALL_IMAGE_DATASETS else
-                 chw)
+    crop=False: the centre crop for every view, --augment without crop; decode_on "device":
+    the device decodes the JPEGs and crops them, device_crops). val_fraction, val_dir: where the
+    evaluation images come from (build_dataset); a training split never holds them, nor the
+    files of held_out (excluding)."""
+    transform = (WorkerCrops(size, views, crop, decode_on == "device") if dataset not in
+                 SMALL_IMAGE_DATASETS else chw)
     source = build_dataset(dataset, data_dir, split, transform, val_fraction, val_dir)
     if split != "val":
         source = excluding(source, evaluation_files(data_dir, val_dir) if held_out is None
@@ -146,15 +154,20 @@ class ViewLoader:
     augmentation in `augments` (the same one twice for Algorithm 1; Fig. 5's protocol gives
     each branch its own, both applied to one random crop of each image: base_crop). InMemory
     data is indexed and augmented on the device; image folders come cropped from the loader
-    workers (WorkerCrops, one crop per view or the one shared), and the device does the rest
-    (flip, colour, blur) on the batch."""
+    workers (WorkerCrops, one crop per view or the one shared; with --decode device, as their
+    JPEGs' bytes, cropped on the device: device_crops), and the device does the rest (flip,
+    colour, blur) on the batch. `waited`: the seconds the loop waited for the workers' batches,
+    what tells a device kept waiting for its data (runs.Run's log lines)."""
 
     def __init__(self, data, sampler, batch_size, augments, device, workers):
         self.data, self.sampler, self.batch_size = data, sampler, batch_size
         self.augments, self.device = augments, device
         self.shared = augments[0].base_crop  # Fig. 5's protocol: the views share one crop
+        self.encoded = getattr(getattr(data, "transform", None), "on_device", False)
         self.loader = None if isinstance(data, InMemory) else make_loader(
-            data, batch_size, device, workers, sampler, drop_last=True, persistent=True)
+            data, batch_size, device, workers, sampler, drop_last=True, persistent=True,
+            collate=_items if self.encoded else None)
+        self.waited = 0.0
 
     @staticmethod
     def crops_per_image(augments):
@@ -176,8 +189,17 @@ class ViewLoader:
                 yield ([augment(images, cropped=self.shared) for augment in self.augments],
                        self.data.labels[idx])
         else:
-            for crops, labels in self.loader:
-                crops = crops.to(self.device, non_blocking=True)  # n x V x 3 x S x S, uint8
+            batches = iter(self.loader)
+            while True:
+                start = time.perf_counter()
+                batch = next(batches, None)
+                self.waited += time.perf_counter() - start
+                if batch is None:
+                    return
+                crops, labels = batch
+                crops = (device_crops(crops, self.augments[0].size, ViewLoader.crops_per_image(
+                    self.augments), self.device, self.data) if self.encoded else
+                    crops.to(self.device, non_blocking=True))  # n x V x 3 x S x S, uint8
                 yield ([augment(crops[:, 0 if self.shared else v], cropped=True)
                         for v, augment in enumerate(self.augments)],
                        labels.to(self.device, non_blocking=True))
@@ -521,10 +543,10 @@ def decode(path):
     libjpeg-turbo gives PIL's pixels (tested) in less time and in this layout; the others (CMYK
     JPEGs, PNG, ...) by PIL. A file neither reads raises OSError."""
     with open(path, "rb") as f:
-        jpeg = f.read(2) == b"\xff\xd8"
-    if jpeg and hasattr(torchvision.io, "decode_jpeg"):  # deprecated in torchvision 0.29: PIL after
+        data = f.read()
+    if data[:2] == b"\xff\xd8" and hasattr(torchvision.io, "decode_jpeg"):  # deprecated in 0.29
         try:
-            x = torchvision.io.decode_jpeg(torchvision.io.read_file(str(path)),
+            x = torchvision.io.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                            mode=torchvision.io.ImageReadMode.UNCHANGED)
         except RuntimeError:  # a damaged file: as PIL says it (below)
             x = None
@@ -532,6 +554,58 @@ def decode(path):
             return x.permute(1, 2, 0).expand(-1, -1, 3)  # gray as PIL converts it: the same Y x 3
     with Image.open(path) as image:
         return torch.from_numpy(np.array(image.convert("RGB")))
+
+
+def read_encoded(path):
+    """A JPEG of 1 or 3 channels as (its bytes, height, width) from its header, for the device to
+    decode (device_crops); another image decoded here (decode)."""
+    with Image.open(path) as image:  # the header alone
+        if image.format == "JPEG" and image.mode in ("RGB", "L"):
+            with open(path, "rb") as f:  # (torchvision.io.read_file's maps the file: no sharing)
+                return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), image.height, image.width
+    return decode(path)
+
+
+def device_crops(items, size, views, device, data=None, generator=None, boxes=None):
+    """--decode device: the views' random crops of a batch of read_encoded items, made on the
+    device: the JPEGs decoded there together (nvjpeg on CUDA), then cropped and resized as a
+    worker does (the same sampler and resize, rounded to uint8; or these boxes, n*views x 4):
+    n x views x 3 x S x S uint8. A JPEG the device cannot decode is decoded by PIL, or,
+    unreadable, replaced by the batch's first image and marked in data's unreadable files."""
+    encoded = [i for i, item in enumerate(items) if isinstance(item, tuple)]
+    images = [item if isinstance(item, tuple) else item.to(device, non_blocking=True) for item in items]
+    if encoded:
+        mode = torchvision.io.ImageReadMode.RGB
+        try:
+            decoded = torchvision.io.decode_jpeg([items[i][0] for i in encoded], mode=mode, device=device)
+        except RuntimeError:  # one of them is damaged: one by one, PIL the judge
+            decoded = [_decode_or_none(items[i][0], mode, device) for i in encoded]
+        for i, x in zip(encoded, decoded):
+            if x is None:
+                sys.stderr.write(f"warning: unreadable image (file {items[i][3]} of the folder); "
+                                 f"using the batch's first image instead\n")
+                if data is not None:
+                    data.unreadable[items[i][3]] = 1
+            images[i] = None if x is None else x.permute(1, 2, 0)
+    first = next(x for x in images if x is not None)
+    images = [first if x is None else x for x in images]
+    if boxes is None:
+        sides = torch.tensor([x.shape[:2] for x in images]).repeat_interleave(views, 0)
+        boxes = sample_crop_boxes(len(sides), sides[:, 0], sides[:, 1], generator, device)
+    crops = [crop_resize(x.permute(2, 0, 1)[None].float().expand(views, -1, -1, -1), b, size)
+             for x, b in zip(images, boxes.split(views))]
+    return torch.stack(crops).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _decode_or_none(data, mode, device):
+    try:
+        return torchvision.io.decode_jpeg(data, mode=mode, device=device)
+    except RuntimeError:
+        try:
+            with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
+                return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).to(device)
+        except (OSError, ValueError, SyntaxError):
+            return None
 
 
 class ImageFolder(torchvision.datasets.ImageFolder):
@@ -565,12 +639,15 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         return list(zip(batch(list(images)), targets))
 
     def read(self, index):
-        """(uint8 H x W x 3 image, label) of the file at index, or of the next readable one."""
+        """(uint8 H x W x 3 image, label) of the file at index, or of the next readable one (with
+        a reader of WorkerCrops: what it reads, and for a JPEG's bytes the file's id)."""
+        reader = getattr(self.transform, "reader", decode)
         for offset in range(self.MAX_IN_A_ROW):
             j = (index + offset) % len(self.samples)
             path, target = self.samples[j]
             try:
-                return decode(path), target  # the whole file
+                item = reader(path)  # the whole file, or a JPEG's bytes
+                return (*item, self.ids[j]) if isinstance(item, tuple) else item, target
             except (OSError, ValueError, SyntaxError) as e:  # what decode raises for a bad file
                 self.unreadable[self.ids[j]] = 1
                 if path not in self.named:  # one write: lines of several workers stay whole
@@ -607,8 +684,13 @@ def _quiet_worker(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _items(batch):
+    """--decode device's batches: the items as the workers read them (read_encoded), labels."""
+    return [item for item, _ in batch], torch.tensor([label for _, label in batch])
+
+
 def make_loader(dataset, batch_size, device, workers, sampler=None, drop_last=False,
-                persistent=False):
+                persistent=False, collate=None):
     """The DataLoader of every script: pinned memory on CUDA, workers that leave signals to the
     main process, persistent workers on request (their start-up is paid once per run)."""
     # The workers' seeds come from a generator seeded once, here: drawing them from the main
@@ -618,7 +700,7 @@ def make_loader(dataset, batch_size, device, workers, sampler=None, drop_last=Fa
     return torch.utils.data.DataLoader(
         dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
         pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0,
-        worker_init_fn=_quiet_worker, generator=seeds)
+        worker_init_fn=_quiet_worker, generator=seeds, collate_fn=collate)
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):

@@ -241,7 +241,7 @@ def train(cfg, teacher, teacher_ckpt, ckpt):
     optimizers = build_classifier_optimizers(model, cfg.optimizer, peak_lr, cfg.weight_decay,
                                              cfg.momentum)
     student = run.start(model, optimizers, lambda: student_state(model, config, val_set, cfg),
-                        samplers, unlabeled, describe(cfg, pre, model),
+                        samplers, loader, describe(cfg, pre, model),
                         f"peak lr {peak_lr:.4g}, tau {cfg.temperature:g}, alpha {cfg.alpha:g}")
     if run.main and indices:
         save_subset(run.out_dir / "subset.txt", train_set, indices)
@@ -288,7 +288,7 @@ def load_data(cfg, run, size, teacher):
     the teacher's classes (teacher: its configuration), or its logits would be read as others."""
     split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, size, run.device,
                                              run.workers, views, run.log, True, cfg.val_fraction,
-                                             cfg.val_dir)
+                                             cfg.val_dir, decode_on=cfg.decode)
     val_set = split("val")
     classes, theirs = list(val_set.classes), teacher.get("classes") or []  # converted: no names
     if len(classes) != teacher["num_classes"] or (theirs and classes != list(theirs)):
@@ -298,7 +298,7 @@ def load_data(cfg, run, size, teacher):
                         f"{' ...' if len(classes) > 4 else ''}): its answers would be read as "
                         f"other classes")
     unlabeled = (load_split("folder", cfg.unlabeled_dir, "pretrain", size, run.device, run.workers,
-                            1, run.log, held_out=val_set)  # never the evaluation images
+                            1, run.log, held_out=val_set, decode_on=cfg.decode)  # never val's
                  if cfg.unlabeled_dir else split("pretrain", 1))  # labels, if any, unused
     if cfg.alpha == 1:
         return val_set, unlabeled, None, []

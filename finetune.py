@@ -179,7 +179,7 @@ def train(cfg, pretrain_config, weights, ckpt):
     run = Run(cfg, ckpt, "finetuned")  # device, processes, precision, workers (runs.py)
     split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, cfg.image_size,
                                              run.device, run.workers, views, run.log, True,
-                                             cfg.val_fraction, cfg.val_dir)
+                                             cfg.val_fraction, cfg.val_dir, decode_on=cfg.decode)
     train_set, val_set = split("train", views=1), split("val")
     check_same_classes(train_set, val_set)
     indices = ckpt["subset"] if ckpt else choose_labeled(cfg, train_set, run.log)
@@ -207,7 +207,7 @@ def train(cfg, pretrain_config, weights, ckpt):
                   classes=list(train_set.classes))
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     net = run.start(model, optimizers, lambda: dict(model=model.state_dict(), subset=indices,
-                                                     config=config), [sampler], train_set,
+                                                     config=config), [sampler], loader,
                     f"{'random init' if cfg.from_scratch else cfg.checkpoint} | {cfg.ft_proj_layer} "
                     f"head layer(s) kept | {n_params / 1e6:.2f}M trained parameters | "
                     f"{num_classes} classes", f"peak lr {peak_lr:.4g}")

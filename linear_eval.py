@@ -388,7 +388,8 @@ def run(cfg, ckpt):
 
     # The splits first, so that a wrong setup stops before any feature is computed
     split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, image_size, device,
-                                             workers, views, log, True, cfg.val_fraction, cfg.val_dir)
+                                             workers, views, log, True, cfg.val_fraction, cfg.val_dir,
+                                             decode_on=cfg.decode)
     val, train_plain = split("val"), split("train")
     check_same_classes(train_plain, val)
     train = (train_plain if cfg.cached_features or cfg.show_neighbours or

@@ -226,7 +226,7 @@ def train(cfg, ckpt=None):
     crop = any(a.crop or a.base_crop for a in augments)
     split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, cfg.image_size,
                                              run.device, run.workers, views, run.log, crop,
-                                             cfg.val_fraction, cfg.val_dir)
+                                             cfg.val_fraction, cfg.val_dir, decode_on=cfg.decode)
     dataset = split("pretrain", views=ViewLoader.crops_per_image(augments))
     if cfg.show_augmentations:  # the picture of what the views will be, and nothing else
         picture = save_augmentation_grid(cfg.show_augmentations, dataset, augments, cfg.image_size,
@@ -252,7 +252,7 @@ def train(cfg, ckpt=None):
     memory = build_memory(cfg, model, run) if cfg.memory_size else None
     state = lambda: dict(model=model.state_dict(), config=dataclasses.asdict(cfg),
                          **({"memory": memory.state_dict()} if memory else {}))
-    net = run.start(model, [optimizer], state, [sampler], dataset, describe(cfg, model, memory),
+    net = run.start(model, [optimizer], state, [sampler], loader, describe(cfg, model, memory),
                     f"peak lr {peak_lr:.4g}")
     say_how_long(cfg, run, model, objective)
     if memory:  # v2: the momentum network's keys are the candidates (memory.py)

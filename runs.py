@@ -52,6 +52,10 @@ class System:
                          ["auto", "bf16", "fp16", "fp32"], changeable=True)
     workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at most 8)",
                        min=-1, changeable=True)
+    decode: str = opt("workers", "where an image folder's JPEGs are decoded and cropped for "
+                      "training: workers (the CPU's), or device (nvjpeg on a GPU, for a node with "
+                      "too few cores per GPU: the log's data share says when)",
+                      ["workers", "device"], changeable=True)
 
 
 @dataclass
@@ -582,7 +586,7 @@ class Run:
 
         run = Run(cfg, ckpt, kind)             # start: device, processes, precision, workers
         run.schedule(len(data), "images")      # steps per epoch, the schedule's length
-        net = run.start(model, optimizers, state, samplers, data, describe)  # continue, wrap
+        net = run.start(model, optimizers, state, samplers, loader, describe)  # continue, wrap
         for epoch in run.epochs():
             for batch in loader:
                 run.set_lr(...); ...; run.step_done(loss=loss, ...)  # log, checkpoint, stop
@@ -591,7 +595,8 @@ class Run:
 
     After each step the metrics are summed on the device (no wait); at each log line they are
     averaged over processes and steps, a non-finite loss stops the run with the last good
-    checkpoint in place, and the line is printed. Checkpoints are written every
+    checkpoint in place, and the line is printed, with the share of the time the loop waited
+    for the loader's workers (and what to do where it is high). Checkpoints are written every
     --checkpoint-every minutes, at epoch ends, at --max-steps and when asked to stop.
 
     Ctrl-C (SIGINT) and SIGTERM (a scheduler's preemption, `timeout`, torchrun's agent, a kill
@@ -637,13 +642,15 @@ class Run:
         self.what = f"{images} {what}"
         return self.steps_per_epoch
 
-    def start(self, model, optimizers, state, samplers, data=None, describe="", details=""):
+    def start(self, model, optimizers, state, samplers, loader, describe="", details=""):
         """Continue the saved state, wrap the model, make the folder and say what runs; returns
         the model to train. model: its weights loaded already (the script knows its format);
         state(): what the checkpoint holds beyond the optimizers, the step and the random state;
-        samplers: set to each epoch; data: the dataset whose unreadable files the records count."""
+        samplers: set to each epoch; loader: the data.ViewLoader of the steps (its waits, and its
+        dataset's unreadable files, are logged)."""
         cfg, ckpt = self.cfg, self.ckpt
-        self.optimizers, self.state, self.samplers, self.data = optimizers, state, samplers, data
+        self.optimizers, self.state, self.samplers, self.loader = optimizers, state, samplers, loader
+        self.data = loader.data
         self.epoch_sums = None
         if ckpt:  # continue: the optimizers, the loss scale, the random streams, this epoch's sums
             for optimizer, saved in zip(optimizers, ckpt.get("optimizers") or [ckpt["optimizer"]]):
@@ -693,6 +700,8 @@ class Run:
         self.progress = Progress(self.log, "step", self.last_step, cfg.batch_size,
                                  every=cfg.log_every, start=self.step)
         self.sums, self.since_log, self.lr, self.stopping = None, 0, 0.0, False
+        self.waited, self.t_line, self.warned = loader.waited, time.time(), False
+        self.since_first_line = False  # the first line's wait holds the workers' start
         return net
 
     # --- each step ----------------------------------------------------------------------------
@@ -768,7 +777,23 @@ class Run:
                 "No checkpoint was written yet") + " (try a lower --lr)")
         shown = " ".join(f"{name} {value:.4f}" for name, value in zip(self.names, means))
         self.progress.show(self.step, f"epoch {self.epoch + 1}/{self.cfg.epochs} {shown} "
-                                      f"lr {self.lr:.4g}")
+                                      f"lr {self.lr:.4g}{self.data_wait()}")
+
+    def data_wait(self):
+        """' data 12%': the share of the time since the last line the loop waited for the
+        loader's workers (none for data in memory), with, once, what to do where it is high."""
+        if self.loader.loader is None:
+            return ""
+        now = time.time()
+        share = (self.loader.waited - self.waited) / max(now - self.t_line, 1e-9)
+        self.waited, self.t_line = self.loader.waited, now
+        if share > 0.3 and self.since_first_line and not self.warned:
+            self.warned = True
+            self.log(f"warning: the steps waited for data {100 * share:.0f}% of the time: "
+                     f"{self.workers} loader worker(s) per process do not keep up with this "
+                     f"{self.device.type}; give more --workers (cores), or --decode device on a GPU")
+        self.since_first_line = True
+        return f" data {100 * share:.0f}%"
 
     def request(self, signum, frame):
         self.signum = signum

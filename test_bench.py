@@ -150,3 +150,20 @@ def test_a_folder_of_small_images_is_measured_as_pretrain_py_trains_it(tiny_fold
     cfg, _ = parse_with_presets(["--dataset", "folder", "--data-dir", str(tiny_folder),
                                  "--image-size", "32"], BenchConfig)
     assert (cfg.blur, cfg.color_strength, cfg.temperature) == (False, 0.5, 0.5)
+
+
+def test_the_worker_row_times_both_workers_on_mosaics(tiny_folder, tmp_path):
+    """--rows worker alone: this project's worker, torchvision's and the decodes, on JPEG
+    mosaics made from the folder in a temporary folder that is gone afterwards; the cores per
+    device for a given step rate."""
+    out = tmp_path / "w.json"
+    proc = run_script("bench.py", "--rows", "worker", "--dataset", "folder", "--data-dir",
+                      tiny_folder, "--image-size", "64", "--mosaics", "6", "--worker-images", "6",
+                      "--repeats", "1", "--step-rate", "1000", "--out", out)
+    worker = json.loads(out.read_text())["worker"]
+    assert worker["images"] == 6 and worker["views"] == 2 and max(worker["image_size"]) >= 400
+    rates = [worker[f"{n}_images_per_s"] for n in ("ours", "torchvision", "decode", "decode_pil")]
+    assert all(r > 0 for r in rates)
+    assert worker["ratio"] == pytest.approx(rates[0] / rates[1])
+    assert f"{1000 / rates[0]:.1f} cores per device" in proc.stdout
+    assert not list(ROOT.glob(".bench-mosaics-*"))

@@ -158,3 +158,27 @@ def test_bench_reports_every_row_on_cuda(dataset, tiny_folder, tmp_path):
                for row in result["rows"].values())
     if result["bf16_peak_tflops"]:  # a card of the table (H100, A100, ...)
         assert 0 < result["rows"]["memory"]["peak_fraction"] < 1
+
+
+def test_the_gpu_decodes_and_crops_as_the_cpu_does(tmp_path):
+    """--decode device on CUDA: nvjpeg and the GPU's dense resize against the CPU's libjpeg-turbo
+    and banded resize, on the same boxes: within a few levels of 255 (two IDCTs, sums in another
+    order), and a pretraining run of a JPEG folder takes it."""
+    from augment import sample_crop_boxes
+    from conftest import make_own_images
+    from data import ImageFolder, WorkerCrops, device_crops
+    photos = make_own_images(tmp_path / "own")
+    folder = ImageFolder(str(photos.parent), WorkerCrops(96, views=2, on_device=True))
+    folder.samples = [s for s in folder.samples if "notes" not in s[0]]
+    folder.ids = list(range(len(folder.samples)))
+    items = [folder.read(i)[0] for i in range(len(folder.samples))]
+    sides = torch.tensor([[x[1], x[2]] if isinstance(x, tuple) else x.shape[:2] for x in items])
+    boxes = sample_crop_boxes(2 * len(items), *sides.repeat_interleave(2, 0).T)
+    on_cpu = device_crops(items, 96, 2, torch.device("cpu"), folder, boxes=boxes)
+    on_gpu = device_crops(items, 96, 2, CUDA, folder, boxes=boxes.to(CUDA)).cpu()
+    difference = (on_gpu.int() - on_cpu.int()).abs()
+    assert difference.max() <= 8 and difference.float().mean() < 1, (difference.max(), difference.float().mean())
+    run_script("pretrain.py", "--dataset", "folder", "--data-dir", photos, *TINY_MODEL, "--workers",
+               1, "--decode", "device", "--device", "cuda", "--batch-size", 8, "--epochs", 1,
+               "--warmup-epochs", 0, "--out-dir", tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run")["finished"]

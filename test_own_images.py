@@ -328,3 +328,32 @@ def test_images_decode_as_pil_reads_them(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])
     with pytest.raises(OSError):
         decode(tmp_path / "cut.jpg")
+
+
+def test_the_device_decodes_and_crops_as_the_workers_do(tmp_path):
+    """--decode device, run here on the CPU: the workers read a JPEG's bytes and its size (other
+    images they decode), the device decodes and crops them; fed the same random stream, the
+    crops are the workers' own (the same sampler draw, resize and rounding). A damaged JPEG is
+    replaced by the batch's first image and counted as unreadable."""
+    from data import ImageFolder, WorkerCrops, decode, device_crops
+    from augment import random_crops_uint8
+    photos = make_own_images(tmp_path / "own")
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.uniform(0, 255, (90, 70)).astype(np.uint8)).save(photos / "gray.jpg")
+    folder = ImageFolder(str(photos.parent), WorkerCrops(96, views=2, on_device=True))
+    folder.samples = [s for s in folder.samples if "notes" not in s[0]]
+    folder.ids = list(range(len(folder.samples)))
+    items = [folder.read(i)[0] for i in range(len(folder.samples))]
+    assert any(isinstance(item, tuple) for item in items) and any(torch.is_tensor(item) for item in items)
+    crops = device_crops(items, 96, 2, torch.device("cpu"), folder, torch.Generator().manual_seed(0))
+    images = [decode(path) for path, _ in folder.samples]
+    assert torch.equal(crops, random_crops_uint8(images, 96, 2, torch.Generator().manual_seed(0)))
+    cut = next(i for i, item in enumerate(items) if isinstance(item, tuple))
+    items[cut] = (items[cut][0][:len(items[cut][0]) // 2], *items[cut][1:])
+    crops = device_crops(items, 96, 2, torch.device("cpu"), folder, torch.Generator().manual_seed(0))
+    assert crops.shape == (len(items), 2, 3, 96, 96) and folder.unreadable_files() == 1
+    # ... and a run of it, its workers sending the JPEGs' bytes to the main process
+    run_script("pretrain.py", "--dataset", "folder", "--data-dir", photos, *TINY_MODEL, "--workers",
+               1, "--decode", "device", "--batch-size", 8, "--epochs", 1, "--warmup-epochs", 0,
+               "--out-dir", tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run")["finished"]
