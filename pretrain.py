@@ -27,16 +27,18 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import math
 import sys
+import statistics
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from einops import rearrange
 
-from data import (InMemory, ResumableSampler, ViewLoader, build_augmentation, check_same_classes,
-                  load_split, preset, save_augmentation_grid, typical_side)
+from data import (InMemory, ResumableSampler, ViewLoader, build_augmentation, build_dataset,
+                  check_same_classes, load_split, preset, save_augmentation_grid, typical_side)
 from evaluation import extract_features, knn_accuracy
 from memory import SHUFFLE_GROUPS, Memory, memory_momentum
 from model import build_model, build_optimizer, learning_rate, scaled_lr
@@ -97,6 +99,14 @@ class Config(Training):
     # optimisation (Sec. 2.2, Appendix B)
     batch_size: int = opt(512, "global batch size N in images (each gives 2 views)", min=2)
     epochs: int = opt(1000, "training epochs; the schedule spans them", min=1)
+    minutes: float = opt(0.0, "size the run to the clock: pretraining and its evaluation "
+                         "(linear_eval.py --cached-features --knn 200) end within this many "
+                         "minutes on this machine, the step timed before the first one and the "
+                         "epochs chosen (with --dataset cifar10, the laptop recipe: python "
+                         "pretrain.py --dataset cifar10 --minutes 30); 0: --epochs", min=0)
+    # not a flag: what --minutes chose (the epochs, the rates they came from), kept by the run
+    clock: dict = field(default_factory=dict, metadata=dict(help="", changeable=True, path=False,
+                                                            derived=True))
     optimizer: str = opt("lars", "LARS as in the paper; sgd and adam for comparison",
                          ["lars", "sgd", "adam"])
     lr: float = opt(1.0, "base learning rate, scaled by --lr-scaling", above=0)
@@ -155,8 +165,10 @@ def parse_with_presets(argv, cls=Config):
     own is refused. cls: Config, or bench.py's, which adds its measurement options."""
     description = sys.modules[cls.__module__].__doc__.splitlines()[0]
     cfg, given = parse_config(cls, argv, PRESETS, description)
-    if preset(cfg.dataset, cfg.image_size) != cfg.dataset:  # a folder of small images
-        cfg, given = parse_config(cls, argv, {cfg.dataset: PRESETS[preset(cfg.dataset, cfg.image_size)]})
+    recipe = {**PRESETS[preset(cfg.dataset, cfg.image_size)],
+              **(LAPTOP if cfg.minutes and cfg.dataset == "cifar10" else {})}
+    if recipe != PRESETS[cfg.dataset]:  # a folder of small images, or the laptop recipe
+        cfg, given = parse_config(cls, argv, {cfg.dataset: recipe}, description)
     if cfg.dataset == "folder" and "image_size" not in given and not cfg.resume:
         side = typical_side(cfg.data_dir)
         if side and cfg.image_size > 2 * side:
@@ -172,6 +184,9 @@ def resolve_config(argv):
     --out-dir: runs.continue_run), the changeable flags over the checkpoint's stored
     configuration. Returns (config, the checkpoint continued or None)."""
     cfg, given = parse_with_presets(argv)
+    if cfg.minutes and "epochs" in given:
+        raise UserError(f"--minutes {cfg.minutes:g} chooses the epochs that fit the clock: give "
+                        f"--minutes or --epochs {cfg.epochs}, not both")
     return continue_run(Config, cfg, given, "pretrain", f"{cfg.dataset}-{cfg.arch}")
 
 
@@ -215,8 +230,9 @@ def train_step(model, x1, x2, optimizer, objective, scaler=None, autocast=contex
     return loss.detach(), acc, entropy
 
 
-def train(cfg, ckpt=None):
-    """Pretrain as cfg says; ckpt: the checkpoint this run continues (resolve_config)."""
+def train(cfg, ckpt=None, started=None):
+    """Pretrain as cfg says; ckpt: the checkpoint this run continues (resolve_config); started:
+    when the command began (--minutes counts from it)."""
     run = Run(cfg, ckpt, "pretrain")  # device, processes, precision, workers (runs.py)
     if cfg.show_augmentations:
         check_picture(cfg.show_augmentations, "--show-augmentations")
@@ -227,7 +243,9 @@ def train(cfg, ckpt=None):
     split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, cfg.image_size,
                                              run.device, run.workers, views, run.log, crop,
                                              cfg.val_fraction, cfg.val_dir, decode_on=cfg.decode)
+    loading = time.time()
     dataset = split("pretrain", views=ViewLoader.crops_per_image(augments))
+    loading = time.time() - loading
     if cfg.show_augmentations:  # the picture of what the views will be, and nothing else
         picture = save_augmentation_grid(cfg.show_augmentations, dataset, augments, cfg.image_size,
                                          run.device) if run.main else ""
@@ -238,9 +256,6 @@ def train(cfg, ckpt=None):
         knn_sets = (dataset if cfg.dataset.startswith("cifar") else split("train"), split("val"))
         check_same_classes(*knn_sets)
     check_inputs(cfg, run, dataset, crop)
-    steps_per_epoch = run.schedule(len(dataset))
-    warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), run.total_steps)
-    peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
     sampler = ResumableSampler(dataset, run.world, run.rank, shuffle=True, seed=cfg.seed,
                                drop_last=True)
     loader = ViewLoader(dataset, sampler, run.local_batch, augments, run.device, run.workers)
@@ -248,13 +263,17 @@ def train(cfg, ckpt=None):
     torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): let cuDNN pick its kernels
     with as_user_error(cfg.resume):
         model = build_model(cfg, ckpt and ckpt["model"]).to(run.device)
+    warmup_steps, said = clock_schedule(cfg, run, dataset, model, objective, loader, started,
+                                        loading)
+    peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_scaling)
     optimizer = build_optimizer(model, cfg.optimizer, peak_lr, cfg.weight_decay, cfg.momentum)
     memory = build_memory(cfg, model, run) if cfg.memory_size else None
     state = lambda: dict(model=model.state_dict(), config=dataclasses.asdict(cfg),
                          **({"memory": memory.state_dict()} if memory else {}))
     net = run.start(model, [optimizer], state, [sampler], loader, describe(cfg, model, memory),
                     f"peak lr {peak_lr:.4g}")
-    say_how_long(cfg, run, model, objective)
+    if said:  # how long the run takes (--minutes: what it chose)
+        run.log(said)
     if memory:  # v2: the momentum network's keys are the candidates (memory.py)
         net, objective = memory.wrap(net, objective)
 
@@ -333,42 +352,113 @@ def knn_monitor(encoder, train, val, cfg, run):
     return top1
 
 
-# The README's laptop recipe, 30 minutes on 2 cores (reproduce.py --scale laptop, RESULTS.md)
-LAPTOP_RUN = ("python pretrain.py --dataset cifar10 --data-dir {} --width-multiplier 0.25 --batch-size "
-              "128 --image-size 24 --epochs 30 --warmup-epochs 1 --lr 2.0, then python linear_eval.py "
-              "--checkpoint <its folder> --cached-features --knn 200 --image-size 40")
+# The laptop recipe (reproduce.py --scale laptop, RESULTS.md): the authors' CIFAR-10 recipe at
+# 1/4 width, batch 128, 24 px crops, lr 2.0 x B/256, a thirtieth of the run warming up, evaluated
+# at 40 px (FixRes); a clock search chose it. --dataset cifar10 --minutes M runs it, its epochs
+# the clock's (30 took 29 minutes alone on 2 cores of a Xeon with AMX).
+LAPTOP = dict(width_multiplier=0.25, batch_size=128, image_size=24, epochs=30, warmup_epochs=1.0,
+              lr=2.0)
+LAPTOP_EVALUATION = "--cached-features --knn 200 --image-size 40"
+LAPTOP_RUN = ("python pretrain.py --dataset cifar10 --data-dir {} --minutes 30, then python "
+              "linear_eval.py --checkpoint <its folder> " + LAPTOP_EVALUATION)
+MARGIN = 0.03  # of --minutes, left unplanned: the clock's estimates are estimates
 
 
-def seconds_per_image(model, cfg, objective, autocast, images=16):
-    """The step's time per image, timed on a copy of the model and random images (the best of
-    two steps after an untimed one): a CPU run's estimate before its first step. The run's own
-    weights, optimizer and random streams are not touched."""
-    probe = copy.deepcopy(model)
+def clock_schedule(cfg, run, dataset, model, objective, loader, started, loading):
+    """(warmup steps, a line to say) of the schedule (run.schedule): of --epochs, or with
+    --minutes of the epochs that fit the clock, chosen once and kept in cfg.clock (a continued
+    run keeps them); the line says why. A new CPU run without --minutes says how long it takes
+    and, past two hours, the command sized to the time a user has."""
+    run.schedule(len(dataset))  # the checks, and an epoch's steps
+    said = ""
+    if cfg.minutes and not cfg.clock:
+        times = torch.tensor([seconds_per_step(model, cfg, objective, loader, run),
+                              evaluation_seconds(model, cfg, run, len(dataset), loading),
+                              time.time() - (started or time.time())], device=run.device)
+        if run.world > 1:  # every process plans with the slowest one's times
+            torch.distributed.all_reduce(times, torch.distributed.ReduceOp.MAX)
+        step, evaluation, elapsed = times.tolist()
+        epoch = step * run.steps_per_epoch
+        epochs = int((60 * cfg.minutes * (1 - MARGIN) - elapsed - evaluation) // epoch)
+        if epochs < 1:
+            need = (elapsed + evaluation + epoch) / (60 * (1 - MARGIN))
+            raise UserError(f"--minutes {cfg.minutes:g}: an epoch takes {epoch:.0f} s here and the "
+                            f"evaluation about {evaluation:.0f} s: give at least --minutes "
+                            f"{math.ceil(need)}")
+        done = datetime.timedelta(seconds=round(elapsed + epochs * epoch + evaluation))
+        cfg.clock = dict(epochs=epochs, warmup_epochs=cfg.warmup_epochs * epochs / cfg.epochs,
+                         images_per_s=cfg.batch_size / step, evaluation_s=round(evaluation))
+        said = (f"--minutes {cfg.minutes:g}: a step of {cfg.batch_size} takes {step:.3g} s here "
+                f"({cfg.batch_size / step:.0f} images/s, views made), an epoch {epoch:.0f} s: "
+                f"{epochs} epochs (warmup {cfg.clock['warmup_epochs']:.2g}), then python "
+                f"linear_eval.py --checkpoint {cfg.out_dir} {evaluation_flags(cfg)} (about "
+                f"{evaluation:.0f} s): done about {done} after the start")
+    elif cfg.minutes:
+        said = f"--minutes {cfg.minutes:g}: {cfg.clock['epochs']} epochs, chosen at the run's start"
+    elif not run.ckpt and run.device.type == "cpu" and run.world == 1 and not cfg.compile:
+        seconds = seconds_per_step(model, cfg, objective, loader, run, 16) * run.last_step
+        said = (f"on this CPU the run takes about {datetime.timedelta(seconds=round(seconds))} "
+                f"(its step timed, views made; evaluations not counted)" + (
+                    "; sized to the time you have: " + (
+                        LAPTOP_RUN.format(cfg.data_dir or "DIR") if cfg.dataset == "cifar10" else
+                        "the same command with --minutes M instead of --epochs")
+                    if seconds > 2 * 3600 else ""))
+    run.schedule(len(dataset), epochs=cfg.clock.get("epochs"))
+    warmup = cfg.clock.get("warmup_epochs", cfg.warmup_epochs)
+    return min(round(warmup * run.steps_per_epoch), run.total_steps), said
+
+
+def seconds_per_step(model, cfg, objective, loader, run, images=0):
+    """The time of a step, its views made by the loader as the run makes them, timed on copies
+    of the model and optimizer (the median of 3 after an untimed one; with images, of a step on
+    that many of the batch's images, scaled to the batch). The run's weights, optimizer and
+    random streams are not touched."""
+    probe = copy.deepcopy(model).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(probe, cfg.optimizer, 0.0, 0.0, cfg.momentum)
-    times = []
-    with torch.random.fork_rng(devices=[]):
-        x = torch.rand(2, images, 3, cfg.image_size, cfg.image_size)
-        for _ in range(3):
+    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+    times, waited = [], loader.waited
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        batches = (batch for _ in range(4) for batch in loader)  # an epoch may have fewer
+        for _ in range(4):
+            sync()
             start = time.perf_counter()
-            train_step(probe, x[0], x[1], optimizer, objective, autocast=autocast)
-            times.append(time.perf_counter() - start)
-    return min(times[1:]) / images
+            (x1, x2), _ = next(batches)
+            made, n = time.perf_counter(), images or len(x1)
+            train_step(probe, x1[:n], x2[:n], optimizer, objective, autocast=run.autocast)
+            sync()
+            times.append(made - start + (time.perf_counter() - made) * len(x1) / n)
+    loader.waited = waited  # the run's own data share (runs.Run's log lines)
+    return statistics.median(times[1:])
 
 
-def say_how_long(cfg, run, model, objective):
-    """On a CPU, before the first step of a new run: how long it will take, and past two hours
-    the laptop recipe."""
-    if run.device.type != "cpu" or run.world > 1 or run.ckpt or cfg.compile:
-        return
-    seconds = seconds_per_image(model, cfg, objective, run.autocast) * run.last_step * cfg.batch_size
-    run.log(f"on this CPU the run takes about {datetime.timedelta(seconds=round(seconds))} "
-            f"(its step timed on 16 images; evaluations not counted)" + (
-                f"; the laptop recipe: {LAPTOP_RUN.format(cfg.data_dir or 'DIR')}"
-                if seconds > 2 * 3600 else ""))
+def evaluation_flags(cfg):
+    """The evaluation a --minutes run counts: the laptop recipe's (40 px) on CIFAR-10, else the
+    fast CPU protocol at the pretraining's size."""
+    return LAPTOP_EVALUATION if cfg.dataset == "cifar10" else "--cached-features --knn 200"
+
+
+def evaluation_seconds(model, cfg, run, images, loading):
+    """About how long evaluation_flags' linear_eval.py takes here: reading the training and
+    evaluation images (as this run read its own), their features at the evaluation's size
+    (the encoder timed on 256 images), and 15 s for the interpreter, the linear layer
+    on the features and the kNN."""
+    evaluated = build_dataset(cfg.dataset, cfg.data_dir, "val", None, cfg.val_fraction, cfg.val_dir)
+    total = images + len(evaluated)
+    size = 40 if cfg.dataset == "cifar10" else cfg.image_size
+    encoder = copy.deepcopy(model.encoder).eval().to(memory_format=torch.channels_last)
+    x = torch.full((256, 3, size, size), 0.5, device=run.device).contiguous(
+        memory_format=torch.channels_last)  # the run's random streams untouched
+    with torch.no_grad(), run.autocast:
+        encoder(x)
+        start = time.perf_counter()
+        encoder(x).float().sum().item()
+        features = (time.perf_counter() - start) / 256 * total
+    return loading * total / images + features + 15
 
 
 def main(argv=None):
-    run_cli("pretrain.py", lambda: train(*resolve_config(argv)))
+    started = time.time()
+    run_cli("pretrain.py", lambda: train(*resolve_config(argv), started=started))
 
 
 if __name__ == "__main__":

@@ -177,6 +177,9 @@ PRETRAIN.update({
                                "--lr", "2.0"],
     "clock-b128-s24-e30-lr2-fp32": ["--batch-size", "128", "--epochs", "30", "--image-size", "24",
                                     "--lr", "2.0", "--precision", "fp32"],
+    # the recipe sized to the clock: the README's command as it is (no base recipe under it)
+    "minutes-30": ["--minutes", "30"],
+    "minutes-30-fp32": ["--minutes", "30", "--precision", "fp32"],
 })
 
 
@@ -325,7 +328,7 @@ EXPERIMENTS = {
         "the mean over a row's seeds: one core each, two runs at a time, but the recipe's seed 1, "
         "alone on 2 cores (the runs table).", ["minutes"], scale="laptop"),
     "laptop": Experiment(
-        "The laptop recipe", "the README's, chosen by the clock search",
+        "The laptop recipe", "the README's, chosen by the clock search: 30 epochs",
         [Row("the README's recipe (bf16 where the CPU has it), evaluated at 40 px",
              "clock-b128-s24-e30-lr2", evaluation="linear-40px"),
          Row("the same, evaluated at 32 px (the paper's protocol)", "clock-b128-s24-e30-lr2",
@@ -338,6 +341,16 @@ EXPERIMENTS = {
          Row("fp32, evaluated at 32 px", "clock-b128-s24-e30-lr2-fp32", evaluation="linear-32px")],
         "The features for the evaluation are computed as --precision auto does (bf16 here).",
         ["minutes"], scale="laptop"),
+    "minutes": Experiment(
+        "The laptop command sized to 30 minutes", "pretrain.py --dataset cifar10 --minutes 30, "
+        "then linear_eval.py at 40 px: the epochs the clock chose on the machine at hand",
+        [Row("--minutes 30 (bf16 where the CPU has it), evaluated at 40 px", "minutes-30",
+             evaluation="linear-40px"),
+         Row("--minutes 30 --precision fp32, evaluated at 40 px", "minutes-30-fp32",
+             evaluation="linear-40px")],
+        "Each run's minutes (pretraining and evaluation, from the command's start) and machine are "
+        "in the runs table, the epochs the clock chose in the records.", ["minutes"],
+        scale="laptop"),
 }
 
 
@@ -349,6 +362,8 @@ EXPERIMENTS = {
 def pretrain_flags(scale, name, data_dir):
     """pretrain.py's flags for a run: data, the base recipe, the run's own knob."""
     s = SCALES[scale]
+    if "--minutes" in PRETRAIN[name]:  # the laptop command sized to the clock, as a user types it
+        return ["--dataset", s.dataset, "--data-dir", data_dir, *PRETRAIN[name]]
     base, own, i = list(s.pretrain), [], 0
     while i < len(PRETRAIN[name]):  # the run's value replaces the base recipe's, in place
         flag = PRETRAIN[name][i]
@@ -562,8 +577,11 @@ def _run_job(job, data_dir, stop, records, log):
         metrics.update(top1=result["top1"], top5=result.get("top5"))
     if pre_seconds is not None:  # the run from start to result, its evaluation included
         metrics["minutes"] = (pre_seconds + eval_seconds) / 60
+    import torch
+    clock = torch.load(ckpt, map_location="cpu", weights_only=True)["config"].get("clock") or None
     record = dict(key=job.key, scale=job.scale, pretrain=job.pretrain, evaluation=job.evaluation,
                   seed=job.seed, commands=[shown(pre_cmd), shown(eval_cmd)], git=git,  # at the start
+                  clock=clock,
                   hardware=hardware(), load=dict(start=start_load, end=os.getloadavg()),
                   pretrain_seconds=pre_seconds,
                   evaluation_seconds=eval_seconds, metrics=metrics,

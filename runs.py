@@ -623,10 +623,12 @@ class Run:
 
     # --- start ------------------------------------------------------------------------------
 
-    def schedule(self, images, what="images"):
-        """Steps per epoch of --batch-size images (the tail dropped), the schedule's length and
-        where this invocation stops (--max-steps); a run continues only on data of its length."""
+    def schedule(self, images, what="images", epochs=None):
+        """Steps per epoch of --batch-size images (the tail dropped), the schedule's length (of
+        --epochs, or of these epochs) and where this invocation stops (--max-steps); a run
+        continues only on data of its length."""
         cfg, ckpt = self.cfg, self.ckpt
+        self.total_epochs = epochs or cfg.epochs
         self.steps_per_epoch = images // cfg.batch_size
         if images == 0:
             raise UserError(f"there are no {what} to train on: every image is in the evaluation "
@@ -637,7 +639,7 @@ class Run:
         if ckpt and ckpt.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch:
             raise UserError(f"{cfg.resume} was written at {ckpt['steps_per_epoch']} steps per epoch, "
                             f"this data gives {self.steps_per_epoch}: resume with the same data")
-        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.total_steps = self.total_epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, cfg.max_steps or self.total_steps)
         self.what = f"{images} {what}"
         return self.steps_per_epoch
@@ -708,7 +710,7 @@ class Run:
 
     def epochs(self):
         """The epochs left, each sampler set to its epoch and to the batches not yet taken."""
-        for epoch in range(self.step // self.steps_per_epoch, self.cfg.epochs):
+        for epoch in range(self.step // self.steps_per_epoch, self.total_epochs):
             if self.step >= self.last_step:
                 return
             self.epoch, self.t_epoch, self.steps_before = epoch, time.time(), self.step
@@ -776,7 +778,7 @@ class Run:
                 f"The last good checkpoint is {self.path}" if self.path.exists() else
                 "No checkpoint was written yet") + " (try a lower --lr)")
         shown = " ".join(f"{name} {value:.4f}" for name, value in zip(self.names, means))
-        self.progress.show(self.step, f"epoch {self.epoch + 1}/{self.cfg.epochs} {shown} "
+        self.progress.show(self.step, f"epoch {self.epoch + 1}/{self.total_epochs} {shown} "
                                       f"lr {self.lr:.4g}{self.data_wait()}")
 
     def data_wait(self):

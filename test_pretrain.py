@@ -291,21 +291,81 @@ def test_bf16_autocast_steps_follow_the_fp32_steps():
     assert abs(update16.norm() / update32.norm() - 1) < 0.05
 
 
-def test_a_long_cpu_run_says_how_long_and_what_fits_a_laptop(tiny_folder, tmp_path, monkeypatch,
-                                                            capsys):
+def test_a_long_cpu_run_says_how_long_and_what_fits_the_time_you_have(tiny_folder, tmp_path,
+                                                                      monkeypatch, capsys):
     """Before its first step a CPU run prints its time at the probed rate (the probe leaves the
-    run's weights, buffers and random stream as they were) and, past two hours, the laptop run."""
+    run's weights, buffers and random stream as they were) and, past two hours, the command
+    sized to the time a user has: --minutes, never the command being run."""
     model = build_model(Config(arch="resnet18", width_multiplier=0.125, image_size=32))
     before, rng = copy.deepcopy(model.state_dict()), torch.random.get_rng_state()
-    cfg = Config(arch="resnet18", width_multiplier=0.125, image_size=32)
-    assert pretrain.seconds_per_image(model, cfg, pretrain.build_objective("nt-xent", 0.5),
-                                      precision_for("fp32", torch.device("cpu"))[1]) > 0
+    cfg = Config(arch="resnet18", width_multiplier=0.125, image_size=32, batch_size=16)
+    data = load_split("cifar10", tiny_folder, "pretrain", 32, torch.device("cpu"), log=print)
+    loader = ViewLoader(data, range(48), 16, [build_augmentation(32, "crop,color", 0.5)] * 2,
+                        torch.device("cpu"), workers=0)
+    run = type("Run", (), dict(device=torch.device("cpu"), autocast=precision_for(
+        "fp32", torch.device("cpu"))[1]))
+    assert pretrain.seconds_per_step(model, cfg, pretrain.build_objective("nt-xent", 0.5),
+                                     loader, run, images=8) > 0
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    for per_image, laptop in ((1e-6, False), (1000.0, True)):  # 16 images: 16,000 s
-        monkeypatch.setattr(pretrain, "seconds_per_image", lambda *a, s=per_image: s)
-        pretrain.main([*TINY_PRETRAIN, "--data-dir", str(tiny_folder), "--max-steps", "1",
-                       "--out-dir", str(tmp_path / str(laptop))])
+    for per_step, long in ((1e-6, False), (1e4, True)):  # --max-steps 1: 1e4 s
+        monkeypatch.setattr(pretrain, "seconds_per_step", lambda *a, s=per_step: s)
+        pretrain.main([*TINY_PRETRAIN, "--epochs", "1000", "--data-dir", str(tiny_folder),
+                       "--max-steps", "1", "--out-dir", str(tmp_path / str(long))])
         out = capsys.readouterr().out
         assert "on this CPU the run takes about" in out
-        assert ("the laptop recipe: python pretrain.py --dataset cifar10" in out) == laptop
+        assert ("the same command with --minutes M instead of --epochs" in out) == long
+
+
+TINY_CLOCK = [f for i, f in enumerate(TINY_PRETRAIN) if "--epochs" not in TINY_PRETRAIN[max(i - 1, 0):i + 1]]
+
+
+def test_minutes_chooses_the_epochs_that_fit_and_a_relaunch_keeps_them(tiny_folder, tmp_path,
+                                                                      monkeypatch, capsys):
+    """--minutes 10, a step timed at 100/3 s (an epoch of 3 steps: 100 s) and an evaluation at
+    32 s: 5 epochs fit the 582 s the clock leaves (3% kept back), warming up for the share of the
+    schedule --warmup-epochs had of --epochs. The choice is stored; a run stopped and relaunched
+    with the same command keeps it without timing again, and ends with the weights of the run
+    that was never stopped."""
+    monkeypatch.setattr(pretrain, "seconds_per_step", lambda *a, **k: 100 / 3)
+    monkeypatch.setattr(pretrain, "evaluation_seconds", lambda *a: 32.0)
+    flags = [*TINY_CLOCK, "--data-dir", str(tiny_folder), "--minutes", "10", "--warmup-epochs", "100"]
+    epochs = pretrain.parse_with_presets(flags)[0].epochs  # the preset's
+    pretrain.main([*flags, "--out-dir", str(tmp_path / "straight")])
+    out = capsys.readouterr().out
+    assert "--minutes 10: a step of 16 takes 33.3 s here" in out
+    assert "an epoch 100 s: 5 epochs (warmup 0.5)" in out and "(about 32 s)" in out
+    ckpt = load(tmp_path / "straight" / "ckpt.pt")
+    clock = ckpt["config"]["clock"]
+    assert clock["epochs"] == 5 and clock["warmup_epochs"] == pytest.approx(100 * 5 / epochs)
+    assert clock["images_per_s"] == pytest.approx(0.48) and clock["evaluation_s"] == 32
+    assert ckpt["step"] == 15 and ckpt["config"]["epochs"] == epochs
+    lrs = [json.loads(r)["lr"] for r in (tmp_path / "straight" / "log.jsonl").read_text().split("\n") if r]
+    assert len(lrs) == 5 and lrs[-1] < lrs[1]  # a cosine over 5 epochs, not over 1000
+    pretrain.main([*flags, "--out-dir", str(tmp_path / "cut"), "--max-steps", "4"])
+    monkeypatch.setattr(pretrain, "seconds_per_step", lambda *a, **k: pytest.fail("timed again"))
+    pretrain.main([*flags, "--out-dir", str(tmp_path / "cut")])
+    assert "done: 15 steps" in capsys.readouterr().out
+    cut = load(tmp_path / "cut" / "ckpt.pt")
+    assert cut["config"]["clock"] == clock
+    assert all(torch.equal(v, cut["model"][k]) for k, v in ckpt["model"].items())
+
+
+def test_minutes_timed_for_real_plans_the_steps_of_its_epochs(tiny_folder, tmp_path):
+    """The step timed for real on the run's own loader: the run's first steps are those of
+    --epochs E with the E it chose (the probe drew from none of the run's random streams or
+    batches)."""
+    common = [*TINY_CLOCK, "--data-dir", tiny_folder, "--max-steps", 2]
+    run_script("pretrain.py", *common, "--minutes", 2, "--out-dir", tmp_path / "clock")
+    epochs = load(tmp_path / "clock" / "ckpt.pt")["config"]["clock"]["epochs"]
+    run_script("pretrain.py", *common, "--epochs", epochs, "--out-dir", tmp_path / "epochs")
+    a, b = (load(tmp_path / name / "ckpt.pt")["model"] for name in ("clock", "epochs"))
+    assert epochs > 1 and all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+def test_minutes_too_short_or_with_epochs_is_refused(tiny_folder, monkeypatch):
+    flags = [*TINY_CLOCK, "--data-dir", tiny_folder, "--minutes", 1]
+    assert "give --minutes or --epochs 2, not both" in error_of(pretrain.main, *flags, "--epochs", 2)
+    monkeypatch.setattr(pretrain, "seconds_per_step", lambda *a, **k: 20.0)  # an epoch: 60 s
+    monkeypatch.setattr(pretrain, "evaluation_seconds", lambda *a: 30.0)
+    assert "give at least --minutes 2" in error_of(pretrain.main, *flags)

@@ -162,7 +162,7 @@ def test_the_laptop_recipe_is_the_searchs_choice_in_the_readme_and_the_bare_comm
     readme = " ".join((ROOT / "README.md").read_text().replace("\\\n", " ").split())
     pretraining, evaluation = LAPTOP_RUN.format("data/cifar10").split(", then ")
     assert pretraining in readme and evaluation.replace("<its folder>", "runs/<run>") in readme
-    row = reproduce.EXPERIMENTS["laptop"].rows[0]
+    row = reproduce.EXPERIMENTS["minutes"].rows[0]
     assert parse_with_presets(shlex.split(pretraining)[2:])[0] == parse_with_presets(
         reproduce.pretrain_flags("laptop", row.pretrain, "data/cifar10"))[0]
     job = reproduce.Job("laptop", row.pretrain, row.evaluation, 0, ROOT / "results")
