@@ -390,13 +390,14 @@ def clock_schedule(cfg, run, dataset, model, objective, loader, started, loading
                          images_per_s=cfg.batch_size / step, evaluation_s=round(evaluation))
         said = (f"--minutes {cfg.minutes:g}: a step of {cfg.batch_size} takes {step:.3g} s here "
                 f"({cfg.batch_size / step:.0f} images/s, views made), an epoch {epoch:.0f} s: "
-                f"{epochs} epochs (warmup {cfg.clock['warmup_epochs']:.2g}), then python "
-                f"linear_eval.py --checkpoint {cfg.out_dir} {evaluation_flags(cfg)} (about "
-                f"{evaluation:.0f} s): done about {done} after the start")
+                f"{epochs} epochs (warmup {cfg.clock['warmup_epochs']:.2g}), then " + (
+                    f"python linear_eval.py --checkpoint {cfg.out_dir} {evaluation_flags(cfg)} "
+                    f"(about {evaluation:.0f} s)" if evaluation else "no evaluation (no "
+                    "evaluation images)") + f": done about {done} after the start")
     elif cfg.minutes:
         said = f"--minutes {cfg.minutes:g}: {cfg.clock['epochs']} epochs, chosen at the run's start"
     elif not run.ckpt and run.device.type == "cpu" and run.world == 1 and not cfg.compile:
-        seconds = seconds_per_step(model, cfg, objective, loader, run, 16) * run.last_step
+        seconds = seconds_per_step(model, cfg, objective, loader, run, 16, 3) * run.last_step
         said = (f"on this CPU the run takes about {datetime.timedelta(seconds=round(seconds))} "
                 f"(its step timed, views made; evaluations not counted)" + (
                     "; sized to the time you have: " + (
@@ -408,18 +409,18 @@ def clock_schedule(cfg, run, dataset, model, objective, loader, started, loading
     return min(round(warmup * run.steps_per_epoch), run.total_steps), said
 
 
-def seconds_per_step(model, cfg, objective, loader, run, images=0):
+def seconds_per_step(model, cfg, objective, loader, run, images=0, steps=15):
     """The time of a step, its views made by the loader as the run makes them, timed on copies
-    of the model and optimizer (the median of 3 after an untimed one; with images, of a step on
-    that many of the batch's images, scaled to the batch). The run's weights, optimizer and
+    of the model and optimizer (the mean of `steps` after an untimed one; with images, of steps
+    on that many of each batch's images, scaled to the batch). The run's weights, optimizer and
     random streams are not touched."""
     probe = copy.deepcopy(model).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(probe, cfg.optimizer, 0.0, 0.0, cfg.momentum)
     sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
     times, waited = [], loader.waited
     with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        batches = (batch for _ in range(4) for batch in loader)  # an epoch may have fewer
-        for _ in range(4):
+        batches = (batch for _ in range(steps + 1) for batch in loader)  # an epoch may be shorter
+        for _ in range(steps + 1):
             sync()
             start = time.perf_counter()
             (x1, x2), _ = next(batches)
@@ -428,7 +429,7 @@ def seconds_per_step(model, cfg, objective, loader, run, images=0):
             sync()
             times.append(made - start + (time.perf_counter() - made) * len(x1) / n)
     loader.waited = waited  # the run's own data share (runs.Run's log lines)
-    return statistics.median(times[1:])
+    return statistics.mean(times[1:])
 
 
 def evaluation_flags(cfg):
@@ -441,8 +442,12 @@ def evaluation_seconds(model, cfg, run, images, loading):
     """About how long evaluation_flags' linear_eval.py takes here: reading the training and
     evaluation images (as this run read its own), their features at the evaluation's size
     (the encoder timed on 256 images), and 15 s for the interpreter, the linear layer
-    on the features and the kNN."""
-    evaluated = build_dataset(cfg.dataset, cfg.data_dir, "val", None, cfg.val_fraction, cfg.val_dir)
+    on the features and the kNN. 0 where the data has no evaluation images (own photos)."""
+    try:
+        evaluated = build_dataset(cfg.dataset, cfg.data_dir, "val", None, cfg.val_fraction,
+                                  cfg.val_dir)
+    except UserError:
+        return 0.0
     total = images + len(evaluated)
     size = 40 if cfg.dataset == "cifar10" else cfg.image_size
     encoder = copy.deepcopy(model.encoder).eval().to(memory_format=torch.channels_last)
