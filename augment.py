@@ -150,7 +150,8 @@ def crop_resize(images, boxes, size):
     percentile. Not clipped, as TF. images n x C x H x W float -> n x C x size x size.
 
     On a CPU from BANDED_FROM px up, image by image as a loader worker (resize_crop): there the
-    dense products cost 1.5x (96 px) to 4x (224 px) more; a GPU runs them in one batch.
+    dense products cost several times more (RESULTS.md, "The loader worker"); a GPU runs them in
+    one batch.
     """
     if images.device.type == "cpu" and size >= BANDED_FROM:
         return torch.stack([resize_crop(image.permute(1, 2, 0), box, size)
