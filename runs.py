@@ -902,6 +902,15 @@ def write_json(path, data, script=None):
         raise UserError(f"cannot write {path}: {e.strerror}")
 
 
+def elastic_error(message):
+    """Under torchrun, message in this process's error file: the launcher's failure summary,
+    which follows its own traceback (torchrun's, not the script's), shows it as the cause."""
+    with contextlib.suppress(KeyError, OSError):
+        Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(
+            json.dumps({"message": {"message": message, "extraInfo": {
+                "py_callstack": message, "timestamp": str(int(time.time()))}}}))
+
+
 def run_cli(script, fn):
     """Run a script's work: bad input (UserError) ends it with one line and exit status 1, said
     once under torchrun (by rank 0; every rank exits 1), and so does a collective that fails
@@ -915,16 +924,19 @@ def run_cli(script, fn):
             print(done, flush=True)
     except UserError as e:
         # raised in a loader worker, the message carries the worker's traceback: its last line
-        message = str(e).strip().splitlines()[-1].split("UserError: ")[-1]
-        sys.exit(f"{script}: error: {message}" if main else 1)
+        message = f"{script}: error: " + str(e).strip().splitlines()[-1].split("UserError: ")[-1]
+        elastic_error(message)
+        sys.exit(message if main else 1)
     except KeyboardInterrupt:  # Ctrl-C before the training loop: nothing to save yet
         sys.exit(f"{script}: interrupted")
     except RuntimeError as e:
         if not (dist.is_available() and dist.is_initialized() and peer_lost(e)):
             raise
-        sys.exit(f"{script}: error: rank {os.environ.get('RANK')} lost another process of the "
-                 f"job ({first_line(e)[:100]}...); torchrun --max-restarts restarts the job, which "
-                 f"continues from the last checkpoint")
+        message = (f"{script}: error: rank {os.environ.get('RANK')} lost another process of the "
+                   f"job ({first_line(e)[:100]}...); torchrun --max-restarts restarts the job, "
+                   f"which continues from the last checkpoint")
+        elastic_error(message)
+        sys.exit(message)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

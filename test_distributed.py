@@ -133,12 +133,15 @@ def torchrun(*args, check=True):
 
 def test_torchrun_batch_must_divide(tiny_folder, tmp_path):
     """A refusal under torchrun: one line from rank 0 (once every rank said it, each with its
-    traceback), and a non-zero exit; what torchrun itself reports after it is torchrun's."""
+    traceback), and a non-zero exit; torchrun's own failure summary after it (with the launcher's
+    traceback) names it as the cause, where it said 'To enable traceback see ...'."""
     proc = torchrun(*TINY_PRETRAIN, "--data-dir", tiny_folder, "--device", "cpu", "--batch-size", 15,
                     "--out-dir", tmp_path, check=False)
+    said = "pretrain.py: error: --batch-size 15 is not divisible by 2 processes"
     assert proc.returncode != 0
-    assert proc.stderr.count("pretrain.py: error: --batch-size 15 is not divisible by 2 processes") == 1
-    assert "[rank" not in proc.stderr, proc.stderr  # no process's own traceback
+    assert proc.stderr.splitlines().count(said) == 1, proc.stderr  # rank 0, once
+    assert f"traceback : {said}" in proc.stderr, proc.stderr  # the summary's root cause
+    assert "[rank" not in proc.stderr and "To enable traceback" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's note on dist_nn, as pretrain.py
