@@ -228,12 +228,19 @@ def random_crops_uint8(images, size, views=1, generator=None):
     workers: one draw of the sampler for all of them."""
     one = torch.is_tensor(images)
     images = [images] if one else images
-    sides = torch.tensor([image.shape[:2] for image in images]).repeat_interleave(views, 0)
-    boxes = sample_crop_boxes(len(sides), sides[:, 0], sides[:, 1], generator).tolist()
+    boxes = view_boxes(images, views, generator).tolist()
     out = torch.empty(len(boxes), 3, size, size, dtype=torch.uint8)
     for i, box in enumerate(boxes):  # rounded as _uint8_chw, straight into the batch
         out[i].copy_(resize_crop(images[i // views], box, size).round_().clamp_(0, 255))
-    return out.view(len(images), views, 3, size, size)[0] if one else out.view(len(images), views, 3, size, size)
+    out = out.view(len(images), views, 3, size, size)
+    return out[0] if one else out
+
+
+def view_boxes(images, views, generator=None, device=None):
+    """The crop boxes of `views` random views of each image H x W x C, one draw of the sampler
+    for all: len(images) * views x 4, image by image (workers and --decode device alike)."""
+    sides = torch.tensor([image.shape[:2] for image in images]).repeat_interleave(views, 0)
+    return sample_crop_boxes(len(sides), sides[:, 0], sides[:, 1], generator, device)
 
 
 def center_crop_resize(image, size, proportion=CROP_PROPORTION):

@@ -42,7 +42,7 @@ from einops import rearrange
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import InMemory, ViewLoader, decode, load_split
+from data import InMemory, ViewLoader, decode, load_split, select
 from model import build_model, build_optimizer, scaled_lr
 from objective import build_objective
 from pretrain import Config, parse_with_presets, train_step, view_augmentations
@@ -486,8 +486,8 @@ def worker_row(cfg, views):
         root = make_mosaics(cfg.data_dir, tmp, cfg.mosaics) if cfg.mosaics else Path(cfg.data_dir)
         folder = load_split("folder", str(root), "pretrain", cfg.image_size, torch.device("cpu"),
                             0, views, log=lambda *a: None)
-        folder.samples = folder.samples[:cfg.worker_images]
-        folder.ids, paths = folder.ids[:len(folder.samples)], [p for p, _ in folder.samples]
+        folder = select(folder, list(range(min(cfg.worker_images, len(folder.samples)))))
+        paths = [p for p, _ in folder.samples]
         with Image.open(paths[0]) as first:
             shape = first.size
         crop = T.Compose([T.RandomResizedCrop(cfg.image_size), T.PILToTensor()])

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, PngImagePlugin
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from augment import (SimCLRAugmentation, center_crop_box, center_crop_resize, crop_resize,
-                     parse_augment, random_crops_uint8, sample_crop_boxes)
+                     parse_augment, random_crops_uint8, sample_crop_boxes, view_boxes)
 from runs import SOFTWARE, Progress, UserError, first_line, world_info
 
 SMALL_IMAGE_DATASETS = ("cifar10", "cifar100", "stl10")  # decoded once into device memory
@@ -552,7 +552,12 @@ def decode(path):
             x = None
         if x is not None and len(x) in (1, 3):
             return x.permute(1, 2, 0).expand(-1, -1, 3)  # gray as PIL converts it: the same Y x 3
-    with Image.open(path) as image:
+    return pil_rgb(path)
+
+
+def pil_rgb(file):
+    """An image file (a path or file object) as PIL reads it in RGB: uint8 H x W x 3."""
+    with Image.open(file) as image:
         return torch.from_numpy(np.array(image.convert("RGB")))
 
 
@@ -566,12 +571,12 @@ def read_encoded(path):
     return decode(path)
 
 
-def device_crops(items, size, views, device, data=None, generator=None, boxes=None):
+def device_crops(items, size, views, device, data, generator=None, boxes=None):
     """--decode device: the views' random crops of a batch of read_encoded items, made on the
     device: the JPEGs decoded there together (nvjpeg on CUDA), then cropped and resized as a
     worker does (the same sampler and resize, rounded to uint8; or these boxes, n*views x 4):
     n x views x 3 x S x S uint8. A JPEG the device cannot decode is decoded by PIL, or,
-    unreadable, replaced by the batch's first image and marked in data's unreadable files."""
+    unreadable, replaced by the batch's first image and marked in data (the ImageFolder read)."""
     encoded = [i for i, item in enumerate(items) if isinstance(item, tuple)]
     images = [item if isinstance(item, tuple) else item.to(device, non_blocking=True) for item in items]
     if encoded:
@@ -582,16 +587,13 @@ def device_crops(items, size, views, device, data=None, generator=None, boxes=No
             decoded = [_decode_or_none(items[i][0], mode, device) for i in encoded]
         for i, x in zip(encoded, decoded):
             if x is None:
-                sys.stderr.write(f"warning: unreadable image (file {items[i][3]} of the folder); "
-                                 f"using the batch's first image instead\n")
-                if data is not None:
-                    data.unreadable[items[i][3]] = 1
+                data.mark_unreadable(data.ids.index(items[i][3]), "the device cannot decode it",
+                                     "the batch's first image")
             images[i] = None if x is None else x.permute(1, 2, 0)
     first = next(x for x in images if x is not None)
     images = [first if x is None else x for x in images]
     if boxes is None:
-        sides = torch.tensor([x.shape[:2] for x in images]).repeat_interleave(views, 0)
-        boxes = sample_crop_boxes(len(sides), sides[:, 0], sides[:, 1], generator, device)
+        boxes = view_boxes(images, views, generator, device)
     crops = [crop_resize(x.permute(2, 0, 1)[None].float().expand(views, -1, -1, -1), b, size)
              for x, b in zip(images, boxes.split(views))]
     return torch.stack(crops).round_().clamp_(0, 255).to(torch.uint8)
@@ -602,8 +604,7 @@ def _decode_or_none(data, mode, device):
         return torchvision.io.decode_jpeg(data, mode=mode, device=device)
     except RuntimeError:
         try:
-            with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
-                return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).to(device)
+            return chw(pil_rgb(io.BytesIO(data.numpy().tobytes()))).to(device)
         except (OSError, ValueError, SyntaxError):
             return None
 
@@ -638,6 +639,15 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         batch = getattr(self.transform, "batch", lambda images: [self.transform(x) for x in images])
         return list(zip(batch(list(images)), targets))
 
+    def mark_unreadable(self, j, why, instead):
+        """The file at samples[j] is unreadable: marked, and named once (on stderr)."""
+        path = self.samples[j][0]
+        self.unreadable[self.ids[j]] = 1
+        if path not in self.named:  # one write: lines of several workers stay whole
+            self.named.add(path)
+            sys.stderr.write(f"warning: unreadable image {path} ({why}); using {instead} instead\n")
+            sys.stderr.flush()
+
     def read(self, index):
         """(uint8 H x W x 3 image, label) of the file at index, or of the next readable one (with
         a reader of WorkerCrops: what it reads, and for a JPEG's bytes the file's id)."""
@@ -649,12 +659,7 @@ class ImageFolder(torchvision.datasets.ImageFolder):
                 item = reader(path)  # the whole file, or a JPEG's bytes
                 return (*item, self.ids[j]) if isinstance(item, tuple) else item, target
             except (OSError, ValueError, SyntaxError) as e:  # what decode raises for a bad file
-                self.unreadable[self.ids[j]] = 1
-                if path not in self.named:  # one write: lines of several workers stay whole
-                    self.named.add(path)
-                    sys.stderr.write(f"warning: unreadable image {path} ({type(e).__name__}: "
-                                     f"{e}); using the next image instead\n")
-                    sys.stderr.flush()
+                self.mark_unreadable(j, f"{type(e).__name__}: {e}", "the next image")
         raise UserError(f"{self.MAX_IN_A_ROW} unreadable images in a row from "
                         f"{self.samples[index][0]} on: is {self.root} a folder of images?")
 

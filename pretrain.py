@@ -358,7 +358,8 @@ def knn_monitor(encoder, train, val, cfg, run):
 # the clock's (30 took 29 minutes alone on 2 cores of a Xeon with AMX).
 LAPTOP = dict(width_multiplier=0.25, batch_size=128, image_size=24, epochs=30, warmup_epochs=1.0,
               lr=2.0)
-LAPTOP_EVALUATION = "--cached-features --knn 200 --image-size 40"
+LAPTOP_EVALUATION_SIZE = 40  # px
+LAPTOP_EVALUATION = f"--cached-features --knn 200 --image-size {LAPTOP_EVALUATION_SIZE}"
 LAPTOP_RUN = ("python pretrain.py --dataset cifar10 --data-dir {} --minutes 30, then python "
               "linear_eval.py --checkpoint <its folder> " + LAPTOP_EVALUATION)
 MARGIN = 0.15  # of --minutes, left unplanned: a run's pace falls below its first steps' (3-12% here)
@@ -449,7 +450,7 @@ def evaluation_seconds(model, cfg, run, images, loading):
     except UserError:
         return 0.0
     total = images + len(evaluated)
-    size = 40 if cfg.dataset == "cifar10" else cfg.image_size
+    size = LAPTOP_EVALUATION_SIZE if cfg.dataset == "cifar10" else cfg.image_size
     encoder = copy.deepcopy(model.encoder).eval().to(memory_format=torch.channels_last)
     x = torch.full((256, 3, size, size), 0.5, device=run.device).contiguous(
         memory_format=torch.channels_last)  # the run's random streams untouched
