@@ -1,30 +1,23 @@
 """SimCLR's data augmentation t ~ T (v1 Sec. 3 and Appendix A), as batched tensor code.
 
 A view is a random crop resized to the output size, a horizontal flip, a colour distortion
-(brightness, contrast, saturation and hue jitter in an order drawn per image, then grayscale)
-and, on ImageNet, a Gaussian blur. Appendix A writes this pipeline as TensorFlow calls and the
-authors' code (data_util.py, and model.py for the blur) calls the same ops, so TensorFlow's
-kernels are the definition: each function reproduces one op, named in its docstring, and
-test_augment.py checks it against float64 loops over the kernel's formulas and against
-TensorFlow's own outputs. torchvision differs where it matters: its crops are larger and more
-often tiny, its contrast and saturation blend with the grayscale image, not TF's channel means
-and HSV.
-
-Each image draws its own parameters, on the input's device, and nothing makes the host wait for
-the device (no .item(), no shapes that depend on random draws), so on CUDA the augmentation is
-queued like the training step:
+(brightness, contrast, saturation and hue in an order drawn per image, then grayscale) and, on
+ImageNet, a Gaussian blur. Appendix A and the authors' code (data_util.py) call TensorFlow ops,
+so TensorFlow's kernels are the definition: each function reproduces one, named in its
+docstring (test_augment.py: against float64 loops over the kernels' formulas and TensorFlow's
+outputs). torchvision's differ: other crops, contrast and saturation blended with grayscale.
+Each image draws its own parameters on the input's device, and the host never waits for it:
 
     augment = SimCLRAugmentation(32, strength=0.5)       # the CIFAR-10 recipe
     view1, view2 = augment(images), augment(images)      # uint8 n x 3 x H x W -> float [0, 1]
 
-Full-resolution images (ImageNet) are cropped in the loader workers, twice per image (one crop
-per view, random_crops_uint8(image, 224, views=2)), and each batch of crops gets the rest on the
-device: SimCLRAugmentation(224, blur=True)(crops, cropped=True).
+Full-resolution images are cropped in the loader workers (random_crops_uint8(image, 224,
+views=2)) and the device does the rest: SimCLRAugmentation(224, blur=True)(crops, cropped=True).
 
-Where this departs from the authors' code, on purpose: the blur's sigma is drawn per image (the
-paper's wording; their code draws one per batch); worker crops are rounded to uint8 (0.5/255 at
-most); and TF's CPU saturation kernel, which turns a pixel gray when red is the max and green a
-hair (about 1e-7 of the range) below blue, is not copied (a few pixels in ten million).
+Departures from the authors' code, on purpose: the blur's sigma is drawn per image (the paper's
+wording; their code draws one per batch); worker crops are rounded to uint8 (0.5/255 at most);
+TF's CPU saturation kernel's slip (a pixel turned gray where red is the max and green 1e-7
+below blue) is not copied.
 """
 import functools
 from dataclasses import dataclass
@@ -49,12 +42,9 @@ def _f32(value):
 
 
 def sample_crop_boxes(n, height, width, generator=None, device=None):
-    """n random crops of a height x width image (or of n images, height and width n each): n x 4
-    (top, left, crop height, crop width).
-
-    TensorFlow's sampler (GenerateRandomCrop in sample_distorted_bounding_box_op.cc) with the
-    authors' arguments, its 100 attempts drawn for all n images at once. The areas are not
-    uniform: at 32 px their mean is about 0.43, the median 0.39, and none is under 0.10.
+    """n random crops (top, left, height, width), n x 4, of a height x width image (or n images:
+    n heights and widths): TensorFlow's GenerateRandomCrop with the authors' arguments, its 100
+    attempts drawn for all n at once. The areas are not uniform (at 32 px: mean 0.43, none < 0.1).
     """
     u = torch.rand(2, n, ATTEMPTS, generator=generator, device=device)
     u_offset = torch.rand(n, 2, generator=generator, device=device)
@@ -99,10 +89,9 @@ def _crop_boxes(u_ratio, u_height, u_offset, height, width):
 
 
 def center_crop_box(height, width, size, proportion=CROP_PROPORTION):
-    """The evaluation crop (data_util.center_crop) for a square output of side size: a centred
-    square of rint(proportion x the shorter side) in float32, offsets rounded up. When size <= 32
-    the authors' data.py turns the crop off (a CIFAR image is used whole); an image that is not
-    square is then cut to its centred square, not squashed. Returns 4 ints."""
+    """The evaluation crop (data_util.center_crop): a centred square of rint(proportion x the
+    shorter side), offsets rounded up; at size <= 32 the whole image (its centred square), as the
+    authors' data.py. Returns 4 ints."""
     side = min(height, width) if size <= 32 else int(
         (torch.tensor(proportion) * min(height, width)).round())
     return (height - side + 1) // 2, (width - side + 1) // 2, side, side
@@ -140,18 +129,14 @@ def _resize_matrix(start, length, size, extent):
 
 
 def crop_resize(images, boxes, size):
-    """Crop each image to its box (top, left, height, width) and resize it to size x size.
+    """Crop each image to its box (top, left, height, width) and resize it to size x size, not
+    clipped: n x C x H x W float -> n x C x size x size.
 
     tf.image.crop_to_bounding_box then tf.compat.v1.image.resize_bicubic, as the TF1 code that
     made the v1 results and the released checkpoints: no half-pixel centres, a = -0.75, taps
-    clamped to the crop, the fractional position quantised to 1/1024. The tf2/ code's
-    tf.image.resize(..., BICUBIC) has half-pixel centres, a = -0.5, and drops the taps outside
-    the crop: on CIFAR-10 crops it differs by 4.7/255 on average, 30/255 at the 99th
-    percentile. Not clipped, as TF. images n x C x H x W float -> n x C x size x size.
-
-    On a CPU from BANDED_FROM px up, image by image as a loader worker (resize_crop): there the
-    dense products cost several times more (RESULTS.md, "The loader worker"); a GPU runs them in
-    one batch.
+    clamped to the crop, positions quantised to 1/1024 (the tf2/ code's tf.image.resize differs
+    by 4.7/255 on average on CIFAR-10 crops). On a CPU from BANDED_FROM px up, image by image
+    (resize_crop), where the dense products cost several times more.
     """
     if images.device.type == "cpu" and size >= BANDED_FROM:
         return torch.stack([resize_crop(image.permute(1, 2, 0), box, size)
@@ -176,10 +161,9 @@ def _separable(x, rows, cols):
     return rows[:, None] @ out.view(n, c, height, cols.shape[1])  # n x C x P x Q
 
 
-# A loader worker's crops, one image at a time: the same filter as a banded product, since a
-# dense one costs O(H W S) per channel (300 MFLOP for a 224 px view of a 375 px crop) where the
-# filter's 4 taps need 60 times less; in blocks of outputs, each block reading the input span
-# its taps reach. The blocks, cached by line length, cost what the taps do (test_augment).
+# A loader worker's crops, one image at a time: the same filter as a banded product (a dense one
+# costs 60 times the 4 taps' work at 224 px), in blocks of outputs, each reading the input span
+# its taps reach, cached by line length.
 BLOCK = 8
 BANDED_FROM = 80  # px: crop_resize's output size from which a CPU resizes image by image
 
@@ -202,9 +186,8 @@ def _banded(length, size):
 
 
 def resize_crop(image, box, size):
-    """crop_resize of one box (top, left, height, width) of an H x W x C image (uint8 as decoded,
-    or float), as loader workers run it: float C x size x size (a view of an x, C, y buffer),
-    equal to crop_resize's to float rounding (sums in another order)."""
+    """crop_resize of one box of an H x W x C image (uint8 or float), as loader workers run it:
+    float C x size x size, equal to crop_resize's to float rounding."""
     top, left, h, w = box
     c = image.shape[2]
     rows, reads = _banded(h, size)
@@ -223,9 +206,8 @@ def _uint8_chw(resized):
 
 
 def random_crops_uint8(images, size, views=1, generator=None):
-    """`views` random crops of each full-resolution uint8 image H x W x 3 (as decoded; a list of
-    them, or one) -> uint8 images x views x 3 x size x size (or views x ...), for loader
-    workers: one draw of the sampler for all of them."""
+    """`views` random crops of each uint8 image H x W x 3 (a list, or one) -> uint8 images x views
+    x 3 x size x size (or views x ...), one draw of the sampler for all: the loader workers'."""
     one = torch.is_tensor(images)
     images = [images] if one else images
     boxes = view_boxes(images, views, generator).tolist()
@@ -291,11 +273,8 @@ def adjust_contrast(x, factor):
 
 
 def adjust_saturation(x, factor):
-    """tf.image.adjust_saturation: to HSV, S * factor clipped to [0, 1], back to RGB.
-
-    Hue and value are kept, so each channel keeps its place between the max V and the min
-    V (1 - S): x' = V - (V - x) * S' / S, without the round trip. As TF, S = 0 where V <= 0.
-    """
+    """tf.image.adjust_saturation: to HSV, S * factor clipped to [0, 1], back to RGB. Hue and
+    value are kept, so x' = V - (V - x) * S' / S, without the round trip; S = 0 where V <= 0."""
     tiny = torch.finfo(x.dtype).tiny
     v = x.amax(1, keepdim=True)  # n x 1 x H x W
     s = (v - x.amin(1, keepdim=True)) / v.clamp(min=tiny)
@@ -304,11 +283,8 @@ def adjust_saturation(x, factor):
 
 
 def adjust_hue(x, delta):
-    """tf.image.adjust_hue: the hue H (in turns) rotated by delta, max and min kept (AdjustHueOp).
-
-    H in sixths of a turn from the max channel, as TF's rgb_to_hv_range; back to RGB with the
-    standard piecewise-linear curves of HSV, each channel between the min and the max.
-    """
+    """tf.image.adjust_hue: the hue (in turns) rotated by delta, max and min kept (AdjustHueOp):
+    H in sixths of a turn as TF's rgb_to_hv_range, back with HSV's piecewise-linear curves."""
     r, g, b = x.unbind(1)  # n x H x W each
     v, lo = x.amax(1), x.amin(1)
     span = v - lo
@@ -351,12 +327,9 @@ def color_jitter(x, strength, brightness="multiplicative", generator=None, p=1.0
 
 
 def _jitter_in_order(x, factors, order, applied, brightness="multiplicative", sub_batches=None):
-    """Round r applies op order[r, i] to image i where applied[i], clipping each result.
-
-    On the CPU each op runs on the images that take it in that round (5x less work). Elsewhere
-    that choice would make the host wait for the device (sub-batch sizes depend on the draws), so
-    every op runs on the whole batch and each image keeps its own: lerp by a 0/1 weight is exact.
-    """
+    """Round r applies op order[r, i] to image i where applied[i], clipping each result. On the
+    CPU each op runs on its images only; on a GPU (where sub-batch sizes would make the host
+    wait) on the whole batch, each image keeping its own by an exact 0/1 lerp."""
     ops = [adjust_brightness_additive if brightness == "additive" else adjust_brightness,
            adjust_contrast, adjust_saturation, adjust_hue]
     if sub_batches is None:
@@ -382,11 +355,9 @@ def _jitter_in_order(x, factors, order, applied, brightness="multiplicative", su
 
 
 def gaussian_blur(x, sigma, kernel_size):
-    """data_util.gaussian_blur: a separable Gaussian of std sigma (per image) and 2 * (kernel_size
-    // 2) + 1 taps (the authors pass side // 10), zero 'SAME' padding, so borders darken as in
-    TF. Written as products with banded matrices, where zero padding is the band cut off at the
-    border: 2x faster than a grouped convolution on the CPU at 224 px, and float32 on CUDA,
-    where cuDNN convolutions default to TF32."""
+    """data_util.gaussian_blur: a separable Gaussian of std sigma (per image), 2 * (kernel_size //
+    2) + 1 taps, zero 'SAME' padding (borders darken as in TF), as products with banded matrices
+    (faster than a grouped convolution on a CPU, and float32 on CUDA, not TF32)."""
     radius = kernel_size // 2
     taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-taps ** 2 / (2 * _per_image(sigma, x).view(-1, 1) ** 2))  # n x K
@@ -435,13 +406,9 @@ class SimCLRAugmentation:
     base_crop: bool = False  # Fig. 5's protocol: the input is the crop both views share, the rest follows
 
     def __call__(self, images, cropped=False, generator=None):
-        """uint8 n x 3 x H x W (any device) -> float32 n x 3 x size x size in [0, 1].
-
-        cropped=True: the images were cropped and resized already (random_crops_uint8 in the
-        loader workers); flip, colour and blur still apply. With base_crop (Fig. 5's
-        protocol) that crop is the one both views share (ViewLoader makes it), and crop
-        crops it again.
-        """
+        """uint8 n x 3 x H x W (any device) -> float32 n x 3 x size x size in [0, 1]. cropped: the
+        images are crops already (the workers'; with base_crop the one both views share, which
+        crop crops again)."""
         if self.base_crop and not cropped:
             raise ValueError("base_crop: pass the views' shared crop, cropped=True (ViewLoader)")
         n, _, height, width = images.shape

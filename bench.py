@@ -1,21 +1,12 @@
 """Speed of SimCLR pretraining (Algorithm 1): the data pipeline, the compute step, both together.
 
-Pretraining is the expensive stage (1000 CIFAR-10 epochs, or ImageNet on many GPUs), so this
-script measures, for one dataset, architecture, width, batch size and device, in images per
-second (an image is two augmented views) and with peak memory:
-
-    1. the data pipeline alone: two augmented views (Appendix A) of each image, made on the
-       device from images in memory (CIFAR), or cropped by loader workers (image folders);
-    2. one pretraining step on a batch already on the device: forward of both views, NT-Xent
-       (Eq. 1), backward, optimizer step (LARS, Sec. 2.2) -- the compute ceiling of the model;
-    3. the same step fed by the real pipeline, as pretrain.py runs it;
-
-and the share of the step spent in the loss and in the optimizer, the model's FLOPs per image,
-the achieved fraction of the GPU's bf16 peak, and seconds per CIFAR-10 epoch from row 3. The
-model, loss, optimizer and step are pretrain.py's own (build_model, build_optimizer, train_step);
-the flags are pretrain.py's flags with the same presets, plus the measurement flags below.
-Every time is wall-clock between two device synchronisations, after warm-up steps (which also
-absorb cuDNN autotuning and torch.compile), and the table shows the median over --repeats.
+In images per second (an image is two views) and peak memory, for pretrain.py's flags and
+presets: 1. the data pipeline alone (views made on the device from images in memory, or cropped
+by loader workers); 2. pretrain.train_step on a batch already on the device (the compute
+ceiling); 3. the step fed by the pipeline, as pretrain.py runs it. Also the loss's and the
+optimizer's share of the step, FLOPs per image, the fraction of the GPU's bf16 peak and seconds
+per epoch. Times are wall-clock between device synchronisations after warm-up steps (cuDNN
+autotuning, torch.compile), the median over --repeats.
 
     python bench.py --data-dir data/cifar10 --batch-size 512                # 1 GPU
     python bench.py --data-dir data/cifar10 --batch-size 512 --compile
@@ -98,13 +89,12 @@ BF16_PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200
 
 
 # ---------------------------------------------------------------------------------------------
-# Timing: wall-clock between device synchronisations, median over repeats
+# Timing and data: wall-clock between device synchronisations, batches as pretrain.py makes them
 # ---------------------------------------------------------------------------------------------
 
 
 def synchronize(device):
-    """Wait until the device has finished the work queued so far (CUDA and MPS run asynchronously:
-    without this a timer measures how fast the host queues kernels, not how fast they run)."""
+    """Wait for the work queued on the device (else a timer measures the host's queueing)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -112,9 +102,8 @@ def synchronize(device):
 
 
 def measure(step, device, warmup, steps, repeats):
-    """Seconds per call of step(): `warmup` calls, then `repeats` timings of `steps` calls each,
-    every timing between two synchronisations. Returns (one number per repeat, the seconds the
-    warm-up took: torch.compile's compilation is in it)."""
+    """(seconds per call of step() in each of `repeats` timings of `steps` calls, the seconds of
+    the `warmup` calls before them: torch.compile's compilation is in it)."""
     start = time.perf_counter()
     for _ in range(warmup):
         step()
@@ -132,8 +121,7 @@ def measure(step, device, warmup, steps, repeats):
 
 
 def peak_memory_mb(device):
-    """CUDA: the most memory tensors held since the last reset. Elsewhere: the process's peak
-    resident memory, which cannot be reset, so it only grows from row to row."""
+    """CUDA: the tensors' peak since the last reset; elsewhere the process's peak RSS (cumulative)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
@@ -145,16 +133,9 @@ def reset_peak_memory(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: pretrain.py's dataset and DataLoader settings
-# ---------------------------------------------------------------------------------------------
-
-
 def view_batches(dataset, augments, cfg, batches, workers, device):
-    """`batches` batches of two views made as pretrain.py makes them (ViewLoader: CIFAR in memory
-    on the device; image folders cropped by fresh loader workers, whose start-up is timed, then
-    the device), of random images drawn with replacement so that a small dataset still gives
-    enough batches."""
+    """`batches` batches of views made as pretrain.py makes them (fresh loader workers for a
+    folder), of images drawn with replacement: a small dataset still gives enough."""
     sampler = torch.utils.data.RandomSampler(dataset, num_samples=batches * cfg.batch_size)
     return iter(ViewLoader(dataset, sampler, cfg.batch_size, augments, device, workers))
 
@@ -165,10 +146,8 @@ def view_batches(dataset, augments, cfg, batches, workers, device):
 
 
 def model_flops_per_view(cfg):
-    """(forward, backward) FLOPs of the SimCLR network for one view, counted by PyTorch's
-    FlopCounterMode (convolutions and matrix products, 2 FLOPs per multiply-add; BatchNorm,
-    ReLU and the loss are not counted). Counted on a fresh CPU copy with 2 images, since
-    BatchNorm needs more than one."""
+    """(forward, backward) FLOPs of the network for one view: FlopCounterMode's convolutions and
+    matrix products (2 per multiply-add), on a CPU copy and 2 images (BatchNorm needs two)."""
     model = build_model(cfg).train()
     x = torch.rand(2, 3, cfg.image_size, cfg.image_size)
     with FlopCounterMode(display=False) as forward:
@@ -226,10 +205,8 @@ def bench(cfg):
                   workers=workers, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
                   torch=torch.__version__, git=git_revision(), rows={}, worker=worker)
 
-    # Row 1: the pipeline alone. Its first batch waits for the workers to start (pretrain.py
-    # pays that every epoch), so it is timed on its own and left out of the rate. The workers
-    # start together and their first batches arrive together, so the rate is taken after two
-    # batches per worker, over at least one batch per worker.
+    # Row 1: the pipeline alone. The first batch (the workers' start) is timed on its own; the
+    # rate is taken after two batches per worker, over at least one per worker.
     if "data" in rows:
         warmup, steps = max(cfg.warmup, 2 * workers), max(cfg.steps, workers)
         loader = view_batches(dataset, augments, cfg, 1 + warmup + steps * cfg.repeats, workers,
@@ -270,9 +247,8 @@ def bench(cfg):
             cfg.batch_size, device)
         del views
 
-    # Row 3: the step fed by a fresh loader, as in an epoch of pretrain.py. The warm-up also
-    # drains the batches the workers had prefetched while the first steps ran, so that a
-    # pipeline slower than the step shows its own rate.
+    # Row 3: the step fed by a fresh loader; the warm-up drains the workers' prefetched batches,
+    # so that a pipeline slower than the step shows its own rate.
     if "full" in rows:
         warmup = max(cfg.warmup, 2 * workers)
         loader = view_batches(dataset, augments, cfg, warmup + cfg.steps * cfg.repeats, workers,
@@ -307,9 +283,7 @@ def bench(cfg):
         result.update(loss_ms=loss_ms, optimizer_ms=optimizer_ms, loss_share=loss_ms / step_ms,
                       optimizer_share=optimizer_ms / step_ms)
 
-    # Writing the run's checkpoint (model, optimizer with its momentum, random states) as
-    # pretrain.py writes it: atomically, the previous one kept, on the disk of the current folder
-    # (where runs/ goes by default). A run pays this every --checkpoint-every minutes.
+    # Writing the run's checkpoint as pretrain.py does, on the current folder's disk.
     if "checkpoint" in rows:
         for p in raw_model.parameters():
             p.grad = torch.randn_like(p) * 1e-3
@@ -337,8 +311,7 @@ def bench(cfg):
             row["achieved_tflops"] = train_flops * row["images_per_s"] / 1e12
             row["peak_fraction"] = row["achieved_tflops"] / peak if peak and amp_dtype else None
 
-    # Seconds per epoch as pretrain.py runs one: whole batches (its workers persist across epochs,
-    # so their start-up is paid once per run, not per epoch).
+    # Seconds per epoch of whole batches (the workers persist: their start is paid once per run).
     result["epoch_images"] = cfg.epoch_images or len(dataset)
     steps_per_epoch = result["epoch_images"] // cfg.batch_size
     for name in ("memory", "full"):
@@ -450,9 +423,8 @@ def report(result):
 
 
 def make_mosaics(source, folder, count, seed=0):
-    """count ImageNet-sized JPEGs in folder/train/n0000000<k>/ (500 x 375, 375 x 500, 500 x 333
-    or 400 x 400, quality 90), each a mosaic of 64 px tiles of source's images: real photos'
-    content at ImageNet's size, where ImageNet is not at hand (as the GPU check makes them)."""
+    """count ImageNet-sized JPEGs (500 x 375 and the like, quality 90) in folder/train/<k>/, each
+    a mosaic of 64 px tiles of source's images: photos at ImageNet's size, without ImageNet."""
     import random
     files = sorted(p for p in Path(source).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not files:
@@ -472,13 +444,10 @@ def make_mosaics(source, folder, count, seed=0):
 
 
 def worker_row(cfg, views):
-    """What one loader worker does per image of a folder of JPEGs, in images/s on one core (one
-    thread, in this process): this project's (decode, the views' random crops at --image-size:
-    data.WorkerCrops on batches, as the DataLoader asks) against torchvision's usual SimCLR
-    worker (PIL decode, RandomResizedCrop x views, to tensors), and the decode alone (PIL's,
-    data.decode's), interleaved round by round over the same files; the median of --repeats
-    rounds after an untimed one (which also fills the resize's cache, as a run's first batches
-    do)."""
+    """Images/s of one loader worker on one core: this project's (data.WorkerCrops on batches)
+    against torchvision's usual SimCLR worker (PIL, RandomResizedCrop x views), and the decode
+    alone (data.decode, PIL), interleaved over the same files; the median of --repeats rounds
+    after an untimed one."""
     import torchvision.transforms as T
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

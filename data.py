@@ -1,12 +1,10 @@
-"""The data of every script: datasets, image folders, loaders and samplers, and the two ways
-images reach the training device, as the authors keep data.py apart from their model.
+"""The data of every script: datasets, image folders, loaders and samplers.
 
-Small fixed-size datasets (CIFAR-10/100, STL-10, or an image folder of them) are decoded once
-into one uint8 tensor on the training device (InMemory): batches are indexed and augmented there
-(augment.py), with no loader workers and no copy per step. Image folders of any size (ImageNet,
-your own images) are decoded by loader workers, which crop each view at full resolution to the
-output size (WorkerCrops), and the device does the rest of the augmentation on the batch.
-ViewLoader yields the augmented views of one epoch either way; eval_batches the evaluation view.
+Small datasets (CIFAR-10/100, STL-10, or an image folder of them) are decoded once into one uint8
+tensor on the training device (InMemory), where batches are indexed and augmented (augment.py).
+Image folders of any size (ImageNet, your own) are decoded by loader workers, which crop each view
+at full resolution to the output size (WorkerCrops); the device does the rest on the batch.
+ViewLoader yields the augmented views of an epoch either way, eval_batches the evaluation view.
 """
 import contextlib
 import copy
@@ -44,12 +42,10 @@ def build_augmentation(size, augment="crop", strength=1.0, blur=False, base_crop
 
 
 class WorkerCrops:
-    """What a loader worker does to each full-resolution image of a folder (the part of the
-    augmentation that needs the whole image): `views` random crops resized to size (TF's
-    sampler and bicubic resize), or with views=0 the evaluation's centre crop, uint8 out.
-    random=False (--augment without crop): the centre crop for every view. on_device (--decode
-    device): the worker reads a JPEG's bytes and leaves decoding and cropping to the device
-    (device_crops); reader: how the folder reads each file for it."""
+    """What a loader worker does to each image of a folder: `views` random crops resized to size,
+    uint8 (views=0: the evaluation's centre crop; random=False, --augment without crop: the
+    centre crop for every view). on_device (--decode device): it reads a JPEG's bytes and the
+    device decodes and crops (device_crops); reader: how the folder reads each file for it."""
 
     def __init__(self, size, views=0, random=True, on_device=False):
         self.size, self.views, self.random = size, views, random
@@ -60,8 +56,7 @@ class WorkerCrops:
         return self.batch([image])[0]
 
     def batch(self, images):
-        """The crops of a batch of images (a loader worker's): one draw of the crop sampler for
-        all of them, the per-image cost of the sampler's 100 attempts paid once."""
+        """The crops of a loader worker's batch: one draw of the crop sampler for all."""
         if self.on_device:
             return images  # read_encoded's: the device crops them
         if self.views and self.random:
@@ -71,10 +66,8 @@ class WorkerCrops:
 
 
 class InMemory:
-    """A split of small images decoded once into one uint8 tensor N x 3 x H x W on the training
-    device (CIFAR-10's 50,000 images: 150 MB), with its labels: batches are indexed and augmented
-    there, without loader workers or a copy per step. samples / root: the files, when it was
-    read from an image folder (finetune.py's subset lists name them)."""
+    """A split of small images as one uint8 tensor N x 3 x H x W on the training device (CIFAR-10:
+    150 MB), and its labels. samples / root: the files of an image folder it was read from."""
 
     def __init__(self, images, labels, classes, samples=None, root=None):
         self.images, self.labels, self.classes = images, labels, classes
@@ -98,12 +91,10 @@ SIDES = {"cifar10": 32, "cifar100": 32, "stl10": 96}  # px
 
 def load_split(dataset, data_dir, split, size, device, workers=0, views=0, log=print, crop=True,
                val_fraction=0.0, val_dir="", held_out=None, decode_on="workers"):
-    """A split ready for batches on the device: CIFAR-10/100 and STL-10 as InMemory; image
-    folders (ImageNet, your own) as an ImageFolder whose workers decode and crop (WorkerCrops;
-    crop=False: the centre crop for every view, --augment without crop; decode_on "device":
-    the device decodes the JPEGs and crops them, device_crops). val_fraction, val_dir: where the
-    evaluation images come from (build_dataset); a training split never holds them, nor the
-    files of held_out (excluding)."""
+    """A split ready for batches on the device: CIFAR-10/100 and STL-10 as InMemory, image
+    folders as an ImageFolder whose workers decode and crop (WorkerCrops). val_fraction, val_dir:
+    where the evaluation images come from (build_dataset); a training split never holds them,
+    nor the files of held_out (excluding)."""
     transform = (WorkerCrops(size, views, crop, decode_on == "device") if dataset not in
                  SMALL_IMAGE_DATASETS else chw)
     source = build_dataset(dataset, data_dir, split, transform, val_fraction, val_dir)
@@ -149,15 +140,11 @@ def load_split(dataset, data_dir, split, size, device, workers=0, views=0, log=p
 
 
 class ViewLoader:
-    """One epoch of augmented views of every image in this process's share (sampler), as float
-    batches on the device: yields ([view 1, ...], labels), views n x 3 x S x S, one view per
-    augmentation in `augments` (the same one twice for Algorithm 1; Fig. 5's protocol gives
-    each branch its own, both applied to one random crop of each image: base_crop). InMemory
-    data is indexed and augmented on the device; image folders come cropped from the loader
-    workers (WorkerCrops, one crop per view or the one shared; with --decode device, as their
-    JPEGs' bytes, cropped on the device: device_crops), and the device does the rest (flip,
-    colour, blur) on the batch. `waited`: the seconds the loop waited for the workers' batches,
-    what tells a device kept waiting for its data (runs.Run's log lines)."""
+    """One epoch of this process's share (sampler) as float batches on the device: yields
+    ([view 1, ...], labels), views n x 3 x S x S, one per augmentation in `augments` (Fig. 5's
+    protocol, base_crop: both from one random crop of each image). Image folders come cropped
+    from the loader workers (or as JPEG bytes, device_crops); the device does the rest.
+    `waited`: seconds spent waiting for the workers (runs.Run's data share)."""
 
     def __init__(self, data, sampler, batch_size, augments, device, workers):
         self.data, self.sampler, self.batch_size = data, sampler, batch_size
@@ -171,8 +158,7 @@ class ViewLoader:
 
     @staticmethod
     def crops_per_image(augments):
-        """The random crops the loader workers make of each image (load_split's views): one per
-        view, or the one the views share (Fig. 5's protocol, base_crop)."""
+        """The random crops the workers make of each image: one per view, or one shared."""
         return 1 if augments[0].base_crop else len(augments)
 
     def __len__(self):
@@ -206,9 +192,8 @@ class ViewLoader:
 
 
 def eval_batches(data, size, batch_size, device, workers):
-    """Every world-th image of data (this process's share), in order, as the evaluation sees
-    it (the centre crop, clipped to [0, 1] as the authors' preprocess_for_eval; 32 px images as
-    they are): yields (float n x 3 x S x S, labels)."""
+    """This process's share (every world-th image) in order, as the evaluation sees it (the
+    centre crop, clipped to [0, 1]; 32 px images as they are): yields (float n x 3 x S x S, labels)."""
     rank, world = world_info()
     if isinstance(data, InMemory):
         box = center_crop_box(*data.images.shape[2:], size)
@@ -225,9 +210,8 @@ def eval_batches(data, size, batch_size, device, workers):
 
 
 def evaluation_files(data_dir, val_dir):
-    """The evaluation folder's images (--val-dir, or val/ or test/) if it lies inside the folder
-    the training images come from (<data-dir>/train, or <data-dir> itself without one), else
-    None: beside it, they cannot be training images."""
+    """The evaluation folder's images (--val-dir, val/ or test/) if it lies inside the training
+    images' folder (<data-dir>/train, or <data-dir>), else None: beside it, none can be trained on."""
     root = Path(data_dir)
     tree = root / "train" if (root / "train").is_dir() else root
     folder = Path(val_dir) if val_dir else next(
@@ -244,12 +228,9 @@ SPLIT_SEED = 0  # the held-out images depend on the folder and --val-fraction al
 
 
 def class_balanced(labels, fraction, seed):
-    """Indices of round(fraction x n_c) images of every class c (at least 1), drawn with seed.
-
-    Class-balanced like the authors' ImageNet label lists (about 13 and 128 images per class for
-    1% and 10%), and like the held-out split of --val-fraction. The same labels, fraction and
-    seed give the same subset on every machine and every process. Returned sorted.
-    """
+    """Sorted indices of round(fraction x n_c) images of every class c (at least 1), drawn with
+    seed: class-balanced as the authors' ImageNet lists (about 13 and 128 per class for 1% and
+    10%), the same on every machine and process."""
     generator = torch.Generator().manual_seed(seed)
     by_class = {}
     for i, y in enumerate(labels):
@@ -273,8 +254,7 @@ SUBSET_HEADER = "# the labelled images of the run in this folder; --subset-file 
 
 
 def save_subset(path, dataset, indices):
-    """subset.txt: the labelled images (image_names), under SUBSET_HEADER, which says the file is
-    a run's own (subset_is_ours) and which read_subset_file skips."""
+    """subset.txt: the labelled images (image_names) under SUBSET_HEADER (subset_is_ours)."""
     Path(path).write_text("\n".join([SUBSET_HEADER, *image_names(dataset, indices)]) + "\n")
 
 
@@ -283,12 +263,9 @@ def subset_is_ours(path):
 
 
 def read_subset_file(path, dataset):
-    """Indices of the images a subset file names, one per line.
-
-    A line may be <class>/<file> (what image_names writes) or a bare file name, as in the
-    authors' ImageNet lists (n01440764_10026.JPEG), matched on the file's base name; for
-    datasets that are not image folders (torchvision's CIFAR) lines are indices.
-    """
+    """Indices of the images a subset file names, one per line: <class>/<file> (image_names), a
+    bare file name as in the authors' ImageNet lists (n01440764_10026.JPEG), or, for datasets
+    without files (torchvision's CIFAR), an index."""
     try:
         lines = [s.strip() for s in Path(path).read_text().splitlines()]
     except OSError as e:
@@ -345,11 +322,9 @@ def choose_labeled(cfg, train_set, log):
 
 
 def evaluation_split(given, stored, data_dir):
-    """--val-fraction and --val-dir as given on the command line, else, on the checkpoint's own
-    data (data_dir is the folder of its stored configuration), the checkpoint's: every later
-    script evaluates on the images pretraining held out. There, another held-out fraction would
-    evaluate on trained images, and so would, on any data, evaluation images among those the
-    checkpoint trained on: refused. Other data's split is the user's to choose."""
+    """--val-fraction and --val-dir as given, else, on the checkpoint's own data, the checkpoint's:
+    the later scripts evaluate on the images pretraining held out. A split that would evaluate on
+    images the checkpoint trained on is refused."""
     same_data = os.path.realpath(data_dir) == os.path.realpath(stored.get("data_dir", ""))
     trained = Path(stored.get("data_dir", "")) / (
         "train" if (Path(stored.get("data_dir", "")) / "train").is_dir() else "")
@@ -373,10 +348,8 @@ def inside(path, folder):
 
 
 def excluding(dataset, evaluation):
-    """dataset without the files of the evaluation split: an evaluation image is never a training
-    image, whatever folders were given (a --val-dir inside the training folder, an unlabeled
-    folder that holds the held-out images). Datasets without files (torchvision's arrays) are
-    disjoint by construction."""
+    """dataset without the evaluation split's files, whatever folders were given (a --val-dir
+    inside the training folder, an unlabeled folder holding them); arrays are disjoint already."""
     if evaluation is None or getattr(dataset, "samples", None) is None or \
             getattr(evaluation, "samples", None) is None:
         return dataset
@@ -410,8 +383,7 @@ def typical_side(folder, count=64):
 
 
 def check_same_classes(train, val):
-    """The training and evaluation splits must name the same classes, or labels shift, and at
-    least two: with one, every answer is right and an accuracy says nothing."""
+    """The splits must name the same classes (or labels shift), and two at least."""
     if len(val.classes) < 2:
         raise UserError(f"the evaluation images are of {len(val.classes)} class"
                         f"{'' if len(val.classes) == 1 else 'es'} ({', '.join(val.classes)}): "
@@ -432,9 +404,7 @@ def dataset_labels(dataset):
 
 
 def select(dataset, indices):
-    """A copy of dataset with only the images at indices (an InMemory split's images, an image
-    folder's file list, a torchvision dataset's arrays), keeping its classes and the rest of
-    what scripts read."""
+    """A copy of dataset (InMemory, image folder, torchvision arrays) with the images at indices."""
     if isinstance(dataset, InMemory):
         return dataset.subset(indices)
     dataset = copy.copy(dataset)
@@ -454,13 +424,10 @@ def select(dataset, indices):
 def build_dataset(dataset, data_dir, split, transform, val_fraction=0.0, val_dir=""):
     """split: 'pretrain' (every image, labels unused), 'train' (labelled) or 'val'.
 
-    cifar10/cifar100/stl10 come from torchvision (downloaded when missing); imagenet, folder and a
-    cifar export with a train/ folder are image folders: <data-dir>/train/<class>/<image> (folder:
-    also <data-dir>/<class>/<image>) and <data-dir>/val/ (or test/). --dataset folder pretrains
-    on every image under <data-dir>/train (or <data-dir>), at any depth, class folders or not.
-    The evaluation split is --val-dir if given; else, with --val-fraction, a class-balanced part
-    of the training images held out from every split but 'val' (the same images in every
-    script, seeded by SPLIT_SEED); else val/ or test/.
+    cifar10/cifar100/stl10 come from torchvision; imagenet, folder and a cifar export are image
+    folders, <data-dir>/train/<class>/<image> and <data-dir>/val/ (or test/); folder pretrains on
+    every image under <data-dir>/train (or <data-dir>). The evaluation split is --val-dir, else
+    with --val-fraction a class-balanced part of the training images (SPLIT_SEED), else val/.
     """
     if split == "val" and val_dir:
         return _image_folder(Path(val_dir), transform, "--val-dir")
@@ -538,10 +505,8 @@ def chw(image):
 
 
 def decode(path):
-    """An image file as a uint8 H x W x 3 tensor, RGB, as torchvision's ImageFolder reads it
-    (PIL's convert("RGB")). JPEGs of 1 or 3 channels are decoded by torchvision.io, whose
-    libjpeg-turbo gives PIL's pixels (tested) in less time and in this layout; the others (CMYK
-    JPEGs, PNG, ...) by PIL. A file neither reads raises OSError."""
+    """An image file as uint8 H x W x 3 RGB, PIL's pixels (tested): JPEGs of 1 or 3 channels by
+    torchvision.io (faster), the others by PIL. An unreadable file raises OSError."""
     with open(path, "rb") as f:
         data = f.read()
     if data[:2] == b"\xff\xd8" and hasattr(torchvision.io, "decode_jpeg"):  # deprecated in 0.29
@@ -572,11 +537,10 @@ def read_encoded(path):
 
 
 def device_crops(items, size, views, device, data, generator=None, boxes=None):
-    """--decode device: the views' random crops of a batch of read_encoded items, made on the
-    device: the JPEGs decoded there together (nvjpeg on CUDA), then cropped and resized as a
-    worker does (the same sampler and resize, rounded to uint8; or these boxes, n*views x 4):
-    n x views x 3 x S x S uint8. A JPEG the device cannot decode is decoded by PIL, or,
-    unreadable, replaced by the batch's first image and marked in data (the ImageFolder read)."""
+    """--decode device: a batch of read_encoded items decoded together on the device (nvjpeg),
+    then cropped as a worker does (or to boxes, n*views x 4): n x views x 3 x S x S uint8. What
+    the device cannot decode PIL does; an unreadable file is replaced by the batch's first
+    image and marked in data."""
     encoded = [i for i, item in enumerate(items) if isinstance(item, tuple)]
     images = [item if isinstance(item, tuple) else item.to(device, non_blocking=True) for item in items]
     if encoded:
@@ -610,12 +574,9 @@ def _decode_or_none(data, mode, device):
 
 
 class ImageFolder(torchvision.datasets.ImageFolder):
-    """torchvision's ImageFolder that survives unreadable files (truncated JPEGs, non-images with
-    an image extension: real folders, ImageNet's included, contain some). Such a file is named
-    on stderr and replaced by the next readable image, so batches keep their size on every
-    process; `unreadable` marks each such file once (a byte per file of the folder as it was
-    read, shared with the loader workers; `ids` are the samples' places in it, which select
-    keeps). Many in a row mean the wrong folder, not a stray file, and stop the run."""
+    """torchvision's ImageFolder that survives unreadable files (ImageNet has some): each is named
+    on stderr and replaced by the next readable image, and marked in `unreadable` (a byte per
+    file, shared with the workers; `ids`: the samples' places in it). Many in a row stop the run."""
 
     MAX_IN_A_ROW = 50
 
@@ -633,8 +594,7 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         return self.transform(image), target
 
     def __getitems__(self, indices):
-        """A loader's batch (DataLoader asks for it at once): the images decoded, then made into
-        their crops together where the transform can (WorkerCrops.batch)."""
+        """A loader's batch: the images decoded, then cropped together (WorkerCrops.batch)."""
         images, targets = zip(*(self.read(i) for i in indices))
         batch = getattr(self.transform, "batch", lambda images: [self.transform(x) for x in images])
         return list(zip(batch(list(images)), targets))
@@ -649,8 +609,8 @@ class ImageFolder(torchvision.datasets.ImageFolder):
             sys.stderr.flush()
 
     def read(self, index):
-        """(uint8 H x W x 3 image, label) of the file at index, or of the next readable one (with
-        a reader of WorkerCrops: what it reads, and for a JPEG's bytes the file's id)."""
+        """(image, label) of the file at index, or of the next readable one: uint8 H x W x 3, or
+        what the transform's reader returns (a JPEG's bytes come with the file's id)."""
         reader = getattr(self.transform, "reader", decode)
         for offset in range(self.MAX_IN_A_ROW):
             j = (index + offset) % len(self.samples)
@@ -697,10 +657,9 @@ def _items(batch):
 def make_loader(dataset, batch_size, device, workers, sampler=None, drop_last=False,
                 persistent=False, collate=None):
     """The DataLoader of every script: pinned memory on CUDA, workers that leave signals to the
-    main process, persistent workers on request (their start-up is paid once per run)."""
-    # The workers' seeds come from a generator seeded once, here: drawing them from the main
-    # random stream at every epoch's start would make a run resumed mid-epoch diverge. A loader
-    # in order (an evaluation, a decode) draws nothing at random: it leaves the stream alone.
+    main process, persistent workers on request."""
+    # The workers' seeds are drawn once, here, not from the random stream at every epoch (a run
+    # resumed mid-epoch would diverge); a loader in order draws nothing.
     seeds = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())) if sampler else 0)
     return torch.utils.data.DataLoader(
         dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
@@ -722,9 +681,8 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 
 def save_augmentation_grid(path, data, augments, size, device, count=8):
-    """A PNG at path: `count` random images of data, one per row: the original (whole, fitted
-    into the cell), the evaluation view, then one augmented view per augmentation, under
-    headers. data: a split loaded with ViewLoader.crops_per_image(augments) views."""
+    """A PNG at path: `count` random images of data, a row each: the original, the evaluation
+    view, one view per augmentation."""
     idx = torch.randperm(len(data))[:count].tolist()
     if isinstance(data, InMemory):
         part = data.subset(idx)
@@ -752,9 +710,8 @@ def save_augmentation_grid(path, data, augments, size, device, count=8):
 
 
 def save_grid(path, images, headers, captions=None):
-    """A PNG at path of images (rows x columns x 3 x S x S, values in [0, 1]), a header over
-    each column and, with captions (rows x columns strings), a line under each image; images of
-    32 px are shown 3x, so that the text fits. The one picture writer of the scripts."""
+    """A PNG at path of images (rows x columns x 3 x S x S in [0, 1]), headers over the columns,
+    captions (rows x columns strings) under the images; small images enlarged for the text."""
     rows, columns, _, size, _ = images.shape
     grid = torchvision.utils.make_grid(images.flatten(0, 1).float(), nrow=columns, padding=2,
                                        pad_value=1.0)  # 3 x H x W

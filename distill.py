@@ -15,14 +15,10 @@ default (self-distillation) or a smaller one via --arch / --width-multiplier (bi
     python distill.py --teacher runs/.../finetuned.pt --alpha 0.5 --label-fraction 0.1   # Eq. 3
     torchrun --nproc_per_node=8 distill.py --teacher runs/.../finetuned.pt --batch-size 1024
 
-Settings follow the authors' distillation notebook: LARS, lr 2.0 with cosine decay (used as
-given, not scaled with the batch: --lr-scaling none), momentum 0.9, weight decay 1e-4 (not on
-BatchNorm and biases), crop + flip, temperature 1. The batch (256) and epochs (100) are our
-choice for CIFAR-10. Written to --out-dir: student.pt (the pretraining-checkpoint format, so
-linear_eval.py and finetune.py --ft-proj-layer 0 load it; the classifier is under "classifier";
-the one before it kept as student.prev.pt), results.json (teacher and student top-1/top-5 on the
-evaluation split), subset.txt (Eq. 3's labelled images) and log.jsonl, one record per epoch.
-RESULTS.md has what it measured.
+Settings follow the authors' distillation notebook: LARS, lr 2.0 unscaled, cosine decay, weight
+decay 1e-4, crop + flip, temperature 1; B 256 and 100 epochs are our choice for CIFAR-10. Written
+to --out-dir: student.pt (the pretraining format, which linear_eval.py and finetune.py load),
+results.json, subset.txt (Eq. 3's labels) and log.jsonl. RESULTS.md has what it measured.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -136,8 +132,7 @@ def resolve_config(argv):
 
 class LabelledDraws(torch.utils.data.Sampler):
     """Eq. 3's labelled batches: `count` indices into the n labelled images per epoch, drawn with
-    replacement from a generator seeded by (seed, epoch), so a run resumed mid-epoch (start:
-    the draws already used, ResumableSampler's interface) continues them exactly."""
+    replacement, seeded by (seed, epoch): a run resumed mid-epoch (start) continues them exactly."""
 
     start = 0
 
@@ -188,11 +183,8 @@ def build_student(config, num_classes, init="", ckpt=None, path=""):
 
 
 def distillation_loss(student_logits, teacher_logits, temperature=1.0):
-    """Eq. 2, averaged over the batch: -sum_y P_T(y|x; tau) log P_S(y|x; tau).
-
-    Its gradient with respect to the student's logits is (P_S - P_T) / tau / batch: zero when
-    the student's logits equal the teacher's. Computed in float32 (bf16 logits are upcast).
-    """
+    """Eq. 2, averaged over the batch in float32: -sum_y P_T(y|x; tau) log P_S(y|x; tau). Its
+    gradient in the student's logits is (P_S - P_T) / tau / batch."""
     p_teacher = F.softmax(teacher_logits.float() / temperature, dim=1)  # b x classes
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)  # b x classes
     return -(p_teacher * log_p_student).sum(dim=1).mean()

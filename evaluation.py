@@ -14,13 +14,9 @@ from runs import Progress, precision_for, world_info
 @torch.no_grad()
 def extract_features(encoder, dataset, size, batch_size, device, workers=0, log=None,
                      name="features", autocast=None):
-    """h for every image of dataset (its evaluation view at size px), in dataset order, and the
-    labels (on device). autocast: the run's precision (default: --precision auto's).
-
-    Under torchrun each process encodes every world-th image and the pieces are gathered, so
-    every process returns the whole set. The encoder must be in eval mode. With `log`, progress
-    lines (this process's share) go there.
-    """
+    """(h, labels) of every image of dataset (its evaluation view at size px) in order, on device;
+    under torchrun each process encodes every world-th image and all get the whole set. The
+    encoder must be in eval mode; autocast: the run's precision (default --precision auto's)."""
     rank, world = world_info()
     autocast = autocast or precision_for("auto", device)[1]
     progress = Progress(log or (lambda *a: None), name, len(range(rank, len(dataset), world)))
@@ -89,12 +85,8 @@ def shown(accuracy):
 
 @torch.no_grad()
 def evaluate(model, dataset, size, batch_size, device, workers=0, log=None, autocast=None):
-    """{'top1', 'top5' where it tells anything (telling)} in % of a classifier (BatchNorm in
-    inference mode) on dataset at size px.
-
-    Under torchrun each process scores every world-th image and the counts are summed. With
-    `log`, progress lines go there.
-    """
+    """{'top1', 'top5' where it tells anything} in % of a classifier (in inference mode) on
+    dataset at size px; under torchrun each process scores every world-th image."""
     rank, world = world_info()
     autocast = autocast or precision_for("auto", device)[1]
     was_training = model.training

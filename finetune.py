@@ -1,12 +1,10 @@
 """Semi-supervised fine-tuning with few labels: SimCLR v1 Sec. 6 and SimCLRv2 Sec. 2.
 
-The pretrained encoder f and the first K layers of the projection head g (v2, "fine-tuning from
-a middle layer of the projection head"; K = 0 drops the head as in v1) get a new linear
-classifier on top, and the whole network is trained with cross-entropy on a class-balanced
-fraction of the training labels (1% or 10%, drawn with a fixed --seed, or the authors' ImageNet
-lists via --subset-file). --from-scratch trains the same network from a random initialisation:
-the supervised baseline the papers compare against. The fine-tuned network is distill.py's
-teacher (v2 Sec. 2, Eq. 2).
+The pretrained f and the first K layers of the projection head g (v2: "fine-tuning from a middle
+layer of the projection head"; K = 0 as v1) get a new linear classifier, and the whole network is
+trained with cross-entropy on a class-balanced fraction of the labels (1% or 10%, or the authors'
+ImageNet lists: --subset-file). --from-scratch is the supervised baseline. The fine-tuned network
+is distill.py's teacher.
 
     python finetune.py --checkpoint runs/cifar10-resnet18-.../ckpt.pt --label-fraction 0.01
     python finetune.py --checkpoint runs/.../ckpt.pt --label-fraction 0.01 --from-scratch
@@ -14,14 +12,10 @@ teacher (v2 Sec. 2, Eq. 2).
     torchrun --nproc_per_node=8 finetune.py --checkpoint runs/imagenet-.../ckpt.pt \
         --dataset imagenet --data-dir /data/imagenet --subset-file imagenet_subsets/1percent.txt
 
-The dataset and data directory default to the checkpoint's. Settings are the authors' (v2 paper
-and official code): LARS, lr 0.005 x sqrt(B), weight decay 0, no warmup, cosine decay,
-crop + flip, global BatchNorm under torchrun; ImageNet B 1024, 60 epochs for 1% and 30 for 10%.
-CIFAR uses B 64 (1% of CIFAR-10 is only 500 images) and the same epoch rule. Written to
---out-dir: finetuned.pt (the teacher for distill.py; the one before it kept as
-finetuned.prev.pt), results.json (top-1/top-5 on the evaluation split), subset.txt (the
-labelled images, to repeat the run with --subset-file) and log.jsonl, one record per epoch.
-RESULTS.md has what it measured.
+Settings are the authors': LARS, lr 0.005 x sqrt(B), no weight decay or warmup, cosine decay,
+crop + flip; ImageNet B 1024, 60 epochs for 1% and 30 for 10% (CIFAR: B 64, 1% of CIFAR-10 being
+500 images). Written to --out-dir: finetuned.pt, results.json, subset.txt (the labelled images,
+for --subset-file) and log.jsonl. RESULTS.md has what it measured.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -99,8 +93,7 @@ class FinetuneConfig(Training):
                        "(default: the checkpoint's, on its data)", path=True)
 
 
-# Per-dataset presets, applied before the flags. ImageNet: the authors' fine-tuning batch. CIFAR:
-# a batch of 64 gives 1% of CIFAR-10 (500 images) 7 steps per epoch (ImageNet 1% at B 1024: 12).
+# Per-dataset presets. CIFAR: B 64 gives 1% of CIFAR-10 7 steps per epoch (ImageNet's 1%: 12).
 PRESETS = {
     "cifar10": dict(batch_size=64, image_size=32),
     "imagenet": dict(batch_size=1024, image_size=224),
@@ -112,13 +105,9 @@ ARCH_FLAGS = ("arch", "width_multiplier", "sk_ratio", "image_size")
 
 
 def resolve_config(argv):
-    """Flags over the preset of the dataset, which defaults to the checkpoint's.
-
-    Returns (config, pretraining configuration dict, weights to start from or None, the
-    checkpoint of an interrupted run or None). The pretraining configuration describes the
-    network (build_model); without --checkpoint (--from-scratch only) it is pretrain.py's
-    default head on the --arch flags. With --resume everything comes from that checkpoint.
-    """
+    """(config, the pretraining configuration of the network, weights to start from or None,
+    the checkpoint of an interrupted run or None): flags over the preset of the dataset (by
+    default the checkpoint's); --from-scratch without --checkpoint: v1's head on --arch."""
     cfg, given = parse_config(FinetuneConfig, argv, PRESETS, __doc__.splitlines()[0])
     if cfg.resume:
         cfg, resume = continue_run(FinetuneConfig, cfg, given, "finetuned", "")

@@ -7,11 +7,8 @@
                        source="local")                      # x -> logits
     # once the repository is public: torch.hub.load("<owner>/<name>", "encoder", checkpoint=...)
 
-Inputs are RGB images as float tensors B x 3 x S x S with values in [0, 1], without mean/std
-normalisation (the authors' code feeds images so). S is the checkpoint's training size, kept as
-`.image_size` on the module (32 for CIFAR's 3x3 stem, 224 for ImageNet's); other sizes run, as
-the network ends in a global average pool, but it was trained at S. For a program without this
-repository: export.py (a torch.export program, or torchvision's weights).
+Inputs are RGB float tensors B x 3 x S x S in [0, 1], without mean/std (as the authors' code);
+S, the training size, is the module's `.image_size`. Without this repository: export.py.
 """
 from pathlib import Path
 
@@ -19,14 +16,9 @@ dependencies = ["torch", "torchvision", "einops"]
 
 
 def encoder(checkpoint, layer=0):
-    """The encoder f of a SimCLR run: x (B x 3 x S x S, values in [0, 1], no normalisation) ->
-    h = f(x), B x d; with layer K, the output of the projection head's first K layers (v2 fine-
-    tunes from layer 1; the last layer gives z), as linear_eval.py --layer. In eval mode:
-    BatchNorm uses the pretraining's running statistics.
-
-    checkpoint: pretrain.py's ckpt.pt or its run folder, distill.py's student.pt, a converted
-    checkpoint (tf_checkpoint.py), or a folder of the authors' TensorFlow checkpoint (converted
-    in memory)."""
+    """The encoder f, in eval mode: x -> h = f(x), B x d (layer K: the projection head's first K
+    layers, as linear_eval.py --layer). checkpoint: pretrain.py's ckpt.pt or its run folder, a
+    student.pt, a converted checkpoint, or the authors' TensorFlow checkpoint (converted here)."""
     from model import Representation, build_model
     from runs import as_user_error, load_checkpoint
     import tf_checkpoint
@@ -45,14 +37,10 @@ def encoder(checkpoint, layer=0):
 
 
 def classifier(checkpoint, ft_proj_layer=-1):
-    """A classifier of this project: x (B x 3 x S x S, values in [0, 1], no normalisation) ->
-    logits, B x classes, in eval mode; `.classes` names them where the checkpoint does (an
-    image folder's class folders in sorted order; ImageNet's: sorted synsets).
-
-    checkpoint: finetune.py's finetuned.pt or its run folder, distill.py's student.pt, a
-    converted checkpoint with the authors' supervised head (tf_checkpoint.py), or a folder of
-    the authors' TensorFlow checkpoint; ft_proj_layer: the head layer its supervised head
-    reads, where the folder does not tell (tf_checkpoint.classifier_layer)."""
+    """A classifier, in eval mode: x -> logits, B x classes, named by `.classes` where the
+    checkpoint does. checkpoint: finetune.py's finetuned.pt or its run folder, a student.pt, a
+    converted checkpoint with the authors' supervised head, or their TensorFlow checkpoint
+    (ft_proj_layer: the head layer it reads, tf_checkpoint.classifier_layer)."""
     import torch
     from model import build_classifier, checkpoint_kind, finetuned_classifier
     from runs import UserError, as_user_error, checkpoint_path, load_checkpoint

@@ -13,17 +13,12 @@ Top-1 and top-5 on the evaluation split go to a JSON file beside the checkpoint.
     torchrun --nproc_per_node=8 linear_eval.py --checkpoint runs/.../ckpt.pt --dataset imagenet \
         --data-dir /data/imagenet
 
---cached-features computes h once per image, without augmentation, and trains the linear layer
-on the stored features: seconds instead of hours on a CPU, and usually a little different from
-the augmented protocol (RESULTS.md). --knn K adds weighted k-nearest-neighbour top-1 on normalised
-h (no training); --epochs 0 --knn 200 gives the kNN alone. --show-neighbours nn.png writes a
-picture of what the encoder learned, evaluation images and their nearest training images, and
-nothing else. --random-init evaluates the same
-architecture untrained, the baseline that shows what pretraining added. --dataset other than the
-checkpoint's is transfer (Sec. 6): images are resized to the encoder's input size.
-Under torchrun each process takes batch_size / world images, the linear layer's gradients are
-averaged over processes, and evaluation features are gathered from all of them. RESULTS.md
-lists what it measured next to what the papers report.
+--cached-features trains on h computed once per image without augmentation: seconds instead of
+hours on a CPU. --knn K adds weighted kNN top-1 on normalised h (--epochs 0: the kNN alone).
+--show-neighbours nn.png draws evaluation images beside their nearest training images, and
+nothing else. --random-init evaluates the architecture untrained: what pretraining added. Another
+--dataset is transfer (Sec. 6). Under torchrun each process takes its share of the batch and the
+linear layer's gradients are averaged. RESULTS.md has what it measured.
 """
 import dataclasses
 import json
@@ -113,11 +108,8 @@ PRESETS["folder"] = PRESETS["imagenet"]
 
 
 def resolve_config(argv):
-    """Flags over the preset of the evaluation dataset, which defaults to the checkpoint's.
-
-    Returns (config, checkpoint): the checkpoint is read here once, since the dataset (and so
-    the preset) may come from its stored configuration.
-    """
+    """(config, checkpoint): flags over the preset of the evaluation dataset, by default the
+    checkpoint's."""
     cfg, given = parse_config(LinearConfig, argv, PRESETS, __doc__.splitlines()[0])
     if not cfg.checkpoint:
         raise UserError("--checkpoint is required (a ckpt.pt written by pretrain.py)")
@@ -143,12 +135,8 @@ def resolve_config(argv):
 
 
 class FeatureLoader:
-    """Shuffled minibatches of stored (h, label) rows, one rank's share of each global batch.
-
-    The same DistributedSampler as the image loader decides the order, so --cached-features
-    under torchrun sees the same global batches as one process does (when the number of
-    images divides by the number of processes; else the sampler pads with repeats).
-    """
+    """Shuffled minibatches of stored (h, label) rows, this rank's share of each global batch
+    (DistributedSampler's order, as the image loader's)."""
 
     def __init__(self, features, labels, batch_size, seed=0):
         rank, world = world_info()
@@ -171,13 +159,9 @@ class FeatureLoader:
 
 
 def load_encoder(ckpt, path, random_init=False, layer=0):
-    """f from a pretraining checkpoint, with the first `layer` layers of g (--layer), frozen: no
-    gradients, BatchNorm in inference mode.
-
-    The whole SimCLR model (encoder and head) is loaded strictly, so a checkpoint of another
-    architecture fails here; the linear classifier is a separate module, so it is the only
-    weight the checkpoint lacks. --random-init keeps the fresh initialisation instead.
-    """
+    """f from a pretraining checkpoint (loaded strictly: the classifier is the only weight it
+    lacks), with the first `layer` layers of g, frozen: no gradients, BatchNorm in inference
+    mode. random_init keeps the fresh initialisation."""
     with as_user_error(path):
         model = build_model(ckpt["config"], None if random_init else ckpt["model"])
     with as_user_error(f"--layer {layer}"):
@@ -218,13 +202,9 @@ def check_encoder_unchanged(encoder, reference):
 
 def train_linear(classifier, encoder, loader, epochs, peak_lr, weight_decay=0.0, momentum=0.9,
                  device=torch.device("cpu"), log=print, autocast=None):
-    """Train the linear layer on h = encoder(x): Nesterov SGD, cosine from peak_lr to 0, no warmup.
-
-    loader yields (x, y): images with the encoder frozen (the paper's protocol) or stored
-    features with encoder = nn.Identity() (--cached-features). Under torchrun the gradients are
-    averaged over processes (each has its share of the global batch); autocast: the run's
-    precision (default: --precision auto's). Returns the last epoch's mean loss and training
-    top-1 (%).
+    """Train the linear layer on h = encoder(x): Nesterov SGD, cosine from peak_lr to 0, no
+    warmup. loader yields images (the encoder frozen) or stored features (encoder nn.Identity()).
+    Gradients are averaged over processes. Returns the last epoch's mean loss and top-1 (%).
     """
     _, world = world_info()
     optimizer = build_optimizer(classifier, "sgd", peak_lr, weight_decay, momentum, nesterov=True)
@@ -281,9 +261,7 @@ def evaluate_linear(classifier, features, labels):
 # ---------------------------------------------------------------------------------------------
 
 
-# What a results file's name says, where the option differs from the protocol's default:
-# (option, how the name says it); the linear layer's options only where one is trained, the kNN
-# temperature only with the kNN.
+# A results file's name: (option, its part) where the option differs from the protocol's.
 NAMED = [("random_init", "random"), ("layer", "layer{}"), ("cached_features", "cached"),
          ("epochs", "e{}"), ("lr", "lr{:g}"), ("batch_size", "b{}"), ("weight_decay", "wd{:g}"),
          ("momentum", "m{:g}"), ("seed", "seed{}"), ("knn", "knn{}"), ("knn_temperature", "t{:g}")]
@@ -297,11 +275,9 @@ def protocol_defaults(dataset, image_size):
 
 def results_path(cfg, pre):
     """--out, or beside the checkpoint a name that says what was measured: linear_eval.json for
-    the paper's protocol on the checkpoint's data, and a part for every difference (linear_eval_
-    e0_knn200.json: no linear layer, kNN with 200 neighbours; _cached, _random, _layer1,
-    _cifar100, _40px, _lr2 ...), after the checkpoint's name where it is not its run folder's own
-    (r18.pt: r18.linear_eval.json). Another evaluation's file of that name is not overwritten
-    (refused: --out keeps both), nor a file this script did not write."""
+    the paper's protocol, a part for every difference (linear_eval_e0_knn200.json, _cached,
+    _40px ...; r18.pt: r18.linear_eval.json). Never over another evaluation's results (--out
+    keeps both) or a file this script did not write."""
     base = protocol_defaults(cfg.dataset, pre["image_size"])
     parts = []
     if cfg.dataset != pre["dataset"]:
@@ -335,9 +311,8 @@ def results_path(cfg, pre):
 
 
 def save_neighbours(path, val, train, val_f, val_l, train_f, train_l, size, device, queries, k=8):
-    """The --show-neighbours picture: `queries` evaluation images evenly spaced in the split, each
-    followed by its k nearest training images by cosine similarity of the features (those the
-    kNN votes with), every image captioned with its class."""
+    """The --show-neighbours picture: `queries` evaluation images, each followed by its k nearest
+    training images by cosine similarity (the kNN's voters), captioned with their classes."""
     q = torch.linspace(0, len(val) - 1, queries).round().long().unique().tolist()
     k = min(k, len(train_f))  # no more neighbours than training images, as the kNN
     nearest = (F.normalize(val_f[q], dim=1) @ F.normalize(train_f, dim=1).T).topk(k, dim=1).indices

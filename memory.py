@@ -1,24 +1,17 @@
 """SimCLRv2's memory of negatives (v2 Sec. 2 and Appendix D, after MoCo, He et al. 2020).
 
-What is the authors', what is MoCo's, what is ours:
-- v2's paper: a memory buffer of 64K negatives and a moving-average (momentum) network with
-  decay 0.999, "as MoCo"; about +1% linear top-1 (Fig. D.1). Their code was never released.
-- Ting Chen's answer on how it works (google-research/simclr issue #115): "the contrasting
-  examples are from momentum encoder from current and past batches, which is consistent with
-  MoCo". So the anchors are the online network's z of the 2N views; every candidate, the
-  positive and the current batch's other views included, is the momentum network's z of a view
-  (no gradient); the queue holds the momentum network's z of the past batches. The anchor's
-  own view through the momentum network is left out, as an anchor's own column is in Eq. 1.
-- MoCo's: the FIFO queue, the exponential moving average theta_m <- m theta_m + (1 - m) theta,
-  and shuffled BN: the keys' BatchNorm statistics come from a random part of the batch, not the
-  one the anchors are normalised with (MoCo Sec. 3.3: with ordinary BN "the model appears to
-  cheat", telling keys of its own batch from the rest by their statistics). MoCo shuffles the
-  batch across 8 GPUs; here each process permutes its own views and normalises them in 8 groups.
-- Ours: the queue starts empty (MoCo fills it with random vectors, which at K 8192 outweigh the
-  first batches' 510 real negatives), and the momentum is derived from the run's length
-  (memory_momentum): a network averaged over 1000 steps (0.999) is still 68% its initial
-  weights after a 390-step CPU run, and would hand out positives from an untrained network.
-RESULTS.md ("The memory") has the experiments behind each choice.
+- v2's paper: a memory of 64K negatives and a momentum network with decay 0.999, "as MoCo";
+  their code was never released.
+- Ting Chen's answer (google-research/simclr issue #115): "the contrasting examples are from
+  momentum encoder from current and past batches". So the anchors are the online network's z of
+  the 2N views, and every candidate (the positive included) is the momentum network's z, of
+  this batch's views (the anchor's own left out, as in Eq. 1) or the queue's past batches.
+- MoCo's: the FIFO queue, theta_m <- m theta_m + (1 - m) theta, and shuffled BN (the keys'
+  statistics from another part of the batch, or "the model appears to cheat"; here 8 groups of
+  each process's permuted views, for MoCo's 8 GPUs).
+- Ours: the queue starts empty (MoCo's random fill outweighs the first real negatives), and the
+  momentum follows the run's length (memory_momentum): 0.999 over a 390-step run would hand out
+  positives from a mostly untrained network. RESULTS.md ("The memory") has the experiments.
 """
 import copy
 
@@ -32,18 +25,15 @@ SHUFFLE_GROUPS = 8  # MoCo's 8 GPUs: the keys' BN statistics over one eighth of 
 
 
 def memory_momentum(total_steps, queue_steps):
-    """The momentum m = 1 - 1/T of a moving average over T steps: T = 0.4% of the run, as v2's
-    0.999 is of its 250,000 steps (800 epochs at B 4096), but never shorter than the queue's
-    span (the keys in the queue should come from one network, MoCo's "consistency")."""
+    """m = 1 - 1/T, an average over T steps: 0.4% of the run, as v2's 0.999 of its 250,000 steps,
+    but at least the queue's span (its keys should come from one network: MoCo's consistency)."""
     horizon = max(0.004 * total_steps, queue_steps, 1.0)
     return 1.0 - 1.0 / horizon
 
 
 class GroupedBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm whose training statistics come from each of `groups` consecutive slices of the
-    batch separately, as per-process BN does on a batch split over `groups` processes (MoCo's
-    shuffled BN, once the batch is permuted). Same parameters as the BatchNorm it replaces; the
-    running statistics are not kept (the momentum network never runs in inference mode)."""
+    """BatchNorm with statistics of each of `groups` consecutive slices of the batch, as per-GPU BN
+    (MoCo's shuffled BN, once the batch is permuted); bn's parameters, no running statistics."""
 
     def __init__(self, bn, groups):
         super().__init__(bn.num_features, bn.eps, track_running_stats=False)
@@ -70,16 +60,12 @@ def _grouped(module, groups):
 
 
 class Memory(nn.Module):
-    """The momentum network (a copy of f and g whose weights follow a moving average of the
-    trained ones and never receive gradients) and a FIFO queue of its projections, entering
-    Algorithm 1 as MoCo's builder does (He et al. 2020): wrap(net, objective) gives the network
-    and the objective that train_step uses unchanged.
-
-    Each step: update() moves the momentum network, project(x) gives the keys of the 2n views
-    (the candidates of this batch, for the loss), enqueue(keys) adds every process's keys, and
-    negatives() are the queue's filled rows (the past batches). bn: where the keys' BatchNorm
-    statistics come from: 'shuffle' (MoCo's, the default), 'batch' (the views' own batch, as the
-    anchors') or 'running' (inference mode, the online network's running statistics).
+    """The momentum network (a copy of f and g following a moving average of the trained one) and
+    a FIFO queue of its projections, entering Algorithm 1 as MoCo's builder does: wrap(net,
+    objective) gives what train_step uses unchanged. Each step: update() moves the momentum
+    network, project(x) gives the keys of the 2n views, enqueue(keys) adds every process's, and
+    negatives() are the queue's. bn, the keys' BatchNorm statistics: 'shuffle' (MoCo's),
+    'batch' (the views' own, as the anchors') or 'running' (the online network's).
     """
 
     def __init__(self, model, size, dim, momentum=0.999, bn="shuffle"):
@@ -134,10 +120,9 @@ class Memory(nn.Module):
         self.filled = min(self.filled + len(keys), len(self.queue))
 
     def wrap(self, net, objective):
-        """(net, objective) with the memory inside, for train_step: the network's forward also
-        moves the momentum network and computes its keys of the same views; the objective scores
-        the anchors against those keys (every process's 2N, in the batch's order) and the queue,
-        then queues them."""
+        """(net, objective) with the memory inside: the forward also moves the momentum network
+        and takes its keys of the views; the objective scores the anchors against every process's
+        keys, in the batch's order, and the queue, then queues the keys."""
 
         def with_memory(z1, z2):
             keys = gather_with_grad(self.keys)  # 2N x d, no gradient

@@ -1,11 +1,7 @@
-"""The SimCLR network and its optimisation, as the authors keep them in model.py: the encoder f
-(resnet.py), the projection head g (v1 Sec. 2.1, Fig. 8; v2 Sec. 2), the representation read from
-a layer of g, v2's classifier on it (v2 Sec. 2, Eq. 4), global BatchNorm (Sec. 2.2), the
-learning-rate scaling and schedule, LARS and its exclusions (Sec. 2.2, Appendix B.1), and the
-kinds of checkpoint that hold such a network.
-
-Functions raise ValueError for a configuration or weights that do not fit; the scripts say it in
-one line (runs.as_user_error).
+"""The SimCLR network and its optimisation, as the authors' model.py: f (resnet.py), the projection
+head g, the representation read from a layer of g, v2's classifier on it, global BatchNorm, the
+learning-rate schedule, LARS and its exclusions, and the kinds of checkpoint that hold such a
+network. A configuration or weights that do not fit raise ValueError (runs.as_user_error).
 """
 import dataclasses
 import math
@@ -23,12 +19,9 @@ from resnet import build_encoder
 
 
 class ProjectionHead(nn.Module):
-    """g(h) (Sec. 2.1 and Fig. 8; v2 Sec. 2): linear layers without bias, each with BatchNorm and
-    ReLU, except the last, which has no ReLU and no BN shift. Middle layers keep h's width.
-
-    kind 'nonlinear' has `num_layers` layers (2 in v1, 3 in v2), 'linear' one, 'none' is the
-    identity. self.layers[:k] is what v2 fine-tunes from (finetune.py --ft-proj-layer k).
-    """
+    """g(h) (Sec. 2.1, Fig. 8; v2 Sec. 2): linear layers without bias, with BatchNorm and ReLU,
+    the last without ReLU and BN shift; middle layers keep h's width. 'nonlinear' has
+    `num_layers` (2 in v1, 3 in v2), 'linear' one, 'none' none; v2 fine-tunes from layers[:k]."""
 
     def __init__(self, in_dim, kind="nonlinear", num_layers=2, out_dim=128):
         super().__init__()
@@ -95,9 +88,8 @@ def head_layers(config):
 
 
 class Representation(nn.Module):
-    """x -> what the later stages read: h = f(x) (v1; layer 0), or the output of the first `layer`
-    layers of g (v2 Sec. 2 fine-tunes from layer 1 of a 3-layer head; all of them give z, which
-    Fig. 8 compares with h). It holds model's own modules, not copies."""
+    """x -> what the later stages read: h = f(x) (layer 0), or the output of g's first `layer`
+    layers (v2 Sec. 2; all of them give z, Fig. 8). It holds model's own modules."""
 
     def __init__(self, model, layer=0):
         super().__init__()
@@ -113,12 +105,8 @@ class Representation(nn.Module):
 
 
 class Classifier(Representation):
-    """x -> logits through f, the kept head layers and a linear layer (v2 Sec. 2, Eq. 4).
-
-    v2 writes the head as g(h) = W3 s(W2 s(W1 h)) and fine-tunes from s(W1 h) (K = 1): the kept
-    layers are part of the network being fine-tuned, not a frozen feature extractor. The last
-    head layer's BatchNorm keeps its frozen shift (requires_grad False) when all are kept.
-    """
+    """x -> logits through f, the kept head layers (trained with it: v2 fine-tunes from s(W1 h),
+    K = 1) and a linear layer (v2 Sec. 2, Eq. 4)."""
 
     def __init__(self, model, ft_proj_layer, num_classes):
         super().__init__(model, ft_proj_layer)
@@ -179,12 +167,9 @@ def checkpoint_kind(ckpt):
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm with statistics over the batches of all processes (paper Sec. 2.2, "Global BN").
-
-    torch.nn.SyncBatchNorm only runs on CUDA, so this one, for gloo on a CPU, all-reduces the
-    per-channel sums with autograd; the gradient then flows through every process's statistics
-    exactly as if the whole batch were on one device. Same parameters and buffers as BatchNorm.
-    """
+    """BatchNorm with statistics over the batches of all processes (Sec. 2.2, "Global BN") on a
+    CPU, where SyncBatchNorm does not run: the per-channel sums all-reduced with autograd, so
+    the gradient is as if the whole batch were on one device."""
 
     def _check_input_dim(self, x):
         pass
@@ -261,15 +246,9 @@ def build_optimizer(model, name, lr, weight_decay, momentum=0.9, nesterov=False)
 
 
 def build_classifier_optimizers(model, name, lr, weight_decay, momentum):
-    """[optimizer of f and the kept head, optimizer of the new classifier] (fine-tuning and
-    distillation).
-
-    The official code excludes the supervised head ('head_supervised') from LARS's trust ratio:
-    for a freshly initialised classifier eta * ||w|| / ||g|| is tiny and would keep it near its
-    initialisation. So the classifier gets plain momentum SGD at the same learning rate, with
-    weight decay on its weights only (the official code adds it as an L2 loss). The official
-    LARS keeps lr inside its momentum buffer and SGD outside; with a constant rate they agree.
-    """
+    """[optimizer of f and the kept head, optimizer of the new classifier]: the official code
+    excludes the supervised head from LARS's trust ratio (tiny for a fresh classifier), so it
+    gets momentum SGD at the same rate, weight decay on its weights only."""
     body = build_optimizer(nn.ModuleList([model.encoder, model.head]), name, lr, weight_decay,
                            momentum)
     classifier = torch.optim.SGD([dict(params=[model.fc.weight], weight_decay=weight_decay),

@@ -13,15 +13,10 @@ its keys of the 2N views, then K past keys, memory.py):
 
 p is the other view of anchor i's image and neg the 2N - 2 other views (and the K past keys);
 each loss is the mean of l over the anchors. Table 2 writes NT-Logistic and the margin triplet
-for a single negative; over a batch of negatives we average, so that the positive and the
-negatives weigh alike whatever the batch size (the paper does not say). With semi_hard=True each
-anchor keeps one negative, the semi-hard one of Schroff et al. 2015 as TensorFlow's
-triplet_semihard_loss picks it (Sec. 5.1: "within the loss margin and closest in distance, but
-farther than positive examples"): the most similar negative among those less similar than the
-positive, or, if every negative is more similar, the least similar one.
-
-The authors' training loss is loss_a + loss_b, each a mean over the N anchors of one view: 2x
-the mean over the 2N anchors returned here. pretrain.train_step minimises that 2x, as they do.
+for one negative; over many we average (the paper does not say). semi_hard=True keeps one
+negative per anchor, as TensorFlow's triplet_semihard_loss picks it (Sec. 5.1): the most similar
+of those less similar than the positive, else the least similar. The authors' loss_a + loss_b is
+2x the mean returned here: pretrain.train_step minimises that.
 """
 import functools
 
@@ -48,14 +43,11 @@ def gather_with_grad(x):
 
 
 def pairwise_logits(z1, z2, temperature, l2_norm=True, candidates=None):
-    """The similarity of every anchor with every candidate, divided by tau.
-
-    z1[k], z2[k] (n x d each) are the two views of image k. candidates: the 2N views of the
-    global batch, [view 1; view 2] of rank 0, then of rank 1, ... (gathered with gradient), unless
-    given: v2's memory passes its keys of those 2N views, in that order, then its queue
-    (memory.py). Returns (logits 2n x (2N+K), float32 or wider, the anchor's own column set to
-    -inf; positive: the column of each anchor's other view, 2n).
-    """
+    """(logits 2n x (2N+K): the similarity of every anchor with every candidate over tau, float32
+    or wider, the anchor's own column -inf; positive: the column of its other view, 2n). z1[k],
+    z2[k] (n x d): the two views of image k. candidates: the global batch's 2N views, [view 1;
+    view 2] of each rank in order (gathered with gradient), or v2's memory's keys of them, then
+    its queue."""
     rank, _ = _world()
     n = z1.shape[0]
     wide = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # bf16 -> fp32
@@ -90,11 +82,9 @@ def nt_xent_loss(z1, z2, temperature, l2_norm=True, candidates=None):
         l(i, j) = -log exp(sim(z_i, z_j) / tau) / sum_{k != i} exp(sim(z_i, z_k) / tau)
         L = 1/(2N) sum_k [l(2k-1, 2k) + l(2k, 2k-1)],   sim = cosine similarity
 
-    z1[k] and z2[k] (n x d each) are the two views of image k. Under torchrun each process passes
-    its own n images; its 2n anchors are scored against the 2N views of all processes (gathered
-    with gradient), so with DDP averaging the gradient equals the single-process one on the whole
-    batch. l2_norm=False scores z_i . z_k instead of the cosine (Table 5's ablation); candidates:
-    pairwise_logits (v2's memory). Returns (L over this process's anchors, contrast_acc, entropy).
+    z1[k], z2[k] (n x d): the two views of image k. Under torchrun each process's 2n anchors are
+    scored against all 2N views, so with DDP the gradient is the one-process one. l2_norm=False:
+    z_i . z_k (Table 5). Returns (L over this process's anchors, contrast_acc, entropy).
     """
     logits, positive = pairwise_logits(z1, z2, temperature, l2_norm, candidates)  # 2n x 2N
     return (F.cross_entropy(logits, positive), *contrast_stats(logits))

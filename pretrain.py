@@ -1,27 +1,20 @@
 """SimCLR contrastive pretraining: Algorithm 1 of Chen et al. 2020 (v1), with the v2 options.
 
 Each image is augmented twice (Sec. 3, Appendix A), both views go through a ResNet encoder f and
-a projection head g (Sec. 2.1, Fig. 2), and NT-Xent (Eq. 1) pulls the two views of an image
-together while pushing away the other 2(N-1) views of the batch; each step minimises the
-authors' loss_a + loss_b (train_step). The encoder output h = f(x) is the representation the
-other scripts evaluate (linear_eval.py), fine-tune (finetune.py) and distill (distill.py). As
-the authors split their code, the network is in model.py (the encoder in resnet.py), the loss in
-objective.py, the data in data.py (the augmentation in augment.py), v2's memory in memory.py, and
-the run's life (flags, errors, checkpoints, continuing, stopping, the log) in runs.py.
+a projection head g (Sec. 2.1), and NT-Xent (Eq. 1) pulls the two views of an image together
+while pushing away the other 2(N-1) views of the batch (train_step). h = f(x) is what the other
+scripts evaluate, fine-tune and distill. The network is in model.py, the loss in objective.py,
+the data in data.py and augment.py, v2's memory in memory.py, the run's life in runs.py.
 
     python pretrain.py --dataset cifar10 --data-dir data/cifar10      # laptop or 1 GPU
     torchrun --nproc_per_node=8 pretrain.py --dataset imagenet --data-dir /data/imagenet
 
---batch-size is the global batch: under torchrun each process takes batch_size / world_size
-images, BatchNorm statistics are global (Sec. 2.2, "Global BN") and every process scores its
-views against the views of all processes. Written to --out-dir (default
-runs/<dataset>-<arch>-<digest of the configuration>): ckpt.pt every epoch, every
---checkpoint-every minutes and on Ctrl-C or SIGTERM (the one before it kept as ckpt.prev.pt),
-and log.jsonl, one record per epoch; the same command continues the run (docs/long-runs.md). On
-a CPU the run says before its first step how long it will take. The CIFAR-10 preset is the
-authors' recipe (ResNet-18, 1000 epochs, batch 512, LARS); a --dataset folder of images of 32 px
-or less takes it too, larger ones ImageNet's. RESULTS.md lists what this code measured next to
-what the papers report.
+--batch-size is the global batch: under torchrun each process takes its share, BatchNorm is
+global (Sec. 2.2) and every view is scored against the views of all processes. Written to
+--out-dir: ckpt.pt (every epoch, every --checkpoint-every minutes, on Ctrl-C or SIGTERM) and
+log.jsonl; the same command continues the run (docs/long-runs.md). The CIFAR-10 preset is the
+authors' recipe (ResNet-18, 1000 epochs, batch 512, LARS); --dataset folder takes it for images
+of 32 px or less, ImageNet's above. RESULTS.md has what this code measured.
 """
 import contextlib
 import copy
@@ -160,9 +153,9 @@ PRESETS["folder"] = PRESETS["imagenet"]
 
 
 def parse_with_presets(argv, cls=Config):
-    """(config, flags given): the flags over their dataset's preset, where a folder of images of
-    32 px or less takes CIFAR-10's (data.preset); a folder preset's size far above the images'
-    own is refused. cls: Config, or bench.py's, which adds its measurement options."""
+    """(config, flags given): the flags over their dataset's preset (data.preset; with --minutes
+    on CIFAR-10 the laptop recipe's); a folder's --image-size far above its images' is refused.
+    cls: Config, or bench.py's."""
     description = sys.modules[cls.__module__].__doc__.splitlines()[0]
     cfg, given = parse_config(cls, argv, PRESETS, description)
     recipe = {**PRESETS[preset(cfg.dataset, cfg.image_size)],
@@ -180,9 +173,8 @@ def parse_with_presets(argv, cls=Config):
 
 
 def resolve_config(argv):
-    """Flags over presets; for a run that continues (--resume, or a checkpoint already in
-    --out-dir: runs.continue_run), the changeable flags over the checkpoint's stored
-    configuration. Returns (config, the checkpoint continued or None)."""
+    """(config, the checkpoint continued or None): flags over presets, or for a run that
+    continues, the changeable flags over its stored configuration (runs.continue_run)."""
     cfg, given = parse_with_presets(argv)
     if cfg.minutes and "epochs" in given:
         raise UserError(f"--minutes {cfg.minutes:g} chooses the epochs that fit the clock: give "
@@ -196,9 +188,8 @@ def resolve_config(argv):
 
 
 def view_augmentations(cfg):
-    """t and t' of Algorithm 1, one per view: the same augmentation twice; with --one-branch,
-    Fig. 5's protocol: each image randomly cropped once, --augment's transformations on view 1
-    of that crop only, view 2 left as the crop (the paper's t(x) = x)."""
+    """t and t' of Algorithm 1: the same augmentation twice; with --one-branch (Fig. 5), one
+    random crop of each image, --augment's transformations on view 1 only, view 2 the crop."""
     first = build_augmentation(cfg.image_size, cfg.augment, cfg.color_strength, cfg.blur,
                                base_crop=cfg.one_branch)
     return [first, build_augmentation(cfg.image_size, "", base_crop=True) if cfg.one_branch else first]
@@ -207,15 +198,12 @@ def view_augmentations(cfg):
 def train_step(model, x1, x2, optimizer, objective, scaler=None, autocast=contextlib.nullcontext(),
                memory_format=torch.channels_last):
     """One step of Algorithm 1 on the two views (n x 3 x S x S each) of a batch: z = g(f(x)) for
-    the 2n views, the loss, its gradient, the optimizer's step. objective(z1, z2) is NT-Xent (or
-    a Table 4 loss, objective.py; v2's memory wraps it and the model, memory.py). Returns
-    (L, contrast_acc, entropy), detached.
+    the 2n views, the loss objective(z1, z2) (NT-Xent, a Table 4 loss, or v2's memory around
+    them), its gradient, the optimizer's step. Returns (L, contrast_acc, entropy), detached.
 
-    The step minimises 2L, the authors' loss_a + loss_b, not L: the two differ by more than a
-    learning rate under LARS, whose trust ratio cancels the factor for the weights' gradient
-    but not for BatchNorm parameters and biases (updated by lr x g) nor for the weight decay's
-    share of the adapted update. With 2L every parameter moves as in their code
-    (test_authors_step.py); with L, BN parameters moved at half their rate.
+    It minimises 2L, the authors' loss_a + loss_b: under LARS the factor is not a learning rate,
+    as the trust ratio cancels it for the weights but not for BatchNorm parameters and biases
+    (with L they moved at half the authors' rate; test_authors_step.py).
     """
     x = torch.cat([x1, x2]).contiguous(memory_format=memory_format)  # 2n x 3 x S x S: [views 1; views 2]
     with autocast:
@@ -352,10 +340,9 @@ def knn_monitor(encoder, train, val, cfg, run):
     return top1
 
 
-# The laptop recipe (reproduce.py --scale laptop, RESULTS.md): the authors' CIFAR-10 recipe at
-# 1/4 width, batch 128, 24 px crops, lr 2.0 x B/256, a thirtieth of the run warming up, evaluated
-# at 40 px (FixRes); a clock search chose it. --dataset cifar10 --minutes M runs it, its epochs
-# the clock's (30 took 29 minutes alone on 2 cores of a Xeon with AMX).
+# The laptop recipe, which a clock search chose (RESULTS.md): the authors' CIFAR-10 recipe at 1/4
+# width, batch 128, 24 px crops, lr 2.0 x B/256, evaluated at 40 px (FixRes). --dataset cifar10
+# --minutes M runs it, its epochs the clock's.
 LAPTOP = dict(width_multiplier=0.25, batch_size=128, image_size=24, epochs=30, warmup_epochs=1.0,
               lr=2.0)
 LAPTOP_EVALUATION_SIZE = 40  # px
@@ -366,10 +353,9 @@ MARGIN = 0.15  # of --minutes, left unplanned: a run's pace falls below its firs
 
 
 def clock_schedule(cfg, run, dataset, model, objective, loader, started, loading):
-    """(warmup steps, a line to say) of the schedule (run.schedule): of --epochs, or with
-    --minutes of the epochs that fit the clock, chosen once and kept in cfg.clock (a continued
-    run keeps them); the line says why. A new CPU run without --minutes says how long it takes
-    and, past two hours, the command sized to the time a user has."""
+    """(warmup steps, a line to say) of the schedule: of --epochs, or of the epochs that fit
+    --minutes, chosen once and kept in cfg.clock. A new CPU run without --minutes says how long
+    it takes and, past two hours, the command sized to the time a user has."""
     run.schedule(len(dataset))  # the checks, and an epoch's steps
     said = ""
     if cfg.minutes and not cfg.clock:
@@ -411,10 +397,9 @@ def clock_schedule(cfg, run, dataset, model, objective, loader, started, loading
 
 
 def seconds_per_step(model, cfg, objective, loader, run, images=0, steps=15):
-    """The time of a step, its views made by the loader as the run makes them, timed on copies
-    of the model and optimizer (the mean of `steps` after an untimed one; with images, of steps
-    on that many of each batch's images, scaled to the batch). The run's weights, optimizer and
-    random streams are not touched."""
+    """The seconds of a step with its views made, the mean of `steps` after an untimed one (with
+    images: on that many of each batch, scaled), on copies of the model and optimizer; the run's
+    random streams untouched."""
     probe = copy.deepcopy(model).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(probe, cfg.optimizer, 0.0, 0.0, cfg.momentum)
     sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
@@ -440,10 +425,9 @@ def evaluation_flags(cfg):
 
 
 def evaluation_seconds(model, cfg, run, images, loading):
-    """About how long evaluation_flags' linear_eval.py takes here: reading the training and
-    evaluation images (as this run read its own), their features at the evaluation's size
-    (the encoder timed on 256 images), and 15 s for the interpreter, the linear layer
-    on the features and the kNN. 0 where the data has no evaluation images (own photos)."""
+    """About how long evaluation_flags' linear_eval.py takes here: reading the images (at this
+    run's pace), their features (the encoder timed on 256 images), and 15 s for the rest; 0
+    without evaluation images."""
     try:
         evaluated = build_dataset(cfg.dataset, cfg.data_dir, "val", None, cfg.val_fraction,
                                   cfg.val_dir)

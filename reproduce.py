@@ -1,16 +1,11 @@
 """The papers' ablations, reproduced in miniature by this code: do SimCLR's findings come out of it?
 
-Each experiment is a list of runs that differ from one base recipe in one knob, named after the
-table or figure it repeats: v1 Fig. 5 (augmentation pairs, one branch), Table 1 (colour
-strength), Fig. 8 (projection head, h vs z), Table 5 (l2 norm and temperature), Fig. 9 (batch
-size, linear and sqrt lr scaling), Table 4 (loss functions); v2 Fig. 4 (head depth x the layer
-fine-tuned from) and the memory. A run is pretrain.py, then linear_eval.py (a linear layer on
-cached features, and kNN) or finetune.py, each started as a subprocess whose exact command is
-recorded. Every finished run appends one record to <out>/records.jsonl: the commands, seed,
-scale, git revision, hardware and load, wall times and metrics. Runs shared by experiments (the
-base recipe is in most) are trained once. Repeating a command skips what is finished and resumes
-an interrupted run from its checkpoint; Ctrl-C (or SIGTERM) stops the current script with a
-checkpoint, as every script does, and the same command continues.
+Each experiment (EXPERIMENTS) is a list of runs that differ from one base recipe in one knob,
+named after the table or figure it repeats. A run is pretrain.py, then linear_eval.py or
+finetune.py, each a subprocess whose exact command is recorded; every finished run appends a
+record (commands, seed, scale, git revision, hardware and load, wall times, metrics) to
+<out>/records.jsonl. Runs shared by experiments are trained once. The same command skips what is
+finished and continues an interrupted run; Ctrl-C stops the current script with a checkpoint.
 
     python reproduce.py --scale cpu --data-dir data/cifar10 --only base --seeds 4   # the noise
     python reproduce.py --scale cpu --data-dir data/cifar10             # every experiment, hours
@@ -18,14 +13,9 @@ checkpoint, as every script does, and the same command continues.
     python reproduce.py --scale cpu --dry-run                           # the commands, nothing run
     python reproduce.py --report --update RESULTS.md                    # tables from the records
 
-Scales (SCALES below): smoke (a tiny image folder, seconds per run: the tests), cpu (ResNet-18 at
-1/4 width on CIFAR-10, minutes per run on one CPU core), gpu (ResNet-18 at full width, 100
-epochs, B 512), paper (the papers' ImageNet settings, for whoever has the hardware), laptop (the
-README's laptop recipe and the search against the clock that chose it, half an hour on 2 cores
-per run). --report
-writes, for every experiment with records, the paper's value and ours (mean and spread over
-seeds) and whether the paper's order holds at this scale: a difference within the base recipe's
-spread over seeds is a tie. RESULTS.md holds what the sweep measured on our machine.
+Scales: SCALES below. --report writes, per experiment, the paper's value and ours (mean and
+spread over seeds) and whether the paper's order holds at this scale (a difference within the
+base recipe's spread over seeds is a tie). RESULTS.md holds what the sweep measured.
 """
 import dataclasses
 import datetime
@@ -774,43 +764,6 @@ def update(path, text):
     path.write_text(content[:start] + "\n" + text + content[end:])
 
 
-# v1 Fig. 5 as the paper draws it: row = the first transformation, column = the second, the
-# diagonal a single one; the cells the paper prints (selected ones), ours unordered.
-FIG5_AXES = ["crop", "colour", "blur"]
-FIG5_PAPER = {(0, 0): 33.1, (1, 1): 18.8, (2, 2): 2.6, (0, 1): 56.3, (1, 0): 55.8, (0, 2): 35.0,
-              (1, 2): 16.5}
-
-
-def fig5_heatmaps(plt, exp, ours, path, scale):
-    """The paper's 3 x 3 matrix of Fig. 5 and ours side by side (ours mirrored: the pairs here
-    apply both transformations to the same branch, in the pipeline's order)."""
-    import numpy as np
-    grids = [np.full((3, 3), np.nan), np.full((3, 3), np.nan)]
-    for (i, j), v in FIG5_PAPER.items():
-        grids[0][i, j] = v
-    for i, a in enumerate(FIG5_AXES):
-        for j, b in enumerate(FIG5_AXES):
-            label = a if i == j else ", ".join(sorted({a, b}, key=FIG5_AXES.index))
-            if ours.get(label) is not None:
-                grids[1][i, j] = ours[label]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    for ax, grid, title in zip(axes, grids, ["paper (ImageNet, R50)", f"ours ({scale})"]):
-        ax.imshow(grid, cmap="viridis")
-        for (i, j), v in np.ndenumerate(grid):
-            ax.text(j, i, "" if np.isnan(v) else f"{v:.1f}", ha="center", va="center",
-                    color="white", fontsize=10)
-        ax.set_xticks(range(3), ["crop", "colour", "blur"])
-        ax.set_yticks(range(3), ["crop", "colour", "blur"])
-        ax.set_xlabel("2nd transformation")
-        ax.set_ylabel("1st transformation")
-        ax.set_title(title)
-    fig.suptitle(f"{exp.title}: linear top-1 (%)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
 def figures(out, scale):
     """One PNG per experiment, the paper's values and ours side by side (matplotlib, optional)."""
     try:
@@ -826,10 +779,6 @@ def figures(out, scale):
     for name, exp in EXPERIMENTS.items():
         ours = [mean_and_spread(value_of(records, scale, r))[0] for r in exp.rows]
         if name == "base" or all(v is None for v in ours):
-            continue
-        if name == "fig5":
-            written.append(fig5_heatmaps(plt, exp, dict(zip((r.label for r in exp.rows), ours)),
-                                         folder / f"{scale}-{name}.png", scale))
             continue
         fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(exp.rows) + 1.5), sharey=True)
         labels = [r.label for r in exp.rows]

@@ -34,10 +34,9 @@ from model import KINDS, checkpoint_kind, convert_to_global_bn
 
 
 def opt(default, help, choices=None, changeable=False, path=False, **bounds):
-    """An option: its default, the help text that --help shows, and the range of valid values
-    (min / max inclusive, above / below exclusive), checked by parse_config. changeable: how this
-    invocation runs (workers, device, log cadence), not what the run is; it may differ when a run
-    continues (continue_run). path: a file or folder, compared as an absolute path."""
+    """An option: its default, its --help text, its valid range (min / max inclusive, above /
+    below exclusive). changeable: how this invocation runs (workers, device, log cadence), not
+    what the run is: it may differ when a run continues. path: compared as an absolute path."""
     return field(default=default, metadata=dict(help=help, choices=choices, changeable=changeable,
                                                 path=path, **bounds))
 
@@ -202,12 +201,10 @@ def setup(device_name="auto"):
 
 
 def restart_store(rank, world, timeout):
-    """Where the processes of a torchrun job meet: in the agent's store (torchrun's own choice)
-    under a prefix of each restart's own. Without it, the processes of a restarted job
-    (--max-restarts) can read the addresses the failed attempt left in that store and fail
-    ('Gloo connectFullMesh failed ... Connection refused') or hang (pytorch/pytorch #135712,
-    #167288). Each agent counts its own restarts: across nodes they agree when every node's
-    workers are restarted together, which is what torchrun does when one fails."""
+    """Where the processes of a torchrun job meet: the agent's store, under a prefix of each
+    restart's own. Without it a restarted job (--max-restarts) can read the addresses the failed
+    attempt left there and fail ('Gloo connectFullMesh failed') or hang (pytorch/pytorch #135712,
+    #167288). torchrun restarts every node's workers together, so the counts agree."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
@@ -290,10 +287,9 @@ def as_user_error(prefix):
 
 
 def save_checkpoint(path, state, keep_previous=False):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint, and
-    a failed write (disk full) leaves the previous checkpoint as it was. keep_previous: the
-    checkpoint it replaces stays beside it as <name>.prev (previous_path), for a run whose
-    newest checkpoint was damaged after it was written (continue_run)."""
+    """Written to a temporary file, then renamed: a crash or a failed write (disk full) leaves the
+    previous checkpoint as it was. keep_previous: the one it replaces stays as <name>.prev.pt,
+    for a run whose newest checkpoint is damaged later (newest_checkpoint)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -368,10 +364,9 @@ SOFTWARE = "simclr (this repository)"  # the mark on the pictures and results fi
 
 
 def check_output(path, flag, ours):
-    """The one rule for a file a script writes beside its run's own: where nothing is, or over
-    a file this project wrote for the same purpose (ours(path), which may raise for a file it
-    cannot read: not ours), never over a checkpoint, its backup or a file of the user's. Called
-    before any work; makes the folder. Returns path."""
+    """path, checked before any work (its folder made): a file is written where nothing is, or
+    over one this project wrote for the same purpose (ours(path); raising: not ours), never over
+    a checkpoint, its backup or a file of the user's."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder; give a file name")
@@ -446,14 +441,9 @@ def prepare_out_dir(path, flag="--out-dir"):
 
 
 class Progress:
-    """The progress line of every long loop in every script:
-
-        <name> <done>/<total> [<what>] <images/s> img/s eta <h:mm:ss>
-
-    due(done) is true the first time it is asked (a line within seconds of the start), then
-    every `every` items, or with every=0 every `seconds`, and at the last item. With every > 0
-    the answer depends on `done` and the calls alone, so all processes of a torchrun job agree
-    (the caller may synchronise there); the time rule is for loops that only print.
+    """The progress line of every long loop: <name> <done>/<total> [<what>] <images/s> img/s eta
+    <h:mm:ss>. due(done): at the first call, then every `every` items (or, with every=0, every
+    `seconds`: for loops that only print, as processes would disagree), and at the last item.
     """
 
     def __init__(self, log, name, total, images_per_item=1, every=0, seconds=30.0, start=0):
@@ -495,14 +485,12 @@ def identity(cls, config):
 
 
 def continue_run(cls, cfg, given, kind, prefix, stored=lambda ckpt: ckpt["config"], files=None):
-    """The run this command continues, as torchtitan and VISSL do: --resume's checkpoint, or the
-    one already in --out-dir (default runs/<prefix>-<digest of the configuration>, one name that
-    every process, node and restart agrees on). A folder that holds another configuration or
-    another script's run is refused before any work, naming what differs, and so is a new run in
-    a folder of files it would write and did not (log.jsonl, results.json, and files: {name:
-    whether the file there is this script's}); a complete run is Done. Returns (config,
-    checkpoint or None); the configuration is the stored one with the changeable flags given now
-    on top (resumed_config)."""
+    """(config, checkpoint or None) of the run this command continues, as torchtitan does:
+    --resume's checkpoint, or the one in --out-dir (default runs/<prefix>-<digest of the
+    configuration>: one name for every process, node and restart), its stored configuration
+    with the changeable flags given now on top. Refused before any work: a folder of another
+    configuration or script, or a new run among files it did not write (log.jsonl,
+    results.json, files: {name: whether the file is this script's}). A complete run is Done."""
     script, name = KINDS[kind][2:]
     if cfg.resume:
         path = checkpoint_path(cfg.resume)
@@ -553,10 +541,9 @@ def continue_run(cls, cfg, given, kind, prefix, stored=lambda ckpt: ckpt["config
 
 
 def newest_checkpoint(path, kind):
-    """(path, checkpoint) of a run folder's checkpoint, or of the one kept before it (.prev) if
-    the newest is damaged, with a line that says so; (path, None) if there is none. A damaged
-    newest file is moved aside (<name>.damaged.pt), so that the next checkpoint does not push
-    it over the backup the run continues from."""
+    """(path, checkpoint) of a run folder's checkpoint, or (said in a line) of the .prev one kept
+    before it if the newest is damaged, which is moved aside (<name>.damaged.pt) so that the next
+    save does not push it over that backup; (path, None) if there is none."""
     previous = previous_path(path)
     if not path.exists() and not previous.exists():
         return path, None
@@ -581,8 +568,7 @@ def newest_checkpoint(path, kind):
 
 
 class Run:
-    """What the three training loops (pretrain, finetune, distill) share, in the order a loop
-    meets it:
+    """The skeleton of the three training loops (pretrain, finetune, distill):
 
         run = Run(cfg, ckpt, kind)             # start: device, processes, precision, workers
         run.schedule(len(data), "images")      # steps per epoch, the schedule's length
@@ -593,21 +579,16 @@ class Run:
             run.epoch_done(**evaluation)       # the record, then the checkpoint
         run.finish(results)                    # the last checkpoint, results.json
 
-    After each step the metrics are summed on the device (no wait); at each log line they are
-    averaged over processes and steps, a non-finite loss stops the run with the last good
-    checkpoint in place, and the line is printed, with the share of the time the loop waited
-    for the loader's workers (and what to do where it is high). Checkpoints are written every
+    Metrics are summed on the device after each step (no wait) and, at each log line, averaged
+    over processes and steps, checked (a non-finite loss stops the run, the last good checkpoint
+    in place) and printed with the share of the time spent waiting for data. Checkpoints: every
     --checkpoint-every minutes, at epoch ends, at --max-steps and when asked to stop.
 
-    Ctrl-C (SIGINT) and SIGTERM (a scheduler's preemption, `timeout`, torchrun's agent, a kill
-    of the process group) ask the run to stop after the current step with a checkpoint. The
-    signal reaches the processes of a torchrun job at slightly different moments, and their
-    clocks differ, so poll() makes them agree, every step, on whether to stop and whether to
-    checkpoint: one all-reduce over a gloo group on the CPU, which never waits for the GPU. A
-    crash or kill -9 loses at most the steps since the last checkpoint; the same command then
-    continues from it (continue_run), and the log records written after it are dropped, so that
-    log.jsonl holds each epoch once. Loader workers ignore both signals (data.make_loader).
-    Stopping ends the script through Done (exit status 0).
+    Ctrl-C and SIGTERM (preemption, `timeout`, torchrun's agent) stop the run after the current
+    step with a checkpoint (Done, exit status 0); poll() makes the processes of a torchrun job
+    agree on it every step over a gloo group, which never waits for the GPU. After a crash the
+    same command continues from the last checkpoint (continue_run), and the log records written
+    after it are dropped, so that log.jsonl holds each epoch once.
     """
 
     def __init__(self, cfg, ckpt=None, kind=None):
@@ -912,10 +893,9 @@ def elastic_error(message):
 
 
 def run_cli(script, fn):
-    """Run a script's work: bad input (UserError) ends it with one line and exit status 1, said
-    once under torchrun (by rank 0; every rank exits 1), and so does a collective that fails
-    because another process of the job died; a torchrun job always leaves its process group.
-    Shared by every script's main()."""
+    """Every script's main(): bad input (UserError), or a collective that failed because another
+    process of the job died, ends it with one line (rank 0's under torchrun) and exit status 1;
+    a torchrun job always leaves its process group."""
     main = os.environ.get("RANK", "0") == "0"
     try:
         fn()
@@ -940,9 +920,8 @@ def run_cli(script, fn):
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-        # Loader workers ignore SIGTERM (make_loader), which is how multiprocessing would stop
-        # them at exit: workers still alive after an error are killed instead (their loader's
-        # SIGCHLD check first switched off), or the exit would wait for them forever.
+        # Loader workers ignore SIGTERM (make_loader): after an error they are killed, or the
+        # exit would wait for them forever (their loader's SIGCHLD check switched off first).
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for worker in multiprocessing.active_children():
             worker.kill()

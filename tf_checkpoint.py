@@ -12,24 +12,14 @@ Architecture, width, selective kernels and projection head are read from the var
     python tf_checkpoint.py finetuned_1pct/r50_1x_sk0 teacher.pt --classifier --evaluate /data/imagenet
     python tf_checkpoint.py r50_1x_sk0/saved_model r50.pt         # the tf2 bucket's SavedModels
 
-Both layouts of the authors' code are read: TF1 (run.py: names numbered in creation order,
-base_model/conv2d_12/kernel, head_contrastive/nl_0/..., head_supervised/..., ema_model/...) and
-tf2 (tf.train.Checkpoint and SavedModel: object-graph paths such as
-model/resnet_model/block_groups/0/layers/0/...). Optimizer slots, global_step and the v2 memory
-queue are skipped. Anything else left unmapped, a missing shard, a damaged file, or shapes that
-no network explains ends the run with one line and nothing written. Checked on networks built
-and saved by the authors' TF1 and tf2 code (fixtures/): h, z and logits equal TensorFlow's to
-1e-12 in float64 (test_tf_checkpoint.py).
-
-The supervised head becomes a classifier on h or on the first projection-head layer
-(--ft-proj-layer). The weights cannot always tell which (every hidden head layer has h's width),
-and on the wrong layer it is wrong on every input: the authors' folder, found in the real path,
-decides (finetuned_1pct and finetuned_10pct: layer 1, as v2 fine-tunes with 1% and 10% of the
-labels; finetuned_100pct and pretrained, whose linear-evaluation head reads h: 0), and elsewhere
---ft-proj-layer must say (classifier_layer). Its class k is the k-th ImageNet
-synset in sorted order: the authors' data.py takes labels from tensorflow_datasets' imagenet2012,
-whose label ids are line numbers in its sorted synset list, the order in which torchvision's
-ImageFolder numbers train/<synset>/ folders. Inputs are images in [0, 1], without mean/std.
+Both layouts of the authors' code are read: TF1 (run.py: base_model/conv2d_12/kernel, ...,
+ema_model/...) and tf2 (tf.train.Checkpoint and SavedModel object-graph paths). Optimizer slots,
+global_step and the v2 memory queue are skipped; anything else unmapped, a missing shard, a
+damaged file or shapes no network explains ends the run with one line and nothing written. h, z
+and logits equal TensorFlow's to 1e-12 in float64 (test_tf_checkpoint.py, on networks the
+authors' code saved). The supervised head becomes a classifier on the head layer the authors'
+folder implies (classifier_layer); its class k is the k-th ImageNet synset in sorted order, as
+torchvision's ImageFolder numbers them (docs/checkpoints.md). Inputs are in [0, 1], no mean/std.
 """
 import dataclasses
 import re
@@ -507,13 +497,10 @@ def supervised_head(src, verify_crc=False):
 
 
 def classifier_layer(path, model, inputs, asked=-1):
-    """(K, why): the projection-head layer the authors' supervised head (of `inputs` inputs) sits
-    on, or (None, why) when that cannot be known. The shapes tell where one layer alone has
-    `inputs` outputs; every hidden head layer has h's width, though, and a classifier on the
-    wrong layer is wrong on every input. Then the authors' folder (its real path, however it was
-    spelled) decides: v2 fine-tunes from layer 1 with 1% and 10% of the labels (finetuned_1pct,
-    finetuned_10pct), from h with all of them (finetuned_100pct), and the linear-evaluation head
-    of pretraining reads h (pretrained); elsewhere --ft-proj-layer must say."""
+    """(K, why): the head layer the authors' supervised head (of `inputs` inputs) reads, or (None,
+    why). The shapes tell where one layer alone has `inputs` outputs; else (every hidden layer
+    has h's width) the authors' folder in the real path: finetuned_1pct and finetuned_10pct 1 (as
+    v2 fine-tunes), finetuned_100pct and pretrained 0; elsewhere --ft-proj-layer must say."""
     fits = [k for k in range(len(model.head.layers) + 1)
             if (model.head.layers[k - 1][0].out_features if k else model.encoder.out_dim) == inputs]
     choices = " or ".join(filter(None, [", ".join(map(str, fits[:-1])), str(fits[-1])])) if fits else ""
