@@ -24,9 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-# ---------------------------------------------------------------------------------------------
-# Crop: tf.image.sample_distorted_bounding_box, then tf.image.resize_bicubic
-# ---------------------------------------------------------------------------------------------
+# --- Crop: tf.image.sample_distorted_bounding_box, then tf.image.resize_bicubic --------------
 
 AREA_RANGE = (0.08, 1.0)  # fraction of the image (data_util.crop_and_resize)
 ASPECT_RANGE = (3 / 4, 4 / 3)  # crop width / height, for a square output
@@ -232,9 +230,7 @@ def center_crop_resize(image, size, proportion=CROP_PROPORTION):
     return _uint8_chw(resize_crop(image, box, size))
 
 
-# ---------------------------------------------------------------------------------------------
-# Flip: tf.image.random_flip_left_right
-# ---------------------------------------------------------------------------------------------
+# --- Flip: tf.image.random_flip_left_right ---------------------------------------------------
 
 
 def random_flip(x, generator=None):
@@ -243,9 +239,7 @@ def random_flip(x, generator=None):
     return torch.lerp(x, x.flip(-1), flip.to(x.dtype))  # lerp by 0/1: exact, faster than where
 
 
-# ---------------------------------------------------------------------------------------------
-# Colour distortion: data_util.color_jitter (random order) and to_grayscale
-# ---------------------------------------------------------------------------------------------
+# --- Colour distortion: data_util.color_jitter (random order) and to_grayscale ---------------
 
 
 def _per_image(value, x):
@@ -349,9 +343,7 @@ def _jitter_in_order(x, factors, order, applied, brightness="multiplicative", su
     return x
 
 
-# ---------------------------------------------------------------------------------------------
-# Blur: data_util.gaussian_blur / batch_random_blur (ImageNet only)
-# ---------------------------------------------------------------------------------------------
+# --- Blur: data_util.gaussian_blur / batch_random_blur (ImageNet only) -----------------------
 
 
 def gaussian_blur(x, sigma, kernel_size):
@@ -371,9 +363,7 @@ def gaussian_blur(x, sigma, kernel_size):
     return _separable(x, band(x.shape[2]), band(x.shape[3]))
 
 
-# ---------------------------------------------------------------------------------------------
-# The pipeline: data_util.preprocess_for_train, then model.py's batch_random_blur
-# ---------------------------------------------------------------------------------------------
+# --- The pipeline: data_util.preprocess_for_train, then model.py's batch_random_blur ---------
 
 
 def parse_augment(augment):

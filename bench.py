@@ -40,9 +40,7 @@ from pretrain import Config, parse_with_presets, train_step, view_augmentations
 from runs import (UserError, check_output, default_workers, git_revision, opt, precision_for,
                   random_states, run_cli, save_checkpoint, setup, write_json, written_by)
 
-# ---------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------
+# --- Configuration ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -88,9 +86,7 @@ BF16_PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200
                     ("A10", 125)]
 
 
-# ---------------------------------------------------------------------------------------------
-# Timing and data: wall-clock between device synchronisations, batches as pretrain.py makes them
-# ---------------------------------------------------------------------------------------------
+# --- Timing and data: between device synchronisations, batches as pretrain.py makes them -----
 
 
 def synchronize(device):
@@ -140,9 +136,7 @@ def view_batches(dataset, augments, cfg, batches, workers, device):
     return iter(ViewLoader(dataset, sampler, cfg.batch_size, augments, device, workers))
 
 
-# ---------------------------------------------------------------------------------------------
-# Model FLOPs and the device's peak
-# ---------------------------------------------------------------------------------------------
+# --- Model FLOPs and the device's peak -------------------------------------------------------
 
 
 def model_flops_per_view(cfg):
@@ -162,9 +156,7 @@ def bf16_peak_tflops(device_name):
     return next((peak for key, peak in BF16_PEAK_TFLOPS if key in device_name), None)
 
 
-# ---------------------------------------------------------------------------------------------
-# The measurements
-# ---------------------------------------------------------------------------------------------
+# --- The measurements ------------------------------------------------------------------------
 
 
 def row_result(measured, steps, batch_size, device):
@@ -321,9 +313,7 @@ def bench(cfg):
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------------------------
+# --- Report ----------------------------------------------------------------------------------
 
 
 def worker_lines(worker, cfg, step_rate):
@@ -417,9 +407,7 @@ def report(result):
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
-# The loader worker of image folders, against torchvision's
-# ---------------------------------------------------------------------------------------------
+# --- The loader worker of image folders, against torchvision's -------------------------------
 
 
 def make_mosaics(source, folder, count, seed=0):

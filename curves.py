@@ -1,11 +1,7 @@
-"""A run's training curves: every number its log.jsonl records per epoch (pretrain.py's loss,
-contrast_acc, entropy, lr and kNN top-1; finetune.py's and distill.py's alike), one panel each,
-as curves.png in the run folder.
+"""A run's training curves: every number its log.jsonl records per epoch, one panel each, as
+curves.png in the run folder. It needs matplotlib (optional: pip install matplotlib).
 
-    python curves.py runs/cifar10-resnet18-...      # any run folder of the three scripts
-
-It needs matplotlib (pip install matplotlib: optional, as reproduce.py's figures); without it
-this command says so. The loops draw nothing: a picture is drawn when it is asked for.
+    python curves.py runs/cifar10-resnet18-...      # any run folder of the three training scripts
 """
 import json
 import os
@@ -19,7 +15,10 @@ NOT_CURVES = ("epoch", "step", "time", "images_per_s", "unreadable_images")
 
 def plot(run_dir):
     """run_dir/curves.png from run_dir/log.jsonl, written atomically; returns its path."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("curves.png needs matplotlib: pip install matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -47,15 +46,6 @@ def plot(run_dir):
     return out
 
 
-def plot_if_possible(run_dir):
-    """plot() where matplotlib is importable, else None."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return None
-    return plot(run_dir)
-
-
 def main(argv=None):
     def run():
         args = sys.argv[1:] if argv is None else argv
@@ -63,10 +53,7 @@ def main(argv=None):
             return print(__doc__.strip())
         if len(args) != 1 or args[0].startswith("-"):
             raise UserError("usage: python curves.py RUN_DIR (a folder with log.jsonl)")
-        out = plot_if_possible(args[0])
-        if out is None:
-            raise UserError("curves.png needs matplotlib: pip install matplotlib")
-        print(f"wrote {out}")
+        print(f"wrote {plot(args[0])}")
 
     run_cli("curves.py", run)
 

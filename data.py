@@ -643,8 +643,8 @@ class ImageFiles(ImageFolder):
 
 
 def _quiet_worker(worker_id):
-    # Ctrl-C and SIGTERM reach every process of the group; the main process answers them
-    # (cli.Run) and then shuts its workers down, so a worker must not die first.
+    # Ctrl-C and SIGTERM reach the whole process group: the main process answers them (runs.Run)
+    # and shuts its workers down, so a worker must not die first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 

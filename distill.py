@@ -35,9 +35,7 @@ from resnet import ARCHS
 from runs import (Run, Training, UserError, as_user_error, continue_run, fingerprint,
                   load_checkpoint, opt, parse_config, run_cli)
 
-# ---------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------
+# --- Configuration ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -150,9 +148,7 @@ class LabelledDraws(torch.utils.data.Sampler):
         return iter(torch.randint(self.n, (self.count,), generator=generator)[self.start:].tolist())
 
 
-# ---------------------------------------------------------------------------------------------
-# Model: the student, an encoder and a linear classifier (no projection head)
-# ---------------------------------------------------------------------------------------------
+# --- Model: the student, an encoder and a linear classifier (no projection head) -------------
 
 
 def student_config(cfg, teacher_pretrain_config):
@@ -177,9 +173,7 @@ def build_student(config, num_classes, init="", ckpt=None, path=""):
     return student
 
 
-# ---------------------------------------------------------------------------------------------
-# Loss: Eq. 2 and Eq. 3
-# ---------------------------------------------------------------------------------------------
+# --- Loss: Eq. 2 and Eq. 3 -------------------------------------------------------------------
 
 
 def distillation_loss(student_logits, teacher_logits, temperature=1.0):
@@ -201,9 +195,7 @@ def semi_supervised_loss(student_logits, teacher_logits, temperature, alpha,
     return loss
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
+# --- Training --------------------------------------------------------------------------------
 
 
 def train(cfg, teacher, teacher_ckpt, ckpt):

@@ -5,29 +5,18 @@
     python export.py runs/finetune-.../finetuned.pt classifier.pt2     # x -> logits
     python export.py runs/imagenet-.../ckpt.pt r50.pth                 # torchvision's names
 
-The extension says the format (or --format, which must agree with it). A .pt2 file is a
-torch.export program of the encoder (any depth, width, SK and stem; of a fine-tuned checkpoint,
-its classifier), with a dynamic batch size and image size, that a program with torch alone runs:
+The extension says the format. A .pt2 file is a torch.export program of the encoder (any
+network; of a fine-tuned checkpoint, its classifier), with a dynamic batch and image size, that
+a program with torch alone runs:
 
     import torch
     f = torch.export.load("encoder.pt2").module()
     h = f(x)   # x: B x 3 x H x W RGB in [0, 1], no mean/std; trained at the checkpoint's size
 
-A .pth file is a state dict that torchvision.models.resnet18/34/50/101/152 loads with only fc.*
-missing (with fc, for a network fine-tuned on h), for the networks torchvision can express
-(width 1, no SK). Two differences from torchvision's ResNet, each one line on the model (export.py
-prints them):
-- the stem's max-pool is TensorFlow's 'SAME' (0 pixels padded before, 1 after on the stem's even
-  output size, 112 for 224 px) where torchvision's pads 1 and 1: h differs (docs/checkpoints.md);
-  exact with `model.maxpool = torch.nn.Sequential(torch.nn.ZeroPad2d((0, 1, 0, 1)),
-  torch.nn.MaxPool2d(3, 2))` (zeros pad like -inf here: the pool follows a ReLU);
-- ResNet-18/34 project the shortcut of stage 1's first block (the authors' code), which
-  torchvision's has not: `model.layer1[0].downsample = torch.nn.Sequential(
-  torch.nn.Conv2d(64, 64, 1, bias=False), torch.nn.BatchNorm2d(64))` before loading.
-CIFAR's stem (32 px) is a 3x3 stride-1 convolution without max-pool:
-`model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); model.maxpool = torch.nn.Identity()`.
-Then `model.fc = torch.nn.Identity()` gives h. test_export.py checks each line against h. The
-output never replaces a checkpoint or any file but an export of this script.
+A .pth file is a state dict that torchvision.models.resnetN loads with only fc.* missing (width
+1, no SK), and export.py prints the lines that make torchvision's ResNet compute this encoder
+(TensorFlow's 'SAME' max-pool in the stem, ResNet-18/34's projection in stage 1, CIFAR's stem:
+SAME_MAXPOOL ... below; docs/checkpoints.md). It never writes over a file it did not write.
 """
 import argparse
 import json
@@ -41,7 +30,7 @@ from model import Classifier, Representation, build_model, checkpoint_kind, fine
 from runs import (Parser, UserError, as_user_error, check_output, checkpoint_path, load_checkpoint,
                   run_cli)
 
-# The lines that make a torchvision ResNet compute this project's encoder (the docstring's).
+# The lines that make a torchvision ResNet compute this project's encoder (test_export.py).
 SAME_MAXPOOL = ("model.maxpool = torch.nn.Sequential(torch.nn.ZeroPad2d((0, 1, 0, 1)), "
                 "torch.nn.MaxPool2d(3, 2))")
 STAGE1_PROJECTION = ("model.layer1[0].downsample = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 1, "

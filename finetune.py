@@ -33,9 +33,7 @@ from model import (V1_HEAD, build_classifier, build_classifier_optimizers, head_
 from runs import (Run, Training, UserError, as_user_error, checkpoint_path, continue_run,
                   defaults, fingerprint, load_checkpoint, opt, parse_config, run_cli)
 
-# ---------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------
+# --- Configuration ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -158,9 +156,7 @@ def resolve_config(argv):
     return cfg, pre, None if cfg.from_scratch else ckpt["model"], None
 
 
-# ---------------------------------------------------------------------------------------------
-# Fine-tuning: cross-entropy on the labelled subset, the whole network trained
-# ---------------------------------------------------------------------------------------------
+# --- Fine-tuning: cross-entropy on the labelled subset, the whole network trained ------------
 
 
 def train(cfg, pretrain_config, weights, ckpt):

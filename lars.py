@@ -1,23 +1,17 @@
 """LARS: layer-wise adaptive rate scaling (You, Gitman, Ginsburg 2017), as the SimCLR code uses it.
 
-SimCLR trains with batches of up to 8192 images, where plain SGD with momentum is unstable; LARS
-rescales each layer's step by eta * ||w|| / ||g|| so that no layer moves too far relative to its
-weights (v1 paper, Sec. 2.2 "Training with large batch size"). This file follows the update of the
-authors' TensorFlow optimizer (google-research/simclr, lars_optimizer.py), per parameter w with
-gradient g:
+With batches of up to 8192 images plain momentum SGD is unstable; LARS scales each layer's step
+by eta * ||w|| / ||g|| (v1 Sec. 2.2). The update of the authors' lars_optimizer.py, per
+parameter w with gradient g:
 
     g <- g + weight_decay * w                      skipped for biases and BatchNorm parameters
     trust = eta * ||w|| / ||g||  if both > 0, else 1,   and 1 for biases and BatchNorm parameters
     v <- momentum * v + lr * trust * g             (the learning rate sits inside the buffer)
     w <- w - v
 
-Biases and BatchNorm parameters are exactly the 1-D parameters of every network in this project,
-so they are recognised by shape (as MoCo v3 does), and excluded from both weight decay and the
-trust ratio; forgetting these exclusions is a common reimplementation bug.
-
-Each line of the update is one torch._foreach_* call over all parameters at once: a ResNet-18 has
-62 parameter tensors, and a loop over them would launch about 500 small GPU kernels per step. The
-step has no data-dependent Python branch, so it never waits on the GPU.
+Biases and BatchNorm parameters, the 1-D ones (as MoCo v3 finds them), are excluded from both
+weight decay and the trust ratio: forgetting that is a common reimplementation bug. Each line of
+the update is one torch._foreach_* call over all parameters, and nothing waits on the GPU.
 """
 import torch
 

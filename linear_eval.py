@@ -40,9 +40,7 @@ from runs import (Progress, Run, System, UserError, as_user_error, check_output,
                   check_picture, defaults, fingerprint, git_revision, identity, load_checkpoint, opt,
                   parse_config, precision_for, run_cli, world_info, write_json)
 
-# ---------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------
+# --- Configuration ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -129,9 +127,7 @@ def resolve_config(argv):
     return cfg, ckpt
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: augmented images (the paper's protocol) or stored features (--cached-features)
-# ---------------------------------------------------------------------------------------------
+# --- Data: augmented images (the paper's protocol) or stored features (--cached-features) ----
 
 
 class FeatureLoader:
@@ -153,9 +149,7 @@ class FeatureLoader:
             yield [self.features[idx]], self.labels[idx]  # one "view", as ViewLoader yields
 
 
-# ---------------------------------------------------------------------------------------------
-# Model: frozen encoder f, zero-initialised linear layer on h
-# ---------------------------------------------------------------------------------------------
+# --- Model: frozen encoder f, zero-initialised linear layer on h -----------------------------
 
 
 def load_encoder(ckpt, path, random_init=False, layer=0):
@@ -195,9 +189,7 @@ def check_encoder_unchanged(encoder, reference):
                              f"{' ...' if len(changed) > 5 else ''}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Training: cross-entropy on the linear layer only
-# ---------------------------------------------------------------------------------------------
+# --- Training: cross-entropy on the linear layer only ----------------------------------------
 
 
 def train_linear(classifier, encoder, loader, epochs, peak_lr, weight_decay=0.0, momentum=0.9,
@@ -244,9 +236,7 @@ def train_linear(classifier, encoder, loader, epochs, peak_lr, weight_decay=0.0,
     return loss_avg, acc_avg
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation: top-1 / top-5 of the linear layer, weighted kNN
-# ---------------------------------------------------------------------------------------------
+# --- Evaluation: top-1 / top-5 of the linear layer, weighted kNN -----------------------------
 
 
 @torch.no_grad()
@@ -256,9 +246,7 @@ def evaluate_linear(classifier, features, labels):
     return topk_accuracy(classifier(features), labels)
 
 
-# ---------------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------------
+# --- main ------------------------------------------------------------------------------------
 
 
 # A results file's name: (option, its part) where the option differs from the protocol's.

@@ -13,9 +13,7 @@ import torch.nn as nn
 from lars import LARS
 from resnet import build_encoder
 
-# ---------------------------------------------------------------------------------------------
-# The network: f, g, the representation, a classifier
-# ---------------------------------------------------------------------------------------------
+# --- The network: f, g, the representation, a classifier -------------------------------------
 
 
 class ProjectionHead(nn.Module):
@@ -161,9 +159,7 @@ def checkpoint_kind(ckpt):
     return "converted" if "converted_from" in ckpt else "pretrain"
 
 
-# ---------------------------------------------------------------------------------------------
-# Global BatchNorm (Sec. 2.2)
-# ---------------------------------------------------------------------------------------------
+# --- Global BatchNorm (Sec. 2.2) -------------------------------------------------------------
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -211,9 +207,7 @@ def _to_global_bn(module):
     return module
 
 
-# ---------------------------------------------------------------------------------------------
-# Optimisation: LARS / SGD / Adam, lr scaling, warmup + cosine
-# ---------------------------------------------------------------------------------------------
+# --- Optimisation: LARS / SGD / Adam, lr scaling, warmup + cosine ----------------------------
 
 
 def scaled_lr(base_lr, batch_size, scaling):

@@ -43,9 +43,7 @@ from runs import (Done, Run, Training, UserError, as_user_error, check_picture, 
 # private module; they are still the public way to gather with gradients, so keep logs clean.
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.", category=FutureWarning)
 
-# ---------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------
+# --- Configuration ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -182,9 +180,7 @@ def resolve_config(argv):
     return continue_run(Config, cfg, given, "pretrain", f"{cfg.dataset}-{cfg.arch}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Algorithm 1: two views of each image, the step, the loop
-# ---------------------------------------------------------------------------------------------
+# --- Algorithm 1: two views of each image, the step, the loop --------------------------------
 
 
 def view_augmentations(cfg):
@@ -278,9 +274,7 @@ def train(cfg, ckpt=None, started=None):
     run.finish()
 
 
-# ---------------------------------------------------------------------------------------------
-# Around the loop: input checks, the memory, the start line, the kNN monitor, the CPU estimate
-# ---------------------------------------------------------------------------------------------
+# --- Around the loop: input checks, the memory, the start line, kNN, the clock ----------------
 
 
 def checked_objective(cfg):

@@ -36,9 +36,7 @@ from runs import UserError, Parser, git_revision, run_cli
 
 ROOT = Path(__file__).parent
 
-# ---------------------------------------------------------------------------------------------
-# Scales: the base recipe and the evaluations, as flags of the scripts
-# ---------------------------------------------------------------------------------------------
+# --- Scales: the base recipe and the evaluations, as flags of the scripts --------------------
 
 
 @dataclass
@@ -100,9 +98,7 @@ SCALES = {
         dataset="imagenet", data_dir="/data/imagenet", lr=0.3, batch_size=4096),
 }
 
-# ---------------------------------------------------------------------------------------------
-# Runs and experiments
-# ---------------------------------------------------------------------------------------------
+# --- Runs and experiments --------------------------------------------------------------------
 
 # Pretraining runs: name -> pretrain.py flags on top of the scale's base recipe. A run is trained
 # once per seed, whatever the number of experiments that use it.
@@ -350,9 +346,7 @@ EXPERIMENTS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# Commands
-# ---------------------------------------------------------------------------------------------
+# --- Commands --------------------------------------------------------------------------------
 
 
 def pretrain_flags(scale, name, data_dir):
@@ -455,9 +449,7 @@ def jobs_for(names, scale, seeds, out):
     return sorted(jobs, key=lambda j: order[j.run_dir])
 
 
-# ---------------------------------------------------------------------------------------------
-# Running: subprocesses, resumable, stoppable
-# ---------------------------------------------------------------------------------------------
+# --- Running: subprocesses, resumable, stoppable ---------------------------------------------
 
 
 class Stop:
@@ -610,9 +602,7 @@ def read_records(out):
     return records
 
 
-# ---------------------------------------------------------------------------------------------
-# Report: the paper's value, ours, and whether the order holds
-# ---------------------------------------------------------------------------------------------
+# --- Report: the paper's value, ours, and whether the order holds ----------------------------
 
 
 def mean_and_spread(values):
@@ -799,9 +789,7 @@ def figures(out, scale):
     return written
 
 
-# ---------------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------------
+# --- main ------------------------------------------------------------------------------------
 
 
 def parse_args(argv):

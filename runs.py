@@ -28,9 +28,7 @@ import torch.nn as nn
 
 from model import KINDS, checkpoint_kind, convert_to_global_bn
 
-# ---------------------------------------------------------------------------------------------
-# Options: every field of a dataclass becomes a flag, with its help and valid range
-# ---------------------------------------------------------------------------------------------
+# --- Options: every field of a dataclass becomes a flag, with its help and valid range -------
 
 
 def opt(default, help, choices=None, changeable=False, path=False, **bounds):
@@ -167,9 +165,7 @@ def resumed_config(cls, stored, given, path):
                           **({"max_steps": 0} if "max_steps" in known else {}), **given}))
 
 
-# ---------------------------------------------------------------------------------------------
-# Processes: one code path, a world of one without torchrun
-# ---------------------------------------------------------------------------------------------
+# --- Processes: one code path, a world of one without torchrun -------------------------------
 
 
 def setup(device_name="auto"):
@@ -281,9 +277,7 @@ def as_user_error(prefix):
         raise UserError(f"{prefix}: {first_line(e)}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: atomic writes, plain data, loadable with weights_only=True
-# ---------------------------------------------------------------------------------------------
+# --- Checkpoints: atomic writes, plain data, loadable with weights_only=True -----------------
 
 
 def save_checkpoint(path, state, keep_previous=False):
@@ -356,9 +350,7 @@ def fingerprint(ckpt):
     return dict(step=ckpt.get("step"), digest=digest.hexdigest()[:12])
 
 
-# ---------------------------------------------------------------------------------------------
-# Outputs: never over a checkpoint, a backup, or a file this project did not write
-# ---------------------------------------------------------------------------------------------
+# --- Outputs: never over a checkpoint, a backup, or a file this project did not write --------
 
 SOFTWARE = "simclr (this repository)"  # the mark on the pictures and results files it writes
 
@@ -467,9 +459,7 @@ class Progress:
         self.t_shown = now
 
 
-# ---------------------------------------------------------------------------------------------
-# Continuing a run: a folder per run, found again by the same command
-# ---------------------------------------------------------------------------------------------
+# --- Continuing a run: a folder per run, found again by the same command ---------------------
 
 
 def identity(cls, config):
@@ -562,9 +552,7 @@ def newest_checkpoint(path, kind):
         return previous, ckpt
 
 
-# ---------------------------------------------------------------------------------------------
-# Run: the skeleton of the three training loops
-# ---------------------------------------------------------------------------------------------
+# --- Run: the skeleton of the three training loops -------------------------------------------
 
 
 class Run:

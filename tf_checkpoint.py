@@ -36,9 +36,7 @@ from pretrain import PRESETS, Config
 from runs import Parser, UserError, check_output, default_workers, run_cli, save_checkpoint
 from resnet import ARCHS, Bottleneck, SamePool, SelectiveKernel
 
-# ---------------------------------------------------------------------------------------------
-# The file format: an SSTable of BundleEntryProto records, the tensors' bytes in data shards
-# ---------------------------------------------------------------------------------------------
+# --- The file format: an SSTable of BundleEntryProto records, the tensors' bytes in data shards ---
 # The index file is a LevelDB table: data blocks of prefix-compressed (key, value) entries, an
 # index block pointing at them, and a 48-byte footer ending in a magic number. Each block is
 # followed by a compression byte and a masked crc32c. TensorFlow writes the blocks uncompressed.
@@ -249,9 +247,7 @@ def object_graph_names(ckpt):
     return names
 
 
-# ---------------------------------------------------------------------------------------------
-# The authors' variable names for our modules
-# ---------------------------------------------------------------------------------------------
+# --- The authors' variable names for our modules ---------------------------------------------
 
 
 def variable_names(model, layout, head_mode="nonlinear"):
@@ -330,9 +326,7 @@ def expected_shapes(names):
     return shapes
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading a checkpoint into our network
-# ---------------------------------------------------------------------------------------------
+# --- Reading a checkpoint into our network ---------------------------------------------------
 
 # Not weights of the network: optimizer slots, step counters, v2's memory queue (the authors'
 # loading notebook leaves out 'memory' too), tf2's optimizer object.
@@ -523,9 +517,7 @@ def classifier_layer(path, model, inputs, asked=-1):
                   f"and pretrained ones")
 
 
-# ---------------------------------------------------------------------------------------------
-# main: convert, write our format, optionally evaluate the classifier
-# ---------------------------------------------------------------------------------------------
+# --- main: convert, write our format, optionally evaluate the classifier ---------------------
 
 
 def convert(path, ema=False, ft_proj_layer=-1, verify_crc=False):
