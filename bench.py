@@ -50,19 +50,14 @@ class BenchConfig(Config):
     # how it is measured
     channels_last: bool = opt(True, "NHWC activations and weights, as pretrain.py runs; "
                               "--no-channels-last measures the NCHW layout it replaced")
-    cudnn_benchmark: bool = opt(True, "torch.backends.cudnn.benchmark: let cuDNN time its "
-                                "convolution algorithms for the fixed batch shape, as pretrain.py "
-                                "does; --no-cudnn-benchmark measures without")
-    rows: str = opt("data,memory,full", "rows to measure, comma-separated: data (pipeline "
-                    "alone), memory (step on a batch in memory, with the loss and optimizer "
-                    "shares), full (step fed by the pipeline); on request checkpoint (seconds to "
-                    "write the run's checkpoint as pretrain.py does, in the current folder) and "
-                    "worker (one loader worker's images/s on a core, and torchvision's, on a "
-                    "folder's JPEGs at --image-size)")
-    mosaics: int = opt(0, "the worker row on this many ImageNet-sized JPEGs (500 x 375 and the "
-                       "like, quality 90) made in a temporary folder as mosaics of 64 px tiles of "
-                       "--data-dir's images, for a machine without ImageNet; 0: --data-dir's own",
-                       min=0)
+    cudnn_benchmark: bool = opt(True, "cuDNN times its convolution algorithms, as pretrain.py "
+                                "lets it; --no-cudnn-benchmark measures without")
+    rows: str = opt("data,memory,full", "rows, comma-separated: data (pipeline alone), memory (step "
+                    "on a batch in memory), full (step fed by the pipeline), checkpoint (writing "
+                    "one, in the current folder), worker (one loader worker on a core, and "
+                    "torchvision's, on a folder's JPEGs)")
+    mosaics: int = opt(0, "the worker row on this many ImageNet-sized JPEGs made of tiles of "
+                       "--data-dir's images (make_mosaics); 0: --data-dir's own", min=0)
     worker_images: int = opt(256, "images the worker row times in each round", min=1)
     step_rate: float = opt(0.0, "images/s of a device's step, for the cores per device the worker "
                            "row implies (0: row 2's rate)", min=0)

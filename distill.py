@@ -41,9 +41,8 @@ from runs import (Run, Training, UserError, as_user_error, continue_run, fingerp
 @dataclass
 class DistillConfig(Training):
     """distill.py's options (runs.Training adds the run's: --out-dir, --resume, ...)."""
-    WRITES = ("writes, in --out-dir: student.pt (the run; the one before it kept as "
-              "student.prev.pt, a damaged one as student.damaged.pt), log.jsonl (a record per "
-              "epoch), results.json, and with --alpha < 1 subset.txt (the labelled images)")
+    WRITES = ("writes, in --out-dir: student.pt (the previous one kept as student.prev.pt), "
+              "log.jsonl, results.json, and with --alpha < 1 subset.txt (the labelled images)")
     teacher: str = opt("", "fine-tuned checkpoint (finetune.py's finetuned.pt), the fixed teacher",
                        path=True)
     # data
@@ -54,9 +53,8 @@ class DistillConfig(Training):
     arch: str = opt("", "student encoder (default: the teacher's)", list(ARCHS))
     width_multiplier: float = opt(0.0, "student width (0: the teacher's)", min=0)
     sk_ratio: float = opt(-1.0, "student selective kernels (-1: the teacher's)", min=-1)
-    unlabeled_dir: str = opt("", "the unlabeled images of Eq. 2: every image under this folder, "
-                             "at any depth (default: the training images of --data-dir)",
-                             path=True)
+    unlabeled_dir: str = opt("", "Eq. 2's unlabeled images: every image under this folder "
+                             "(default: the training images of --data-dir)", path=True)
     val_fraction: float = opt(0.0, "evaluate on this class-balanced fraction of the training "
                               "images, held out (default: the teacher's, on its data)",
                               min=0, below=1)

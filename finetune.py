@@ -39,12 +39,10 @@ from runs import (Run, Training, UserError, as_user_error, checkpoint_path, cont
 @dataclass
 class FinetuneConfig(Training):
     """finetune.py's options (runs.Training adds the run's: --out-dir, --resume, ...)."""
-    WRITES = ("writes, in --out-dir: finetuned.pt (the run, distill.py's teacher; the one before "
-              "it kept as finetuned.prev.pt, a damaged one as finetuned.damaged.pt), log.jsonl (a "
-              "record per epoch), subset.txt (the labelled images) and results.json")
-    checkpoint: str = opt("", "pretraining checkpoint (pretrain.py's ckpt.pt, or a student of "
-                          "distill.py); with --from-scratch only its architecture is used",
-                          path=True)
+    WRITES = ("writes, in --out-dir: finetuned.pt (distill.py's teacher; the previous one kept as "
+              "finetuned.prev.pt), log.jsonl, subset.txt (the labelled images) and results.json")
+    checkpoint: str = opt("", "pretraining checkpoint (pretrain.py's ckpt.pt, or a student.pt); "
+                          "with --from-scratch its architecture", path=True)
     from_scratch: bool = opt(False, "random initialisation instead of the checkpoint's weights: "
                              "the supervised baseline")
     # data
@@ -59,9 +57,8 @@ class FinetuneConfig(Training):
                            "n01440764_10026.JPEG) or a subset.txt this script wrote", path=True)
     seed: int = opt(0, "random seed: which images are labelled, initialisation, data order")
     # model (v2 Sec. 2)
-    ft_proj_layer: int = opt(1, "keep this many projection-head layers under the classifier: "
-                             "0 drops the head (v1), 1 is v2's choice (0 for a network without "
-                             "one: a student of distill.py)", min=0)
+    ft_proj_layer: int = opt(1, "keep this many projection-head layers under the classifier: 0 "
+                             "as v1, 1 as v2 (0 for a network without a head)", min=0)
     arch: str = opt("resnet18", "encoder for --from-scratch without --checkpoint",
                     ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
     width_multiplier: float = opt(1.0, "width for --from-scratch without --checkpoint", above=0)
@@ -71,9 +68,8 @@ class FinetuneConfig(Training):
     # optimisation (v2 Appendix; official fine-tuning flags)
     batch_size: int = opt(64, "global batch size B in images", min=2)
     epochs: int = opt(0, "training epochs; 0: 60 for <= 1% of the labels, 30 above (v2)", min=0)
-    optimizer: str = opt("lars", "LARS for the network as in the paper (the new classifier "
-                         "always gets momentum SGD, model.build_classifier_optimizers)",
-                         ["lars", "sgd", "adam"])
+    optimizer: str = opt("lars", "for the network, as the paper (the classifier gets momentum "
+                         "SGD)", ["lars", "sgd", "adam"])
     lr: float = opt(0.005, "base learning rate, scaled by --lr-scaling", above=0)
     lr_scaling: str = opt("sqrt", "sqrt: lr x sqrt(B) (the authors' fine-tuning choice); "
                           "linear: lr x B/256", ["linear", "sqrt"])

@@ -46,11 +46,9 @@ from runs import (Progress, Run, System, UserError, as_user_error, check_output,
 @dataclass
 class LinearConfig(System):
     """linear_eval.py's options (runs.System adds --device, --precision, --workers)."""
-    WRITES = ("writes one results file (JSON): --out, or beside the checkpoint named after what was "
-              "measured (linear_eval.json, linear_eval_e0_knn200.json, ...); with "
-              "--show-neighbours only that PNG")
-    checkpoint: str = opt("", "pretraining checkpoint (pretrain.py's ckpt.pt); the encoder's "
-                          "architecture and input size come from its stored configuration",
+    WRITES = ("writes one results JSON, --out or beside the checkpoint (linear_eval.json, "
+              "linear_eval_e0_knn200.json ...); with --show-neighbours only that PNG")
+    checkpoint: str = opt("", "pretraining checkpoint (pretrain.py's ckpt.pt, or its folder)",
                           path=True)
     # data
     dataset: str = opt("", "data to evaluate on, empty: the checkpoint's; another one is "
@@ -66,9 +64,8 @@ class LinearConfig(System):
     cached_features: bool = opt(False, "compute h once without augmentation and train on the "
                                 "stored features (fast; not the paper's augmented protocol)")
     random_init: bool = opt(False, "evaluate the same architecture untrained: the baseline")
-    image_size: int = opt(0, "evaluate at this resolution in pixels, 0: the pretraining's; a "
-                          "CIFAR-10 encoder pretrained on 24 px crops sees its 32 px images "
-                          "(FixRes, Touvron et al. 2019: random crops enlarge objects)", min=0)
+    image_size: int = opt(0, "evaluate at this resolution in pixels, 0: the pretraining's (FixRes, "
+                          "Touvron et al. 2019: random crops enlarge objects)", min=0)
     layer: int = opt(0, "the representation: 0 h = f(x) (v1); K the output of the projection "
                      "head's layer K (v2 Sec. 2; the last layer is z, Fig. 8's h vs z)", min=0)
     knn: int = opt(0, "also report weighted kNN top-1 with K neighbours on normalised h (200 is "
@@ -81,12 +78,10 @@ class LinearConfig(System):
                        "(default: the checkpoint's, on its data)", path=True)
     # system
     seed: int = opt(0, "random seed (data order, augmentation, --random-init weights)")
-    out: str = opt("", "results JSON, empty: beside the checkpoint, named after what was "
-                   "measured (linear_eval.json: the paper's protocol; linear_eval_e0_knn200.json: "
-                   "kNN alone ...)", changeable=True)
-    show_neighbours: str = opt("", "write a PNG of --queries evaluation images, each followed by "
-                               "its 8 nearest training images by cosine similarity of h (the kNN's "
-                               "neighbours), with their classes, and nothing else; e.g. nn.png",
+    out: str = opt("", "results JSON, empty: beside the checkpoint, named after what was measured "
+                   "(linear_eval.json: the paper's protocol)", changeable=True)
+    show_neighbours: str = opt("", "only write a PNG of --queries evaluation images, each with its 8 "
+                               "nearest training images by cosine similarity of h; e.g. nn.png",
                                changeable=True)
     queries: int = opt(8, "--show-neighbours: evaluation images shown, evenly spaced in the split",
                        min=1, changeable=True)

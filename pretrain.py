@@ -49,21 +49,17 @@ warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.
 @dataclass
 class Config(Training):
     """pretrain.py's options (runs.Training adds the run's: --out-dir, --device, ...)."""
-    WRITES = ("writes, in --out-dir: ckpt.pt (the run; the one before it kept as ckpt.prev.pt, a "
-              "damaged one as ckpt.damaged.pt) and log.jsonl (a record per epoch); with "
-              "--show-augmentations only that PNG")
+    WRITES = ("writes, in --out-dir: ckpt.pt (the previous one kept as ckpt.prev.pt) and log.jsonl "
+              "(a record per epoch); with --show-augmentations only that PNG")
     # data
-    dataset: str = opt("cifar10", "which data; folder: your own images, with or without class "
-                       "folders (ImageNet's recipe; CIFAR-10's at 32 px or less)",
+    dataset: str = opt("cifar10", "which data; folder: your own images, class folders or not",
                        ["cifar10", "cifar100", "stl10", "imagenet", "folder"])
-    data_dir: str = opt("data", "dataset root; cifar10 may also be an image-folder export "
-                        "(train/<class>/*, val/ or test/); folder: every image under it",
+    data_dir: str = opt("data", "dataset root, or an image-folder export (train/<class>/*, val/)",
                         path=True)
     image_size: int = opt(32, "training resolution in pixels; <= 32 selects the CIFAR stem", min=8)
     # augmentation (Sec. 3, Appendix A)
-    augment: str = opt("crop,color", "augmentations on, comma-separated, from crop (random "
-                       "resized crop + flip), flip, jitter, gray, color (= jitter,gray); for "
-                       "the paper's Fig. 5 ablations")
+    augment: str = opt("crop,color", "augmentations on (Fig. 5), comma-separated: crop (with "
+                       "flip), flip, jitter, gray, color (= jitter,gray)")
     color_strength: float = opt(0.5, "colour distortion strength s (Appendix A): 1.0 ImageNet, "
                                 "0.5 CIFAR-10", min=0)
     blur: bool = opt(False, "Gaussian blur with p 0.5 (on for ImageNet, off for 32 px images)")
@@ -90,11 +86,9 @@ class Config(Training):
     # optimisation (Sec. 2.2, Appendix B)
     batch_size: int = opt(512, "global batch size N in images (each gives 2 views)", min=2)
     epochs: int = opt(1000, "training epochs; the schedule spans them", min=1)
-    minutes: float = opt(0.0, "size the run to the clock: pretraining and its evaluation "
-                         "(linear_eval.py --cached-features --knn 200) end within this many "
-                         "minutes on this machine, the step timed before the first one and the "
-                         "epochs chosen (with --dataset cifar10, the laptop recipe: python "
-                         "pretrain.py --dataset cifar10 --minutes 30); 0: --epochs", min=0)
+    minutes: float = opt(0.0, "the epochs that fit pretraining and its evaluation in this many "
+                         "minutes here, the step timed first (--dataset cifar10: the laptop "
+                         "recipe); 0: --epochs", min=0)
     # not a flag: what --minutes chose (the epochs, the rates they came from), kept by the run
     clock: dict = field(default_factory=dict, metadata=dict(help="", changeable=True, path=False,
                                                             derived=True))
@@ -107,16 +101,14 @@ class Config(Training):
                               min=0)
     momentum: float = opt(0.9, "momentum of LARS and SGD", min=0, below=1)
     warmup_epochs: float = opt(10.0, "linear warmup from 0, then cosine decay to 0", min=0)
-    memory_size: int = opt(0, "v2's memory (memory.py): a momentum network's projections of "
-                           "the current and the last K / 2N batches are the candidates "
-                           "(v2: 65536), 0: off", min=0)
+    memory_size: int = opt(0, "v2's memory of K negatives from a momentum network (memory.py; "
+                           "v2: 65536), 0: off", min=0)
     memory_momentum: float = opt(-1.0, "momentum m of the memory network's moving average; -1: "
                                  "averaged over 0.4% of the run, as v2's 0.999", min=-1, max=1)
     memory_bn: str = opt("shuffle", "the keys' BatchNorm statistics: shuffle (MoCo's), batch, "
                          "running", ["shuffle", "batch", "running"])
     val_fraction: float = opt(0.0, "hold out this class-balanced fraction of the training images "
-                              "as the evaluation split (for data without val/); the later "
-                              "scripts hold out the same images", min=0, below=1)
+                              "for evaluation (data without val/; later scripts too)", min=0, below=1)
     val_dir: str = opt("", "the evaluation images (<class>/<image>) instead of <data-dir>/val",
                        path=True)
     # system
@@ -126,8 +118,7 @@ class Config(Training):
     knn_k: int = opt(200, "neighbours of the kNN monitor", min=1, changeable=True)
     knn_temperature: float = opt(0.1, "temperature of the kNN monitor's weights", above=0,
                                  changeable=True)
-    show_augmentations: str = opt("", "save a PNG of 8 images (original, evaluation view, the "
-                                  "two views) to this file and exit, e.g. views.png",
+    show_augmentations: str = opt("", "only save a PNG of 8 images and their views, e.g. views.png",
                                   changeable=True)
 
 

@@ -754,41 +754,6 @@ def update(path, text):
     path.write_text(content[:start] + "\n" + text + content[end:])
 
 
-def figures(out, scale):
-    """One PNG per experiment, the paper's values and ours side by side (matplotlib, optional)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    records = read_records(out)
-    folder = Path(out) / "figures"
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, exp in EXPERIMENTS.items():
-        ours = [mean_and_spread(value_of(records, scale, r))[0] for r in exp.rows]
-        if name == "base" or all(v is None for v in ours):
-            continue
-        fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(exp.rows) + 1.5), sharey=True)
-        labels = [r.label for r in exp.rows]
-        for ax, values, title in ((axes[0], [r.paper for r in exp.rows], "paper"),
-                                  (axes[1], ours, f"ours ({scale})")):
-            ax.barh(labels, [v or 0 for v in values], color="tab:blue" if title == "paper" else "tab:orange")
-            for i, v in enumerate(values):
-                ax.text(v or 0, i, "" if v is None else f" {v:.1f}", va="center", fontsize=8)
-            ax.set_title(title)
-            ax.set_xlabel("top-1 (%)")
-        axes[0].invert_yaxis()
-        fig.suptitle(f"{exp.title} ({exp.source})", fontsize=10)
-        fig.tight_layout()
-        path = folder / f"{scale}-{name}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
 # --- main ------------------------------------------------------------------------------------
 
 
@@ -802,10 +767,10 @@ def parse_args(argv):
     parser.add_argument("--data-dir", default="", help="the dataset (default: the scale's, "
                         "e.g. data/cifar10 in the repository: an image-folder export or "
                         "torchvision's download)")
-    parser.add_argument("--out", default="results", help="records, runs and figures (default results/)")
+    parser.add_argument("--out", default="results", help="records and runs (default results/)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    parser.add_argument("--report", action="store_true", help="only write the tables (and "
-                        "figures, with matplotlib) from the records")
+    parser.add_argument("--report", action="store_true", help="only write the tables from "
+                        "the records")
     parser.add_argument("--update", default="", help="with --report: the file whose marked "
                         "section gets the tables (RESULTS.md)")
     args = parser.parse_args(argv)
@@ -841,12 +806,6 @@ def main(argv=None):
             if args.update:
                 update(args.update, text)
                 print(f"updated {args.update}")
-            for scale in {r["scale"] for r in read_records(out).values()}:
-                written = figures(out, scale)
-                if written is None:
-                    print("figures need matplotlib: pip install matplotlib, then rerun --report")
-                    break
-                print(f"wrote {len(written)} figure(s) to {out / 'figures'}")
             return
         jobs = jobs_for(args.names, args.scale, args.seeds, out)
         if args.dry_run:

@@ -49,29 +49,24 @@ class System:
                          ["auto", "bf16", "fp16", "fp32"], changeable=True)
     workers: int = opt(-1, "data-loading processes per GPU (-1: CPU cores per process, at most 8)",
                        min=-1, changeable=True)
-    decode: str = opt("workers", "where an image folder's JPEGs are decoded and cropped for "
-                      "training: workers (the CPU's), or device (nvjpeg on a GPU, for a node with "
-                      "too few cores per GPU: the log's data share says when)",
-                      ["workers", "device"], changeable=True)
+    decode: str = opt("workers", "where an image folder's JPEGs are decoded and cropped: workers, "
+                      "or device (nvjpeg: for too few cores per GPU)", ["workers", "device"],
+                      changeable=True)
 
 
 @dataclass
 class Training(System):
     """The options of every training loop's run (Run)."""
-    out_dir: str = opt("", "the run's folder (its checkpoint, log.jsonl, results); the same command "
-                       "continues the run in it (default runs/<stage>-<dataset>-...-<digest of the "
-                       "configuration>)", changeable=True)
-    resume: str = opt("", "a checkpoint of this script to continue (the same command continues "
-                      "its --out-dir without it); its configuration is used, with the flags given "
-                      "here on top", changeable=True)
-    max_steps: int = opt(0, "stop (with a checkpoint) at this optimizer step, 0: at the end; the "
-                         "schedule still spans --epochs, and the same command without it (or "
-                         "--resume) continues to the end", min=0, changeable=True)
+    out_dir: str = opt("", "the run's folder, where the same command continues it (default "
+                       "runs/<stage>-<dataset>-...-<digest of the configuration>)", changeable=True)
+    resume: str = opt("", "a checkpoint of this script to continue, with its configuration (the "
+                      "flags given here on top)", changeable=True)
+    max_steps: int = opt(0, "stop with a checkpoint at this step, 0: at the end; the schedule "
+                         "still spans --epochs", min=0, changeable=True)
     log_every: int = opt(50, "print a log line every this many steps (and after the first)", min=1,
                          changeable=True)
-    checkpoint_every: float = opt(10.0, "minutes between checkpoints within an epoch (a crash "
-                                  "loses at most that), 0: at epoch ends only", min=0,
-                                  changeable=True)
+    checkpoint_every: float = opt(10.0, "minutes between checkpoints within an epoch, 0: at epoch "
+                                  "ends only", min=0, changeable=True)
     global_bn: bool = opt(True, "BatchNorm statistics over the global batch under torchrun "
                           "(--no-global-bn: per-GPU statistics, the paper's ablation)")
     compile: bool = opt(False, "torch.compile the model (slower start, faster steps on GPU)",
