@@ -249,14 +249,9 @@ def _per_image(value, x):
 
 
 def adjust_brightness(x, factor):
-    """The authors' brightness, x * factor: the default of both codes (the TF1 code's 'simclrv1'
-    option calls itself and multiplies too)."""
+    """The authors' brightness, x * factor: the default of both codes (the v1 paper's pseudocode
+    and tf2's 'simclrv1' option add a shift instead)."""
     return x * _per_image(factor, x)
-
-
-def adjust_brightness_additive(x, delta):
-    """tf.image.adjust_brightness, x + delta: the v1 paper's pseudocode, tf2's 'simclrv1'."""
-    return x + _per_image(delta, x)
 
 
 def adjust_contrast(x, factor):
@@ -300,32 +295,26 @@ def to_grayscale(x):
     return (r * 0.2989 + g * 0.5870 + b * 0.1140)[:, None].expand_as(x)
 
 
-def color_jitter(x, strength, brightness="multiplicative", generator=None, p=1.0):
-    """data_util.color_jitter of strength s on each image with probability p (0.8 in the recipe).
-
-    Brightness, contrast and saturation factors ~ U(1 - 0.8s, 1 + 0.8s) (multiplicative
-    brightness from max(0, 1 - 0.8s); "additive": a shift ~ U(-0.8s, 0.8s), the v1 pseudocode),
-    hue shift ~ U(-0.2s, 0.2s), applied in an order drawn per image, clipping after each op.
+def color_jitter(x, strength, generator=None, p=1.0):
+    """data_util.color_jitter of strength s on each image with probability p (0.8 in the recipe):
+    brightness, contrast and saturation factors ~ U(1 - 0.8s, 1 + 0.8s) (brightness from max(0,
+    1 - 0.8s)), hue shift ~ U(-0.2s, 0.2s), in an order drawn per image, clipping after each op.
     """
-    if brightness not in ("multiplicative", "additive"):
-        raise ValueError(f"brightness: unknown {brightness!r}; use multiplicative or additive")
     if not 0 <= strength <= 1.25:  # as tf.image.random_contrast: a factor may not go below 0
         raise ValueError(f"colour strength {strength} outside [0, 1.25]")
     u = torch.rand(9, len(x), generator=generator, device=x.device)
     s = 0.8 * strength
-    factors = [(2 * u[0] - 1) * s if brightness == "additive" else
-               max(1 - s, 0) + (1 + s - max(1 - s, 0)) * u[0],
-               1 - s + 2 * s * u[1], 1 - s + 2 * s * u[2], (2 * u[3] - 1) * 0.2 * strength]
+    factors = [max(1 - s, 0) + (1 + s - max(1 - s, 0)) * u[0], 1 - s + 2 * s * u[1],
+               1 - s + 2 * s * u[2], (2 * u[3] - 1) * 0.2 * strength]
     order = u[4:8].argsort(0)  # 4 x n: a uniform random permutation of the ops per image
-    return _jitter_in_order(x, factors, order, u[8] < p, brightness)
+    return _jitter_in_order(x, factors, order, u[8] < p)
 
 
-def _jitter_in_order(x, factors, order, applied, brightness="multiplicative", sub_batches=None):
+def _jitter_in_order(x, factors, order, applied, sub_batches=None):
     """Round r applies op order[r, i] to image i where applied[i], clipping each result. On the
     CPU each op runs on its images only; on a GPU (where sub-batch sizes would make the host
     wait) on the whole batch, each image keeping its own by an exact 0/1 lerp."""
-    ops = [adjust_brightness_additive if brightness == "additive" else adjust_brightness,
-           adjust_contrast, adjust_saturation, adjust_hue]
+    ops = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]
     if sub_batches is None:
         sub_batches = x.device.type == "cpu"
     x = x.clone()
@@ -392,7 +381,6 @@ class SimCLRAugmentation:
     gray: bool = True  # grayscale with p 0.2
     strength: float = 1.0  # colour strength s: 1.0 ImageNet, 0.5 CIFAR-10
     blur: bool = False  # Gaussian blur with p 0.5, sigma ~ U(0.1, 2.0): ImageNet only
-    brightness: str = "multiplicative"  # the authors' v2 default; "additive" as v1's pseudocode
     base_crop: bool = False  # Fig. 5's protocol: the input is the crop both views share, the rest follows
 
     def __call__(self, images, cropped=False, generator=None):
@@ -418,7 +406,7 @@ class SimCLRAugmentation:
             if self.flip:
                 x = random_flip(x, generator)
             if self.jitter:
-                x = color_jitter(x, self.strength, self.brightness, generator, p=0.8)
+                x = color_jitter(x, self.strength, generator, p=0.8)
             if self.gray:
                 x = torch.lerp(x, to_grayscale(x), coin(0.2))
             x = x.clamp(0, 1)

@@ -119,11 +119,6 @@ def peak_memory_mb(device):
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-def reset_peak_memory(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def view_batches(dataset, augments, cfg, batches, workers, device):
     """`batches` batches of views made as pretrain.py makes them (fresh loader workers for a
     folder), of images drawn with replacement: a small dataset still gives enough."""
@@ -152,14 +147,6 @@ def bf16_peak_tflops(device_name):
 
 
 # --- The measurements ------------------------------------------------------------------------
-
-
-def row_result(measured, steps, batch_size, device):
-    seconds_per_batch, warmup_seconds = measured
-    median = statistics.median(seconds_per_batch)
-    return dict(images_per_s=batch_size / median, ms_per_step=1000 * median,
-                ms_per_step_repeats=[1000 * t for t in seconds_per_batch], steps_per_repeat=steps,
-                warmup_seconds=warmup_seconds, peak_memory_mb=peak_memory_mb(device))
 
 
 def bench(cfg):
@@ -192,6 +179,16 @@ def bench(cfg):
                   workers=workers, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
                   torch=torch.__version__, git=git_revision(), rows={}, worker=worker)
 
+    def timed(step, warmup=cfg.warmup, steps=cfg.steps):
+        """A row: step()'s rate (images/s of --batch-size), the median over --repeats."""
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds, warmup_seconds = measure(step, device, warmup, steps, cfg.repeats)
+        median = statistics.median(seconds)
+        return dict(images_per_s=cfg.batch_size / median, ms_per_step=1000 * median,
+                    ms_per_step_repeats=[1000 * t for t in seconds], steps_per_repeat=steps,
+                    warmup_seconds=warmup_seconds, peak_memory_mb=peak_memory_mb(device))
+
     # Row 1: the pipeline alone. The first batch (the workers' start) is timed on its own; the
     # rate is taken after two batches per worker, over at least one per worker.
     if "data" in rows:
@@ -201,12 +198,9 @@ def bench(cfg):
         start = time.perf_counter()
         next(loader)
         first_batch_s = time.perf_counter() - start
-        result["rows"]["data"] = row_result(
-            measure(lambda: next(loader), device, warmup, steps, cfg.repeats), steps,
-            cfg.batch_size, device)
-        result["rows"]["data"]["first_batch_s"] = first_batch_s
-        result["rows"]["data"]["images_per_s_per_worker"] = (
-            result["rows"]["data"]["images_per_s"] / max(1, workers))
+        row = result["rows"]["data"] = timed(lambda: next(loader), warmup, steps)
+        row.update(first_batch_s=first_batch_s,
+                   images_per_s_per_worker=row["images_per_s"] / max(1, workers))
         del loader
 
     # The model and optimizer, placed as pretrain.py places them.
@@ -228,10 +222,7 @@ def bench(cfg):
     # Row 2: one real batch of augmented views, on the device, used for every step.
     if "memory" in rows:
         views, _ = next(view_batches(dataset, augments, cfg, 1, 0, device))
-        reset_peak_memory(device)
-        result["rows"]["memory"] = row_result(
-            measure(lambda: step(views), device, cfg.warmup, cfg.steps, cfg.repeats), cfg.steps,
-            cfg.batch_size, device)
+        result["rows"]["memory"] = timed(lambda: step(views))
         del views
 
     # Row 3: the step fed by a fresh loader; the warm-up drains the workers' prefetched batches,
@@ -240,15 +231,7 @@ def bench(cfg):
         warmup = max(cfg.warmup, 2 * workers)
         loader = view_batches(dataset, augments, cfg, warmup + cfg.steps * cfg.repeats, workers,
                               device)
-
-        def full_step():
-            views, _ = next(loader)
-            step(views)
-
-        reset_peak_memory(device)
-        result["rows"]["full"] = row_result(
-            measure(full_step, device, warmup, cfg.steps, cfg.repeats), cfg.steps, cfg.batch_size,
-            device)
+        result["rows"]["full"] = timed(lambda: step(next(loader)[0]), warmup)
         del loader
 
     # The loss and the optimizer on their own, on synthetic inputs of the real shapes.
@@ -262,10 +245,7 @@ def bench(cfg):
 
         for p in raw_model.parameters():
             p.grad = torch.randn_like(p) * 1e-3 if p.requires_grad else None
-        loss_ms = 1000 * statistics.median(
-            measure(loss_step, device, cfg.warmup, cfg.steps, cfg.repeats)[0])
-        optimizer_ms = 1000 * statistics.median(
-            measure(optimizer.step, device, cfg.warmup, cfg.steps, cfg.repeats)[0])
+        loss_ms, optimizer_ms = timed(loss_step)["ms_per_step"], timed(optimizer.step)["ms_per_step"]
         step_ms = result["rows"]["memory"]["ms_per_step"]
         result.update(loss_ms=loss_ms, optimizer_ms=optimizer_ms, loss_share=loss_ms / step_ms,
                       optimizer_share=optimizer_ms / step_ms)
@@ -328,7 +308,7 @@ def worker_lines(worker, cfg, step_rate):
 
 
 def report(result):
-    """The table, the derived figures and the issue's targets, as text."""
+    """The table and the figures derived from it, as text."""
     cfg, rows = result["config"], result["rows"]
     if cfg["rows"] == "worker":  # the worker row alone
         return "\n".join(worker_lines(result["worker"], cfg, cfg["step_rate"]))
@@ -385,8 +365,7 @@ def report(result):
             lines.append(line)
     if "memory" in rows and "full" in rows:
         ratio = rows["full"]["images_per_s"] / rows["memory"]["images_per_s"]
-        lines.append(f"target, pipeline keeps up: row 3 / row 2 = {ratio:.2f} (want >= 0.90: "
-                     f"{'met' if ratio >= 0.9 else 'not met'})")
+        lines.append(f"the pipeline keeps up with the step: row 3 / row 2 = {ratio:.2f}")
     if result["worker"]:
         lines += worker_lines(result["worker"], cfg, cfg["step_rate"] or (
             rows["memory"]["images_per_s"] if "memory" in rows else 0))
@@ -395,10 +374,6 @@ def report(result):
         lines.append(f"checkpoint: {c['mb']:.1f} MB written in {c['seconds']:.2f} s (median of "
                      f"{cfg['repeats']}) = {100 * c['share_at_10_min']:.2f}% of a run that "
                      f"checkpoints every 10 minutes")
-    if "loss_ms" in result:
-        share = result["loss_share"] + result["optimizer_share"]
-        lines.append(f"target, loss + optimizer < 5% of the step: {100 * share:.1f}% "
-                     f"({'met' if share < 0.05 else 'not met'})")
     return "\n".join(lines)
 
 

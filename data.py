@@ -119,7 +119,7 @@ def load_split(dataset, data_dir, split, size, device, workers=0, views=0, log=p
     if not hasattr(source, "samples"):  # torchvision's arrays: N x H x W x 3 (CIFAR), N x 3 x H x W
         images = torch.as_tensor(source.data)
         images = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 else images
-        labels = getattr(source, "targets", None) or source.labels
+        labels = dataset_labels(source)
     else:  # an image-folder export: every file decoded once, by the loader workers
         progress, parts, done = Progress(log, f"decoding {split}", len(source)), [], 0
         try:
@@ -398,9 +398,7 @@ def check_same_classes(train, val):
 def dataset_labels(dataset):
     """The class index of every image (ImageFolder and CIFAR: .targets; STL-10: .labels)."""
     labels = getattr(dataset, "targets", None)
-    if labels is None:
-        labels = getattr(dataset, "labels")
-    return [int(y) for y in labels]
+    return [int(y) for y in (dataset.labels if labels is None else labels)]
 
 
 def select(dataset, indices):

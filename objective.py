@@ -30,16 +30,13 @@ LOSSES = ("nt-xent", "nt-logistic", "margin")  # --loss; Table 4's rows, with --
 
 def _world():
     """(rank, world size) of this process: (0, 1) outside torchrun."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    on = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
 
 
 def gather_with_grad(x):
     """Concatenate x from every process (rank order), passing gradients back to their owners."""
-    if _world()[1] == 1:
-        return x
-    return torch.cat(dist_nn.all_gather(x))
+    return x if _world()[1] == 1 else torch.cat(dist_nn.all_gather(x))
 
 
 def pairwise_logits(z1, z2, temperature, l2_norm=True, candidates=None):

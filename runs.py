@@ -1,9 +1,7 @@
-"""The life of a run, shared by every script: options from dataclasses with checked ranges, one-line
-errors, the torchrun process group, precision, atomic checkpoints, continuing a run, and Run, the
-skeleton of the three training loops (start, continue, wrap, after each step, the epoch end).
-
-Nothing here belongs to one stage: each script passes in its options, its checkpoint kind and its
-files, and the checkpoint kinds are model.py's.
+"""The life of a run, shared by every script: options with checked ranges, one-line errors, the
+torchrun process group, precision, atomic checkpoints, continuing a run, and Run, the skeleton of
+the three training loops. Nothing here belongs to one stage: the scripts pass in their options,
+checkpoint kinds (model.KINDS) and files.
 """
 import argparse
 import contextlib
@@ -91,12 +89,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_config(cls, argv, presets=None, description=None):
-    """Build cls from the command line: its defaults, then presets[dataset], then the flags.
-
-    Returns the config and the dict of flags given explicitly (a resumed run puts those on top of
-    the stored configuration). Every field of cls becomes --field-name; booleans get --no-x. The
-    shared options (System, Training) are listed after the script's own.
-    """
+    """(config, the flags given) from cls's defaults, then presets[dataset], then the flags: every
+    field becomes --field-name (booleans also --no-x), the shared ones listed last."""
     presets = presets or {}
     parser = Parser(description=description, argument_default=argparse.SUPPRESS,
                     epilog=getattr(cls, "WRITES", None))  # the files the script writes
@@ -142,11 +136,9 @@ def checked(cfg):
 
 
 def resumed_config(cls, stored, given, path):
-    """The configuration stored in the checkpoint at path (fields of cls only) with the flags
-    given now on top, checked; the output folder defaults to the checkpoint's, and --max-steps
-    to none (a continued run goes to the end of its schedule unless told otherwise). The batch
-    size and the schedule's length cannot change: the checkpoint's steps, and where it stands
-    in its learning-rate schedule, count batches of its size over its epochs."""
+    """The configuration stored in the checkpoint at path with the flags given now on top, its
+    folder the checkpoint's, --max-steps none unless given. The batch size and the epochs cannot
+    change: the checkpoint's steps and place in its schedule count them."""
     for name in ("batch_size", "epochs"):
         if name in stored and given.get(name, stored[name]) != stored[name]:
             flag = "--" + name.replace("_", "-")
@@ -164,10 +156,8 @@ def resumed_config(cls, stored, given, path):
 
 
 def setup(device_name="auto"):
-    """Pick the device and, under torchrun (RANK, WORLD_SIZE set), join the process group.
-
-    Returns (device, rank, world_size). NCCL on CUDA, gloo on CPU.
-    """
+    """(device, rank, world_size): the device and, under torchrun, the process group joined (NCCL
+    on CUDA, gloo on CPU)."""
     if device_name == "auto":
         device_name = ("cuda" if torch.cuda.is_available() else
                        "mps" if torch.backends.mps.is_available() else "cpu")
@@ -226,28 +216,15 @@ def precision_for(asked, device):
     return asked, torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None), why
 
 
-def per_process_batch(batch_size, world):
-    """--batch-size is the global batch: each of the world processes takes an equal share."""
-    if batch_size % world:
-        raise UserError(f"--batch-size {batch_size} is not divisible by {world} processes")
-    return batch_size // world
-
-
 def default_workers(world_size):
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     return max(1, min(8, (os.cpu_count() or 1) // local))
 
 
-def console(main):
-    """print on the main process (flushed: runs are often redirected to a file), nothing elsewhere."""
-    return (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
-
-
 def world_info():
     """(rank, world_size): (0, 1) outside torchrun."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    on = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
 
 
 def git_revision():
@@ -578,19 +555,20 @@ class Run:
         self.cfg, self.ckpt, self.kind = cfg, ckpt, kind
         self.device, self.rank, self.world = setup(cfg.device)
         self.main = self.rank == 0
-        self.log = console(self.main)
+        self.log = (lambda *a: print(*a, flush=True)) if self.main else (lambda *a: None)
         self.precision, self.autocast, self.why = precision_for(cfg.precision, self.device)
         self.workers = cfg.workers if cfg.workers >= 0 else default_workers(self.world)
-        self.local_batch = per_process_batch(cfg.batch_size, self.world)
+        if cfg.batch_size % self.world:  # --batch-size is the global batch
+            raise UserError(f"--batch-size {cfg.batch_size} is not divisible by {self.world} processes")
+        self.local_batch = cfg.batch_size // self.world
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = ckpt["step"] if ckpt else 0
 
     # --- start ------------------------------------------------------------------------------
 
     def schedule(self, images, what="images", epochs=None):
-        """Steps per epoch of --batch-size images (the tail dropped), the schedule's length (of
-        --epochs, or of these epochs) and where this invocation stops (--max-steps); a run
-        continues only on data of its length."""
+        """Steps per epoch (the tail dropped), the schedule's length (--epochs, or epochs) and where
+        this invocation stops (--max-steps); a run continues only on data of its length."""
         cfg, ckpt = self.cfg, self.ckpt
         self.total_epochs = epochs or cfg.epochs
         self.steps_per_epoch = images // cfg.batch_size
@@ -609,11 +587,9 @@ class Run:
         return self.steps_per_epoch
 
     def start(self, model, optimizers, state, samplers, loader, describe="", details=""):
-        """Continue the saved state, wrap the model, make the folder and say what runs; returns
-        the model to train. model: its weights loaded already (the script knows its format);
-        state(): what the checkpoint holds beyond the optimizers, the step and the random state;
-        samplers: set to each epoch; loader: the data.ViewLoader of the steps (its waits, and its
-        dataset's unreadable files, are logged)."""
+        """The model to train: the saved state continued, wrapped, the folder made, the start
+        said. model: its weights loaded; state(): what the checkpoint holds beyond the optimizers,
+        step and random state; samplers: set to each epoch; loader: the steps' ViewLoader."""
         cfg, ckpt = self.cfg, self.ckpt
         self.optimizers, self.state, self.samplers, self.loader = optimizers, state, samplers, loader
         self.data = loader.data
@@ -728,8 +704,7 @@ class Run:
 
     def flush(self):
         """The metrics since the last line, averaged over processes and steps, into this epoch's
-        sums; checked before any checkpoint is written (which keeps the last good weights), and
-        shown."""
+        sums; checked (before any checkpoint: the last good one stays) and shown."""
         if self.world > 1:
             dist.all_reduce(self.sums)
             self.sums /= self.world
@@ -819,9 +794,8 @@ class Run:
         return {"unreadable_images": count.item()}
 
     def save(self, results=None):
-        """The checkpoint: the script's state, the optimizers, the step, this epoch's sums and the
-        random state of every process (each continues its own augmentation stream). Every
-        process calls it at the same step."""
+        """The checkpoint: the script's state, the optimizers, the step, this epoch's sums and every
+        process's random state; every process calls it at the same step."""
         state = dict(self.state(), optimizers=[o.state_dict() for o in self.optimizers],
                      scaler=self.scaler.state_dict(), kind=self.kind, step=self.step,
                      epoch=self.step // self.steps_per_epoch, steps_per_epoch=self.steps_per_epoch,
@@ -846,12 +820,6 @@ class Run:
         self.log(f"done: {self.step} steps in {took}, checkpoint {self.path}"
                  + (f", results {self.out_dir / 'results.json'}" if results is not None else ""))
         return results
-
-
-def peer_lost(error):
-    """Whether a collective failed because a process of the job is gone: NCCL says it with a
-    DistError, gloo with a RuntimeError of its transport."""
-    return isinstance(error, dist.DistError) or "gloo" in str(error) or "NCCL" in str(error)
 
 
 def write_json(path, data, script=None):
@@ -893,7 +861,8 @@ def run_cli(script, fn):
     except KeyboardInterrupt:  # Ctrl-C before the training loop: nothing to save yet
         sys.exit(f"{script}: interrupted")
     except RuntimeError as e:
-        if not (dist.is_available() and dist.is_initialized() and peer_lost(e)):
+        lost = isinstance(e, dist.DistError) or "gloo" in str(e) or "NCCL" in str(e)  # a peer gone
+        if not (dist.is_available() and dist.is_initialized() and lost):
             raise
         message = (f"{script}: error: rank {os.environ.get('RANK')} lost another process of the "
                    f"job ({first_line(e)[:100]}...); torchrun --max-restarts restarts the job, "

@@ -396,10 +396,7 @@ def find_prefix(path):
         if len(indexes) == 1:
             return indexes[0].with_suffix("")
         raise UserError(f"{path}: a folder without one checkpoint (found {len(indexes)} .index files)")
-    text = str(p)
-    if text.endswith(".index"):
-        return text[:-len(".index")]
-    return re.sub(r"\.data-\d{5}-of-\d{5}$", "", text)
+    return re.sub(r"(\.index|\.data-\d{5}-of-\d{5})$", "", str(p))
 
 
 def infer_config(src):
