@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torchvision
 from PIL import Image, ImageDraw, PngImagePlugin
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -321,14 +320,21 @@ def choose_labeled(cfg, train_set, log):
     return indices
 
 
-def evaluation_split(given, stored, data_dir):
-    """--val-fraction and --val-dir as given, else, on the checkpoint's own data, the checkpoint's:
-    the later scripts evaluate on the images pretraining held out. A split that would evaluate on
+def stage_data(given, stored):
+    """{dataset, data_dir, val_fraction, val_dir} of a later stage: as given, else the checkpoint's
+    (stored: its configuration), which for the evaluation split holds on its own data only: the
+    later scripts evaluate on the images pretraining held out. A split that would evaluate on
     images the checkpoint trained on is refused."""
+    dataset = given.get("dataset") or stored.get("dataset", "")
+    same = dataset == stored.get("dataset")
+    data_dir = given.get("data_dir") or (stored.get("data_dir", "") if same else "")
+    if not dataset or not data_dir:
+        raise UserError(f"--data-dir is needed: {dataset} is not the checkpoint's data "
+                        f"({stored.get('dataset')})" if dataset else "--dataset and --data-dir are needed")
     same_data = os.path.realpath(data_dir) == os.path.realpath(stored.get("data_dir", ""))
     trained = Path(stored.get("data_dir", "")) / (
         "train" if (Path(stored.get("data_dir", "")) / "train").is_dir() else "")
-    split = {}
+    split = dict(dataset=dataset, data_dir=data_dir)
     for name, default in (("val_fraction", 0.0), ("val_dir", "")):
         theirs = stored.get(name, default) if same_data else default
         split[name] = given.get(name, theirs)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from data import (ResumableSampler, ViewLoader, build_augmentation, check_same_classes,
-                  choose_labeled, evaluation_split, load_split, save_subset, select, subset_is_ours)
+                  choose_labeled, load_split, save_subset, select, stage_data, subset_is_ours)
 from evaluation import evaluate, shown
 from model import build_classifier, build_classifier_optimizers, build_model, finetuned_classifier, \
     learning_rate, load_state, scaled_lr
@@ -101,13 +101,9 @@ def resolve_config(argv):
     with as_user_error(cfg.teacher):
         teacher = finetuned_classifier(ckpt)
     tc = ckpt["config"]
-    cfg.dataset = cfg.dataset or tc["dataset"]
-    cfg.data_dir = cfg.data_dir or (tc["data_dir"] if cfg.dataset == tc["dataset"] else "")
-    for name, value in evaluation_split(given, tc, cfg.data_dir).items():
+    for name, value in stage_data({**given, "dataset": cfg.dataset, "data_dir": cfg.data_dir},
+                                  tc).items():  # (a continued run's, its own)
         setattr(cfg, name, value)
-    if not cfg.data_dir:
-        raise UserError(f"--data-dir is needed: distilling on {cfg.dataset}, the teacher was "
-                        f"fine-tuned on {tc['dataset']}")
     pre = tc["pretrain"]
     cfg.arch = cfg.arch or pre["arch"]
     cfg.width_multiplier = cfg.width_multiplier or pre["width_multiplier"]

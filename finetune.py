@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from data import (ResumableSampler, ViewLoader, build_augmentation, check_same_classes,
-                  choose_labeled, evaluation_split, load_split, preset, save_subset, select,
+                  choose_labeled, load_split, preset, save_subset, select, stage_data,
                   subset_is_ours)
 from evaluation import evaluate, shown
 from model import (V1_HEAD, build_classifier, build_classifier_optimizers, head_layers,
@@ -128,23 +128,19 @@ def resolve_config(argv):
     elif not cfg.from_scratch:
         raise UserError("--checkpoint is required (a ckpt.pt written by pretrain.py); "
                         "--from-scratch alone trains the --arch network from random weights")
-    dataset = cfg.dataset or pre.get("dataset", "")
-    data_dir = cfg.data_dir or (pre.get("data_dir", "") if dataset == pre.get("dataset") else "")
-    if not dataset or not data_dir:
-        raise UserError("--dataset and --data-dir are needed")
+    data = stage_data(given, pre)
     size = pre.get("image_size", given.get("image_size", FinetuneConfig.image_size))
-    cfg = FinetuneConfig(**{**defaults(FinetuneConfig), **PRESETS.get(preset(dataset, size), {}), **given,
-                            "dataset": dataset, "data_dir": data_dir,
-                            **evaluation_split(given, pre, data_dir)})
+    cfg = FinetuneConfig(**{**defaults(FinetuneConfig), **PRESETS.get(preset(data["dataset"], size), {}),
+                            **given, **data})
     if ckpt is None:  # --from-scratch without a checkpoint: v1's head on the --arch flags
-        pre = dict(dataset=dataset, data_dir=data_dir, **V1_HEAD,
+        pre = dict(dataset=cfg.dataset, data_dir=cfg.data_dir, **V1_HEAD,
                    **{f: getattr(cfg, f) for f in ARCH_FLAGS})
     for f in ARCH_FLAGS:  # the network actually trained, for the printed and stored config
         setattr(cfg, f, pre[f])
     if cfg.epochs == 0:  # v2: 60 epochs for 1% of ImageNet, 30 for 10%
         cfg.epochs = 60 if (cfg.label_fraction <= 0.01 and not cfg.subset_file) else 30
     labels = Path(cfg.subset_file).stem if cfg.subset_file else f"{100 * cfg.label_fraction:g}pct"
-    cfg, resume = continue_run(FinetuneConfig, cfg, given, "finetuned", f"finetune-{dataset}-"
+    cfg, resume = continue_run(FinetuneConfig, cfg, given, "finetuned", f"finetune-{cfg.dataset}-"
                                f"{labels}{'-scratch' if cfg.from_scratch else ''}",
                                files={"subset.txt": subset_is_ours})
     if resume:

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import (InMemory, ViewLoader, build_augmentation, check_same_classes, eval_batches,
-                  evaluation_split, load_split, preset, save_grid, select)
+                  load_split, preset, save_grid, select, stage_data)
 from evaluation import extract_features, knn_accuracy, shown, topk_accuracy
 from model import Representation, build_model, build_optimizer, learning_rate, scaled_lr
 from runs import (Progress, Run, System, UserError, as_user_error, check_output, checkpoint_path,
@@ -108,15 +108,9 @@ def resolve_config(argv):
         raise UserError("--checkpoint is required (a ckpt.pt written by pretrain.py)")
     given["checkpoint"] = checkpoint_path(cfg.checkpoint)
     ckpt = load_checkpoint(given["checkpoint"], ("pretrain", "converted", "student"))
-    pre = ckpt["config"]
-    dataset = cfg.dataset or pre.get("dataset", "")
-    data_dir = cfg.data_dir or (pre.get("data_dir", "") if dataset == pre.get("dataset") else "")
-    if not data_dir:
-        raise UserError(f"--data-dir is needed: evaluating on {dataset}, pretrained on "
-                        f"{pre.get('dataset')}")
-    cfg = LinearConfig(**{**protocol_defaults(dataset, pre["image_size"]), **given,
-                          "dataset": dataset, "data_dir": data_dir,
-                          **evaluation_split(given, pre, data_dir)})
+    data = stage_data(given, ckpt["config"])
+    cfg = LinearConfig(**{**protocol_defaults(data["dataset"], ckpt["config"]["image_size"]),
+                          **given, **data})
     if cfg.epochs == 0 and cfg.knn == 0 and not cfg.show_neighbours:
         raise UserError("nothing to do: --epochs 0 trains no linear layer; add --knn K")
     return cfg, ckpt

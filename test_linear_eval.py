@@ -18,7 +18,7 @@ from augment import center_crop_resize, crop_resize
 from runs import UserError, load_checkpoint, precision_for
 import linear_eval
 from conftest import ROOT, error_of, make_image_folder, run_script
-from data import load_split
+from data import load_split, stage_data
 from linear_eval import (FeatureLoader, check_encoder_unchanged, encoder_snapshot, evaluate_linear,
                          knn_accuracy, linear_classifier, load_encoder, main, train_linear)
 from evaluation import extract_features
@@ -483,3 +483,16 @@ def test_accuracies_that_tell_nothing_are_not_reported(pretrained_checkpoint, tm
                          "--batch-size", 8, "--workers", 0)
         assert "the evaluation images are of 1 class (class0): classifying needs two or more" \
             in error, error
+
+
+def test_later_stages_take_the_checkpoints_data_unless_told(tmp_path):
+    """linear_eval, finetune and distill read --dataset, --data-dir and the evaluation split from
+    the checkpoint's configuration (data.stage_data); other data needs its folder, and a held-out
+    fraction other than the checkpoint's, on its own data, would evaluate on trained images."""
+    stored = dict(dataset="folder", data_dir=str(tmp_path), val_fraction=0.1, val_dir="")
+    assert stage_data({}, stored) == stored
+    assert stage_data({"data_dir": str(tmp_path / "other")}, stored)["val_fraction"] == 0.0
+    with pytest.raises(UserError, match="--data-dir is needed: cifar100 is not the checkpoint's"):
+        stage_data({"dataset": "cifar100"}, stored)
+    with pytest.raises(UserError, match="--val-fraction 0.2 differs from the checkpoint's 0.1"):
+        stage_data({"val_fraction": 0.2}, stored)
