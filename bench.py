@@ -1,12 +1,10 @@
 """Speed of SimCLR pretraining (Algorithm 1): the data pipeline, the compute step, both together.
 
-In images per second (an image is two views) and peak memory, for pretrain.py's flags and
-presets: 1. the data pipeline alone (views made on the device from images in memory, or cropped
-by loader workers); 2. pretrain.train_step on a batch already on the device (the compute
-ceiling); 3. the step fed by the pipeline, as pretrain.py runs it. Also the loss's and the
-optimizer's share of the step, FLOPs per image, the fraction of the GPU's bf16 peak and seconds
-per epoch. Times are wall-clock between device synchronisations after warm-up steps (cuDNN
-autotuning, torch.compile), the median over --repeats.
+In images per second (an image is two views) and peak memory, for pretrain.py's flags: 1. the
+data pipeline alone; 2. pretrain.train_step on a batch already on the device (the compute
+ceiling); 3. the step fed by the pipeline. Also the loss's and optimizer's shares, FLOPs, the
+fraction of the GPU's bf16 peak and seconds per epoch: wall-clock between device
+synchronisations after warm-up steps, the median over --repeats.
 
     python bench.py --data-dir data/cifar10 --batch-size 512                # 1 GPU
     python bench.py --data-dir data/cifar10 --batch-size 512 --compile

@@ -1,14 +1,13 @@
 """Self-training / distillation with unlabeled data: SimCLRv2's third step (Sec. 2, Eq. 2 and 3).
 
-The fine-tuned network (finetune.py) is a fixed teacher: frozen, in inference mode. It labels
-every training image, without using the image's label, and a student without projection head
-(encoder + linear classifier) learns to match the teacher's softmax at temperature tau:
+The fine-tuned network (finetune.py) is a fixed teacher, in inference mode, whose softmax at
+temperature tau on every training image (its label unused) a student (encoder + classifier) learns:
 
     Eq. 2   L_distill = - sum_x sum_y P_T(y|x; tau) log P_S(y|x; tau)
     Eq. 3   L = (1 - alpha) * CE(labels on the labelled subset) + alpha * L_distill
 
-Teacher and student see the same augmented image. The student has the teacher's architecture by
-default (self-distillation) or a smaller one via --arch / --width-multiplier (big-to-small).
+Both see the same augmented image. The student has the teacher's architecture (self-
+distillation) or a smaller one via --arch / --width-multiplier (big-to-small).
 
     python distill.py --teacher runs/finetune-cifar10-1pct-.../finetuned.pt
     python distill.py --teacher runs/.../finetuned.pt --width-multiplier 0.5      # smaller student

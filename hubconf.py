@@ -47,10 +47,8 @@ def classifier(checkpoint, ft_proj_layer=-1):
     import tf_checkpoint
 
     if is_tensorflow(checkpoint):
-        _, cfg, model, _, meta = tf_checkpoint.convert(checkpoint, ft_proj_layer=ft_proj_layer)
-        if model is None:
-            raise UserError(meta["note"] if meta["supervised_head"] else
-                            f"{checkpoint} has no supervised head (head_supervised)")
+        _, cfg, model, *_ = tf_checkpoint.convert(checkpoint, ft_proj_layer=ft_proj_layer,
+                                                  need_classifier=True)
         model.classes, model.image_size = None, cfg.image_size
         return model.eval()
     path = checkpoint_path(checkpoint)

@@ -1,9 +1,8 @@
 """Linear evaluation of a SimCLR encoder: the paper's main protocol (Sec. 2.3, Appendix B.6).
 
-The encoder f from a pretraining checkpoint (pretrain.py) is frozen, BatchNorm included (inference
-mode, running statistics of pretraining), and a zero-initialised linear layer is trained on
-h = f(x) with cross-entropy: Nesterov SGD, lr 0.1 x B/256, cosine decay, no warmup, crop + flip
-augmentation (CIFAR: B 512, 100 epochs, weight decay 0; ImageNet: B 4096, 90 epochs, 1e-6).
+The encoder f of a pretraining checkpoint is frozen, BatchNorm included, and a zero-initialised
+linear layer on h = f(x) is trained with cross-entropy: Nesterov SGD, lr 0.1 x B/256, cosine
+decay, crop + flip (CIFAR: B 512, 100 epochs; ImageNet: B 4096, 90 epochs, weight decay 1e-6).
 Top-1 and top-5 on the evaluation split go to a JSON file beside the checkpoint.
 
     python linear_eval.py --checkpoint runs/cifar10-resnet18-.../ckpt.pt          # paper protocol
@@ -14,11 +13,9 @@ Top-1 and top-5 on the evaluation split go to a JSON file beside the checkpoint.
         --data-dir /data/imagenet
 
 --cached-features trains on h computed once per image without augmentation: seconds instead of
-hours on a CPU. --knn K adds weighted kNN top-1 on normalised h (--epochs 0: the kNN alone).
---show-neighbours nn.png draws evaluation images beside their nearest training images, and
-nothing else. --random-init evaluates the architecture untrained: what pretraining added. Another
---dataset is transfer (Sec. 6). Under torchrun each process takes its share of the batch and the
-linear layer's gradients are averaged. RESULTS.md has what it measured.
+hours on a CPU. --knn K adds weighted kNN top-1 on normalised h (--epochs 0: the kNN alone);
+--show-neighbours nn.png draws evaluation images beside their nearest training images. Another
+--dataset is transfer (Sec. 6). RESULTS.md has what it measured.
 """
 import dataclasses
 import json

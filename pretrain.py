@@ -212,7 +212,8 @@ def train(cfg, ckpt=None, started=None):
     if cfg.show_augmentations:
         check_picture(cfg.show_augmentations, "--show-augmentations")
     torch.manual_seed(cfg.seed + run.rank)  # ranks differ in augmentations; DDP syncs the weights
-    objective = checked_objective(cfg)
+    with as_user_error("--loss"):  # a combination of flags the loss refuses
+        objective = build_objective(cfg.loss, cfg.temperature, cfg.l2_norm, cfg.semi_hard, cfg.margin)
     augments = view_augmentations(cfg)
     crop = any(a.crop or a.base_crop for a in augments)
     split = lambda name, views=0: load_split(cfg.dataset, cfg.data_dir, name, cfg.image_size,
@@ -266,14 +267,6 @@ def train(cfg, ckpt=None, started=None):
 
 
 # --- Around the loop: input checks, the memory, the start line, kNN, the clock ----------------
-
-
-def checked_objective(cfg):
-    """The loss of --loss (objective.py), or its refusal of these flags in one line."""
-    try:
-        return build_objective(cfg.loss, cfg.temperature, cfg.l2_norm, cfg.semi_hard, cfg.margin)
-    except ValueError as e:
-        raise UserError(str(e))
 
 
 def check_inputs(cfg, run, dataset, crop):

@@ -343,3 +343,15 @@ def test_nothing_points_outside_the_repository():
         if not path.name.startswith(("test_", "conftest")):
             text = path.read_text()
             assert "REFERENCE.md" not in text and "../shared" not in text, path.name
+
+
+def test_flags_the_loss_refuses_are_one_line(tiny_folder):
+    """objective.build_objective's refusals (--semi-hard with NT-Xent, --no-l2-norm with Table 4's
+    other losses) reach the user as one line, before any work."""
+    import pretrain
+    base = [*TINY_PRETRAIN, "--data-dir", tiny_folder]
+    assert error_of(pretrain.main, *base, "--semi-hard") == (
+        "pretrain.py: error: --loss: --semi-hard applies to nt-logistic and margin; NT-Xent weighs "
+        "every negative by its softmax (Sec. 5.1)")
+    assert "--no-l2-norm is Table 5's NT-Xent ablation" in error_of(
+        pretrain.main, *base, "--loss", "margin", "--no-l2-norm")

@@ -517,8 +517,9 @@ def classifier_layer(path, model, inputs, asked=-1):
 # --- main: convert, write our format, optionally evaluate the classifier ---------------------
 
 
-def convert(path, ema=False, ft_proj_layer=-1, verify_crc=False):
-    """Returns (SimCLR model, Config, classifier or None, K, metadata) read from a checkpoint."""
+def convert(path, ema=False, ft_proj_layer=-1, verify_crc=False, need_classifier=False):
+    """Returns (SimCLR model, Config, classifier or None, K, metadata) read from a checkpoint;
+    need_classifier: a UserError where there is none."""
     src = Source(path, ema)
     cfg = infer_config(src)
     model = build_model(cfg)
@@ -533,6 +534,8 @@ def convert(path, ema=False, ft_proj_layer=-1, verify_crc=False):
         with torch.no_grad():
             classifier.fc.weight.copy_(head[0])
             classifier.fc.bias.copy_(head[1])
+    if need_classifier and classifier is None:
+        raise UserError(note if head is not None else f"{path} has no supervised head (head_supervised)")
     leftover = sorted(set(src.keys) - src.used - src.unused)
     if leftover:
         raise UserError(f"{src.ckpt.prefix}: {len(leftover)} variable(s) this converter does not "
@@ -574,10 +577,7 @@ def main(argv=None):
         check_output(args.out, "output path", lambda p: torch.load(p, weights_only=True)[
             "converted_from"]["path"] == str(args.checkpoint))
         model, cfg, classifier, k, meta = convert(args.checkpoint, args.ema, args.ft_proj_layer,
-                                                  args.verify_crc)
-        if (args.classifier or args.evaluate) and classifier is None:
-            raise UserError(meta["note"] if meta["supervised_head"] else
-                            f"{args.checkpoint} has no supervised head (head_supervised)")
+                                                  args.verify_crc, args.classifier or args.evaluate)
         config = dataclasses.asdict(cfg)
         results = None
         if args.evaluate:
