@@ -87,9 +87,6 @@ def main(argv=None):
                             "finetuned.pt (the classifier)")
         parser.add_argument("out", help="the file to write: .pt2 (a torch.export program) or .pth "
                             "(torchvision's state dict); never a file this script did not write")
-        parser.add_argument("--format", choices=["pt2", "torchvision"], default="",
-                            help="pt2: a torch.export program; torchvision: "
-                            "torchvision.models.resnetN's state dict (default: the extension's)")
         parser.add_argument("--layer", type=int, default=0, help="pt2 of an encoder: the output "
                             "of this many projection-head layers (0: h, as linear_eval.py --layer)")
         args = parser.parse_args(argv)
@@ -97,11 +94,8 @@ def main(argv=None):
         if out.is_dir():
             raise UserError(f"{out} is a folder; give a file name")
         fmt = {".pt2": "pt2", ".pth": "torchvision", ".pt": "torchvision"}.get(out.suffix)
-        if fmt is None or args.format not in ("", fmt):
-            raise UserError(f"{out}: --format {args.format or 'pt2'} writes a "
-                            f"{'.pth' if args.format == 'torchvision' else '.pt2'} file; give that "
-                            f"extension" if args.format else
-                            f"{out}: name a .pt2 file (a torch.export program) or a .pth file "
+        if fmt is None:
+            raise UserError(f"{out}: name a .pt2 file (a torch.export program) or a .pth file "
                             f"(torchvision's weights)")
         path = checkpoint_path(args.checkpoint)
         ckpt = load_checkpoint(path, ("pretrain", "converted", "student", "finetuned"))

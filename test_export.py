@@ -96,9 +96,8 @@ def test_refusals(pretrained_checkpoint, finetuned_checkpoint, tmp_path):
     encoder."""
     out = tmp_path / "r18.pth"
     assert "torchvision has no resnet18 at width 0.125" in error_of(
-        export.main, pretrained_checkpoint, out, "--format", "torchvision")
-    assert "--layer is for .pt2" in error_of(
-        export.main, pretrained_checkpoint, out, "--format", "torchvision", "--layer", 1)
+        export.main, pretrained_checkpoint, out)
+    assert "--layer is for .pt2" in error_of(export.main, pretrained_checkpoint, out, "--layer", 1)
     assert "is a folder" in error_of(export.main, pretrained_checkpoint, tmp_path)
     assert "reads projection-head layer 1, which torchvision's ResNet has not" in error_of(
         export.main, finetuned_checkpoint, out)
@@ -111,8 +110,7 @@ def test_refusals(pretrained_checkpoint, finetuned_checkpoint, tmp_path):
 def test_the_output_follows_its_extension_and_replaces_only_an_export(pretrained_checkpoint,
                                                                      finetuned_checkpoint, tmp_path):
     """export.py onto the checkpoint it reads, onto its backup or onto a file of the user's: one
-    line, the file untouched; the extension says the format (a mismatch with --format is
-    refused); the same command twice replaces its own export. A fine-tuned network exports as
+    line, the file untouched; the extension says the format; the same command twice replaces its own export. A fine-tuned network exports as
     its classifier, which runs at a batch size and an image size the export never saw."""
     model, config = random_encoder("resnet18", 32)  # one torchvision can take
     run = tmp_path / "run"
@@ -125,8 +123,6 @@ def test_the_output_follows_its_extension_and_replaces_only_an_export(pretrained
         before = target.read_bytes()
         assert "exists and is not a file this command writes" in error_of(export.main, run, target)
         assert target.read_bytes() == before
-    assert "give that extension" in error_of(export.main, run, tmp_path / "x.pt2", "--format",
-                                             "torchvision")
     assert "name a .pt2 file" in error_of(export.main, run, tmp_path / "x.onnx")
     for _ in range(2):  # the same command twice
         run_script("export.py", run, tmp_path / "again.pt2")
