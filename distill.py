@@ -101,7 +101,7 @@ def resolve_config(argv):
         teacher = finetuned_classifier(ckpt)
     tc = ckpt["config"]
     for name, value in stage_data({**given, "dataset": cfg.dataset, "data_dir": cfg.data_dir},
-                                  tc).items():  # (a continued run's, its own)
+                                  tc).items():  # a continued run keeps its own data
         setattr(cfg, name, value)
     pre = tc["pretrain"]
     cfg.arch = cfg.arch or pre["arch"]
