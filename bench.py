@@ -363,7 +363,8 @@ def report(result):
             lines.append(line)
     if "memory" in rows and "full" in rows:
         ratio = rows["full"]["images_per_s"] / rows["memory"]["images_per_s"]
-        lines.append(f"the pipeline keeps up with the step: row 3 / row 2 = {ratio:.2f}")
+        lines.append(f"row 3 / row 2 = {ratio:.2f}: the share of the step's rate the pipeline "
+                     f"keeps (1: it keeps up)")
     if result["worker"]:
         lines += worker_lines(result["worker"], cfg, cfg["step_rate"] or (
             rows["memory"]["images_per_s"] if "memory" in rows else 0))
